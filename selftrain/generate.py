@@ -90,11 +90,13 @@ def generate_transformers(
                 top_p=gen.top_p if sample else None,
                 top_k=0 if sample else None,  # vLLM applies no top-k unless asked; match it
                 max_new_tokens=gen.max_new_tokens,
-                num_return_sequences=gen.n,
+                num_return_sequences=gen.n if sample else 1,  # greedy: one answer, repeated n times
                 eos_token_id=sorted(eos),
                 pad_token_id=tok.pad_token_id,
             )
         new = out[:, enc["input_ids"].shape[1] :].tolist()
+        if not sample:
+            new = [row for row in new for _ in range(gen.n)]
         for row, ids in enumerate(new):
             p, j = divmod(row, gen.n)
             stop_at = next((k for k, t in enumerate(ids) if t in eos), None)

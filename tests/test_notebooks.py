@@ -1,0 +1,100 @@
+"""The notebooks under papermill: the study runner end to end, resume, failures, default parameters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from selftrain.io import read_jsonl
+from selftrain.runner import StageFailed, run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_are_thin_and_stripped(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    for line in code[0].source.splitlines():  # plain scalars only
+        assert line.split("#")[0].strip() == "" or " = " in line
+    for c in code:
+        assert not c.outputs and c.execution_count is None
+        for bad in ("def ", "class ", "%cd", "!pip", "import os"):
+            assert bad not in c.source, f"{path.name}: '{bad}' in a cell"
+
+
+def test_study_runner_end_to_end_and_resume(tiny_overrides: list[str], tmp_path: Path) -> None:
+    logs: list[str] = []
+    res = run_study("params/studies/tiny.yaml", overrides=tiny_overrides, log=logs.append)
+    assert [(r.model, r.method) for r in res] == [("tiny", "central"), ("tiny", "drop-low")]
+    for r in res:
+        assert r.executed == ["generate", "select"]
+        for nb in ("01_generate.ipynb", "02_select.ipynb"):
+            executed = nbformat.read(r.run_dir / "notebooks" / nb, as_version=4)
+            assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
+        m = json.loads((r.run_dir / "manifest.json").read_text())
+        assert {s["status"] for s in m["stages"].values()} == {"done"}
+        assert len(read_jsonl(r.run_dir / "data" / "selection.jsonl")) == 5
+    again = run_study("params/studies/tiny.yaml", overrides=tiny_overrides, log=logs.append)
+    assert [r.executed for r in again] == [[], []] and [r.run_dir for r in again] == [r.run_dir for r in res]
+    assert any("already done" in line for line in logs)
+
+
+@pytest.mark.vllm
+def test_study_runner_with_vllm_backend(tiny_overrides: list[str]) -> None:
+    pytest.importorskip("vllm")
+    res = run_study("params/studies/tiny.yaml", methods=["central"],
+                    overrides=[*tiny_overrides, "generation.backend=vllm"])
+    run_dir = res[0].run_dir
+    meta = json.loads((run_dir / "metrics" / "generate.json").read_text())
+    assert meta["backend"] == "vllm"
+    recs = read_jsonl(run_dir / "data" / "candidates.jsonl")
+    assert len(recs) == 15 and set(recs[0]) == {"prompt_id", "candidate_index", "text", "finish_reason",
+                                                "num_tokens", "seed"}
+    assert [r["seed"] for r in recs[::3]] == [1234 + i for i in range(5)]  # per-prompt seeds
+    assert all(r["finish_reason"] in ("stop", "length") and 1 <= r["num_tokens"] <= 12 for r in recs)
+    assert (run_dir / "stages" / "select" / "_SUCCESS").is_file()
+
+
+def test_failing_cell_names_notebook_cell_and_error(tiny_overrides: list[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "response": "a"}\n{"prompt": "q2"}\n')
+    ov = [*tiny_overrides, f"prompts.path={bad}"]
+    with pytest.raises(StageFailed) as e:
+        run_study("params/studies/tiny.yaml", methods=["central"], overrides=ov)
+    msg = str(e.value)
+    assert "notebooks/01_generate.ipynb" in msg and "cell" in msg
+    assert "DataError" in msg and "bad.jsonl:2: missing field 'response'" in msg
+    proc = subprocess.run(
+        [sys.executable, "-m", "selftrain", "run", "--study", "params/studies/tiny.yaml", "--methods", "central",
+         *[x for o in ov for x in ("--set", o)]],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1 and "FAILED" in proc.stderr and "01_generate.ipynb" in proc.stderr
+
+
+def test_cli_rejects_unknown_names(tiny_overrides: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "selftrain", "run", "--study", "params/studies/tiny.yaml", "--methods", "nope"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "nope" in proc.stderr and "tiny.yaml" in proc.stderr
+
+
+def test_notebooks_run_with_default_parameters(tmp_path: Path) -> None:
+    """As in JupyterLab: empty run_dir makes a scratch run; only the model/study scalars are changed."""
+    import papermill as pm
+
+    params = {"model": "tiny", "study": "params/studies/tiny.yaml", "results_dir": str(tmp_path)}
+    for name in ("01_generate.ipynb", "02_select.ipynb"):
+        pm.execute_notebook(str(ROOT / "notebooks" / name), str(tmp_path / name), parameters=params,
+                            cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
+    run_dir = tmp_path / "tiny" / "tiny" / "central" / "v001"
+    assert (run_dir / "stages" / "select" / "_SUCCESS").is_file()

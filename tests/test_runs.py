@@ -1,0 +1,70 @@
+"""Run folders, manifests, atomic writes and stage markers, including failures mid-stage."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from selftrain.config import resolve_run_config
+from selftrain.io import atomic_write_text
+from selftrain.runs import create_run, open_run
+
+
+def test_atomic_write_keeps_old_content_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "x.json"
+    atomic_write_text(target, "old")
+
+    class Boom:
+        def encode(self, _: str) -> bytes:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_text(target, Boom())  # type: ignore[arg-type]
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp files left behind
+
+
+def test_versions_resume_or_advance(tmp_path: Path) -> None:
+    ov = [f"output.results_dir={tmp_path}"]
+    cfg = resolve_run_config("tiny", "central", overrides=ov)
+    a = create_run(cfg)
+    assert a.dir == tmp_path / "scratch" / "tiny" / "central" / "v001"
+    assert create_run(cfg).dir == a.dir  # same params: the unfinished version is resumed
+    b = create_run(resolve_run_config("tiny", "central", overrides=[*ov, "generation.n=2"]))
+    assert b.dir.name == "v002"  # different params never touch v001
+    c = create_run(cfg, new_version=True)
+    assert c.dir.name == "v003"
+    assert open_run(a.dir).config == cfg
+
+
+def test_manifest_content(tmp_path: Path) -> None:
+    run = create_run(resolve_run_config("tiny", "central", overrides=[f"output.results_dir={tmp_path}"]))
+    m = json.loads((run.dir / "manifest.json").read_text())
+    for key in ("git", "packages", "hardware", "seeds", "stages", "params_sha256", "created"):
+        assert key in m
+    assert set(m["git"]) == {"sha", "dirty"}
+    assert m["packages"]["torch"] and m["hardware"]["cpu_count"] >= 1
+    assert m["stages"] == {"generate": {"status": "pending"}, "select": {"status": "pending"}}
+    assert (run.dir / "params.resolved.yaml").is_file()
+
+
+def test_stage_success_marker_is_written_last_and_failures_leave_none(tmp_path: Path) -> None:
+    run = create_run(resolve_run_config("tiny", "central", overrides=[f"output.results_dir={tmp_path}"]))
+    with pytest.raises(KeyError):
+        with run.stage("generate") as info:
+            out = atomic_write_text(run.data_dir / "candidates.jsonl", "partial\n")
+            info["outputs"].append(out)
+            raise KeyError("killed mid-stage")
+    assert not run.is_done("generate")
+    st = run.manifest()["stages"]["generate"]
+    assert st["status"] == "failed" and "killed mid-stage" in st["error"]
+    with run.stage("generate") as info:
+        info["outputs"].append(atomic_write_text(run.data_dir / "candidates.jsonl", "full\n"))
+        info["metrics"]["x"] = 1
+    assert run.is_done("generate")
+    st = run.manifest()["stages"]["generate"]
+    assert st["status"] == "done" and st["outputs"]["data/candidates.jsonl"] and st["seconds"] >= 0
+    assert os.path.getmtime(run.marker("generate")) >= os.path.getmtime(run.manifest_path) - 1

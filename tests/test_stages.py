@@ -1,0 +1,144 @@
+"""Integration: stages 01 and 02 on the tiny random Llama, both generation backends, caches, faults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from selftrain import generate, select
+from selftrain.config import EmbeddingConfig, resolve_run_config
+from selftrain.io import DataError, read_jsonl
+from selftrain.models import load_hf
+from selftrain.runs import create_run
+
+KEYS = {"prompt_id": str, "candidate_index": int, "text": str, "finish_reason": str, "num_tokens": int, "seed": int}
+
+
+def _run(overrides: list[str], method: str = "central", extra: list[str] | None = None):
+    return create_run(resolve_run_config("tiny", method, overrides=[*overrides, *(extra or [])]))
+
+
+def _check_records(recs: list[dict], n_prompts: int, n: int, max_new: int) -> None:
+    assert len(recs) == n_prompts * n
+    for r in recs:
+        assert set(r) == set(KEYS) and all(isinstance(r[k], t) for k, t in KEYS.items())
+        assert r["finish_reason"] in ("stop", "length")
+        assert 1 <= r["num_tokens"] <= max_new
+        if r["finish_reason"] == "length":
+            assert r["num_tokens"] == max_new
+    by_prompt: dict[str, list[int]] = {}
+    for r in recs:
+        by_prompt.setdefault(r["prompt_id"], []).append(r["candidate_index"])
+    assert all(sorted(v) == list(range(n)) for v in by_prompt.values())
+
+
+def test_generate_transformers_and_cache(tiny_overrides: list[str]) -> None:
+    run = _run(tiny_overrides)
+    df = generate.run(run, progress=False)
+    recs = read_jsonl(run.data_dir / "candidates.jsonl")
+    _check_records(recs, 5, 3, 12)
+    assert len(df) == 15 and run.is_done("generate")
+    meta = json.loads((run.metrics_dir / "generate.json").read_text())
+    assert meta["backend"] == "transformers" and not meta["cache_hit"] and 0 <= meta["eos_share"] <= 1
+    assert (run.figures_dir / "generate_tokens.png").is_file()
+    # Another method with the same model/prompts/sampling reuses the generations.
+    other = _run(tiny_overrides, method="drop-low")
+    generate.run(other, progress=False)
+    assert json.loads((other.metrics_dir / "generate.json").read_text())["cache_hit"]
+    assert read_jsonl(other.data_dir / "candidates.jsonl") == recs
+    # Changing a sampling param is a different cache entry.
+    third = _run(tiny_overrides, extra=["generation.temperature=0.5"])
+    generate.run(third, progress=False)
+    assert not json.loads((third.metrics_dir / "generate.json").read_text())["cache_hit"]
+
+
+def test_greedy_transformers_does_not_depend_on_padding(tiny_overrides: list[str], tiny_model: Path) -> None:
+    from selftrain.config import GenerationConfig, ModelConfig
+
+    gen = GenerationConfig(n=2, temperature=0, max_new_tokens=8, batch_size=2)
+    mc = ModelConfig(name="tiny", path=str(tiny_model))
+    convs = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "a much longer question here"}]]
+    a = generate.generate_transformers(tiny_model, mc, gen, convs, progress=False)
+    b = generate.generate_transformers(tiny_model, mc, gen.model_copy(update={"batch_size": 1}), convs, progress=False)
+    assert [r["text"] for r in a] == [r["text"] for r in b]  # left padding does not change greedy output
+
+
+def test_embeddings_pool_only_response_tokens(tiny_model: Path) -> None:
+    model, tok = load_hf(tiny_model, "float32", padding_side="right")
+    cfg1 = EmbeddingConfig(batch_size=1)
+    cfg4 = EmbeddingConfig(batch_size=4)
+    convs = [[{"role": "user", "content": "What is the capital of France?"}]] * 3 + [[{"role": "user", "content": "hi"}]]
+    resps = ["Paris is the capital.", "", "It is Paris, the capital of France, of course.", "Paris is the capital."]
+    e1 = select.embed_responses(model, tok, convs, resps, cfg1, progress=False)
+    e4 = select.embed_responses(model, tok, convs, resps, cfg4, progress=False)
+    np.testing.assert_allclose(e1, e4, atol=1e-4)  # padding and batching do not leak into the pooled vector
+    norms = np.linalg.norm(e1, axis=1)
+    assert np.allclose(norms[[0, 2, 3]], 1.0, atol=1e-5) and norms[1] == 0.0  # empty response -> zero vector
+    assert not np.allclose(e1[0], e1[3])  # same response, different prompt: context matters
+    last = select.embed_responses(model, tok, convs, resps, EmbeddingConfig(pooling="last", layer=1), progress=False)
+    assert not np.allclose(last[0], e1[0]) and np.linalg.norm(last[1]) == 0.0
+
+
+def test_select_stage_outputs(tiny_overrides: list[str]) -> None:
+    for method in ("central", "original", "drop-low", "fallback-original"):
+        run = _run(tiny_overrides, method=method)
+        generate.run(run, progress=False)
+        df = select.run(run, progress=False)
+        assert len(df) == 5 and run.is_done("select")
+        sft = read_jsonl(run.data_dir / "sft.jsonl")
+        dpo = read_jsonl(run.data_dir / "dpo.jsonl")
+        m = json.loads((run.metrics_dir / "select.json").read_text())
+        assert m["sft_examples"] == len(sft) and m["dpo_pairs"] == len(dpo)
+        assert sum(m["decisions"].values()) == 5
+        for r in sft:
+            assert r["prompt"][-1]["role"] == "user" and r["completion"][0]["role"] == "assistant"
+        for r in dpo:
+            assert r["chosen"] != r["rejected"]
+        assert (run.figures_dir / "select_overview.png").is_file()
+        if method == "original":
+            originals = {json.dumps(x["completion"]) for x in sft}
+            assert len(sft) == 5 and json.dumps([{"role": "assistant", "content": "Eight."}]) in originals
+        if method == "drop-low":
+            assert len(sft) == m["decisions"]["central"]
+
+
+def test_baseline_skips_selection(tiny_overrides: list[str]) -> None:
+    run = _run(tiny_overrides, method="baseline")
+    generate.run(run, progress=False)
+    assert select.run(run, progress=False).empty
+    assert run.is_done("select") and run.manifest()["stages"]["select"]["metrics"]["skipped"]
+
+
+def test_select_refuses_partial_generation(tiny_overrides: list[str]) -> None:
+    run = _run(tiny_overrides)
+    (run.data_dir / "candidates.jsonl").write_text('{"prompt_id": "p1"}\n')  # a killed run's leftovers
+    with pytest.raises(RuntimeError, match="'generate' is not done"):
+        select.run(run, progress=False)
+    generate.run(run, progress=False)  # the rerun redoes generate and replaces the leftovers
+    assert len(read_jsonl(run.data_dir / "candidates.jsonl")) == 15
+    select.run(run, progress=False)
+    assert run.is_done("select")
+
+
+def test_bad_candidates_file_is_named(tiny_overrides: list[str]) -> None:
+    run = _run(tiny_overrides)
+    generate.run(run, progress=False)
+    path = run.data_dir / "candidates.jsonl"
+    recs = read_jsonl(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs[:-1]))  # one candidate missing
+    with pytest.raises(DataError, match=r"candidates.jsonl: prompt 'p5' has candidates \[0, 1\]"):
+        select.run(run, progress=False)
+    assert not run.is_done("select") and run.manifest()["stages"]["select"]["status"] == "failed"
+    assert not (run.data_dir / "sft.jsonl").exists()
+
+
+def test_bad_prompt_file_fails_generate_cleanly(tiny_overrides: list[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "response": "a"}\n{"prompt": "q2"}\n')
+    run = _run(tiny_overrides, extra=[f"prompts.path={bad}"])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: missing field 'response'"):
+        generate.run(run, progress=False)
+    assert not run.is_done("generate") and not (run.data_dir / "candidates.jsonl").exists()
