@@ -17,8 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--models", nargs="+", help="only these models of the study")
     r.add_argument("--methods", nargs="+", help="only these methods of the study")
     r.add_argument("--stages", nargs="+", help="only these stages (done stages are skipped anyway)")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a param, e.g. --set generation.n=2 (repeatable)")
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. --set generation.n=2 (repeatable)",
+    )
     r.add_argument("--new-version", action="store_true", help="start a new run version even if one matches")
     sub.add_parser("check", help="validate every YAML under params/")
     c = sub.add_parser("convert", help="convert the embedded default model (GGUF -> HF folder) now")
@@ -31,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 results = run_study(
-                    args.study, args.models, args.methods, args.stages, args.overrides, args.new_version,
+                    args.study,
+                    args.models,
+                    args.methods,
+                    args.stages,
+                    args.overrides,
+                    args.new_version,
                     progress=sys.stderr.isatty(),
                 )
             except StageFailed as e:
@@ -39,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print("\nsummary:")
             for res in results:
-                print(f"  {res.model}/{res.method}: ran {res.executed or '-'}, skipped {res.skipped or '-'}, "
-                      f"{res.seconds}s -> {res.run_dir}")
+                print(
+                    f"  {res.model}/{res.method}: ran {res.executed or '-'}, skipped {res.skipped or '-'}, "
+                    f"{res.seconds}s -> {res.run_dir}"
+                )
         elif args.cmd == "check":
             files = sorted((project_root() / "params").rglob("*.yaml"))
             for f in files:

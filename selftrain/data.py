@@ -107,7 +107,9 @@ def prompt_files(path: str, hub_files: list[str] | None = None) -> list[Path]:
     raise DataError(f"{p}: prompt file not found")
 
 
-def load_prompts(path: str | Path, limit: int | None = None, hub_files: list[str] | None = None) -> list[dict[str, Any]]:
+def load_prompts(
+    path: str | Path, limit: int | None = None, hub_files: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Read a prompt set (JSONL, or a cached hub dataset) and normalise every record; ids must be unique."""
     out: list[dict[str, Any]] = []
     seen: dict[str, str] = {}

@@ -64,7 +64,10 @@ def _eos_ids(tok: Any, gen_config: Any) -> set[int]:
 
 
 def generate_transformers(
-    folder: Path, model_cfg: ModelConfig, gen: GenerationConfig, conversations: list[list[dict]],
+    folder: Path,
+    model_cfg: ModelConfig,
+    gen: GenerationConfig,
+    conversations: list[list[dict]],
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Batched `generate` with left padding and the KV cache; n samples per prompt via num_return_sequences."""
@@ -118,7 +121,10 @@ def generate_transformers(
 
 
 def generate_vllm(
-    folder: Path, model_cfg: ModelConfig, gen: GenerationConfig, conversations: list[list[dict]],
+    folder: Path,
+    model_cfg: ModelConfig,
+    gen: GenerationConfig,
+    conversations: list[list[dict]],
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """vLLM with `SamplingParams(n=...)`, one seed per prompt (seed + prompt index) so results don't
@@ -172,8 +178,12 @@ def generate_vllm(
 
 
 def generate_candidates(
-    folder: Path, model_cfg: ModelConfig, gen: GenerationConfig, conversations: list[list[dict]],
-    backend: str, progress: bool = True,
+    folder: Path,
+    model_cfg: ModelConfig,
+    gen: GenerationConfig,
+    conversations: list[list[dict]],
+    backend: str,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     fn = generate_vllm if backend == "vllm" else generate_transformers
     return fn(folder, model_cfg, gen, conversations, progress)
@@ -216,7 +226,9 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             meta["cache_hit"] = True
         else:
             t0 = time.time()
-            raw = generate_candidates(folder, cfg.model, cfg.generation, [p["messages"] for p in prompts], backend, progress)
+            raw = generate_candidates(
+                folder, cfg.model, cfg.generation, [p["messages"] for p in prompts], backend, progress
+            )
             seconds = time.time() - t0
             records = [{"prompt_id": prompts[r.pop("prompt_index")]["id"], **r} for r in raw]
             write_jsonl(cache / "candidates.jsonl", records)
@@ -261,8 +273,19 @@ def summarise(df: pd.DataFrame) -> dict[str, Any]:
 
 def summary_table(run: Run) -> pd.DataFrame:
     m = read_json(run.metrics_dir / "generate.json")
-    keys = ["backend", "device", "prompts", "candidates", "eos_share", "mean_tokens", "empty_candidates",
-            "generated_tokens", "seconds", "tokens_per_second", "cache_hit"]
+    keys = [
+        "backend",
+        "device",
+        "prompts",
+        "candidates",
+        "eos_share",
+        "mean_tokens",
+        "empty_candidates",
+        "generated_tokens",
+        "seconds",
+        "tokens_per_second",
+        "cache_hit",
+    ]
     return pd.DataFrame({"value": [m.get(k) for k in keys]}, index=keys)
 
 

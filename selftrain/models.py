@@ -109,7 +109,10 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         "One two three four five six seven eight nine ten. What is 12 times 7? It is 84.",
     ] * 4
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=512,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(corpus, trainer=trainer)
     tok = PreTrainedTokenizerFast(
@@ -155,7 +158,9 @@ def _hub_snapshot(repo_id: str) -> Path:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ModelNotAvailable(how + " (HF_HUB_OFFLINE=1, so no download was tried)")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
     except Exception as e:
         raise ModelNotAvailable(f"{how} (download failed: {type(e).__name__}: {e})") from None
 

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,17 @@ _VERSION = re.compile(r"^v(\d{3,})$")
 def _git() -> dict[str, Any]:
     root = project_root()
     try:
-        head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
         sha = head.stdout.strip() if head.returncode == 0 else ""
         dirty = bool(
             subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=root, capture_output=True, text=True, timeout=10,
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
             ).stdout.strip()
         )
     except (OSError, subprocess.SubprocessError):
@@ -75,7 +79,7 @@ def _hardware() -> dict[str, Any]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -137,6 +141,7 @@ class Run:
         def _set(status: str, **extra: Any) -> None:
             def fn(m: dict) -> None:
                 m["stages"][name] = {"status": status, **extra}
+
             self._update_manifest(fn)
 
         self.marker(name).unlink(missing_ok=True)
@@ -231,16 +236,16 @@ def create_run(cfg: RunConfig, new_version: bool = False) -> Run:
 
 
 def scratch_run(
-    model: str = "smollm2-135m", method: str = "central", study: str | None = "params/studies/demo.yaml",
+    model: str = "smollm2-135m",
+    method: str = "central",
+    study: str | None = "params/studies/demo.yaml",
     overrides: list[str] | None = None,
 ) -> Run:
     """A run for interactive use: what a notebook opens when its `run_dir` parameter is empty."""
     return create_run(resolve_run_config(model, method, study, overrides))
 
 
-def open_or_scratch(
-    run_dir: str, study: str, model: str, method: str, results_dir: str = "results"
-) -> Run:
+def open_or_scratch(run_dir: str, study: str, model: str, method: str, results_dir: str = "results") -> Run:
     """What a notebook does with its parameters: the given run folder, else a scratch run."""
     if run_dir:
         return open_run(run_dir)

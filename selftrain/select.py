@@ -131,7 +131,11 @@ def select(
 
 
 def embed_responses(
-    model: Any, tok: Any, conversations: list[list[dict]], responses: list[str], cfg: EmbeddingConfig,
+    model: Any,
+    tok: Any,
+    conversations: list[list[dict]],
+    responses: list[str],
+    cfg: EmbeddingConfig,
     progress: bool = True,
 ) -> np.ndarray:
     """L2-normalised pooled hidden states over the response tokens of prompt + response sequences.
@@ -204,7 +208,9 @@ def _candidate_matrix(prompts: list[dict], cands: list[dict], n: int, path: Path
     return out
 
 
-def _embeddings(cfg: RunConfig, prompts: list[dict], texts: list[list[str]], cand_file: Path, progress: bool) -> np.ndarray:
+def _embeddings(
+    cfg: RunConfig, prompts: list[dict], texts: list[list[str]], cand_file: Path, progress: bool
+) -> np.ndarray:
     """(P, n+1, d) embeddings, cached by model + candidates + embedding params (shared by methods)."""
     folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
     key = sha256_json(
@@ -299,7 +305,9 @@ def _records(prompts: list[dict], texts: list[list[str]], sel: dict[str, np.ndar
         if target_text is None:
             continue
         prompt_msgs = p["messages"]
-        sft.append({"id": p["id"], "prompt": prompt_msgs, "completion": [{"role": "assistant", "content": target_text}]})
+        sft.append(
+            {"id": p["id"], "prompt": prompt_msgs, "completion": [{"role": "assistant", "content": target_text}]}
+        )
         if r >= 0:
             if cands[r] == target_text:
                 identical += 1

@@ -14,16 +14,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = [
-    {"id": "p1", "messages": [{"role": "user", "content": "What is the capital of France?"},
-                              {"role": "assistant", "content": "The capital of France is Paris."}]},
-    {"id": "p2", "messages": [{"role": "system", "content": "Answer briefly."},
-                              {"role": "user", "content": "Give three tips for sleeping well."},
-                              {"role": "assistant", "content": "Keep a schedule, avoid screens, keep it cool."}]},
+    {
+        "id": "p1",
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is Paris."},
+        ],
+    },
+    {
+        "id": "p2",
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Give three tips for sleeping well."},
+            {"role": "assistant", "content": "Keep a schedule, avoid screens, keep it cool."},
+        ],
+    },
     {"id": "p3", "instruction": "Add the numbers.", "input": "12 and 30", "output": "42"},
     {"id": "p4", "prompt": "Name a colour of the sky.", "response": "Blue."},
-    {"id": "p5", "messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
-                              {"role": "user", "content": "How many legs does a spider have?"},
-                              {"role": "assistant", "content": "Eight."}]},
+    {
+        "id": "p5",
+        "messages": [
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "How many legs does a spider have?"},
+            {"role": "assistant", "content": "Eight."},
+        ],
+    },
 ]
 
 

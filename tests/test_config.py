@@ -15,9 +15,15 @@ ALL_YAML = sorted((ROOT / "params").rglob("*.yaml"))
 
 def test_there_are_params() -> None:
     names = {p.relative_to(ROOT / "params").as_posix() for p in ALL_YAML}
-    for want in ("base.yaml", "models/smollm2-135m.yaml", "models/tiny.yaml", "studies/demo.yaml",
-                 "studies/poster.yaml", *(f"methods/{m}.yaml" for m in config.METHODS),
-                 *(f"models/llm-jp-3-{s}.yaml" for s in ("150m", "980m", "1.8b", "3.7b"))):
+    for want in (
+        "base.yaml",
+        "models/smollm2-135m.yaml",
+        "models/tiny.yaml",
+        "studies/demo.yaml",
+        "studies/poster.yaml",
+        *(f"methods/{m}.yaml" for m in config.METHODS),
+        *(f"models/llm-jp-3-{s}.yaml" for s in ("150m", "980m", "1.8b", "3.7b")),
+    ):
         assert want in names
 
 
@@ -41,8 +47,9 @@ def test_merge_order_base_model_method_study_cli() -> None:
     assert base.generation.n == 3  # tiny.yaml overrides base's 4
     demo = resolve_run_config("smollm2-135m", "drop-low", "params/studies/demo.yaml")
     assert demo.prompts.limit == 100 and demo.selection.method == "drop-low"
-    cli = resolve_run_config("smollm2-135m", "drop-low", "params/studies/demo.yaml",
-                             ["generation.n=2", "selection.low_fraction=0.25"])
+    cli = resolve_run_config(
+        "smollm2-135m", "drop-low", "params/studies/demo.yaml", ["generation.n=2", "selection.low_fraction=0.25"]
+    )
     assert cli.generation.n == 2 and cli.selection.low_fraction == 0.25
     assert cli.generation.temperature == 1.0  # untouched keys keep the study's value
 

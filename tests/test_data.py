@@ -42,7 +42,7 @@ def test_limit_and_default_ids(tmp_path: Path) -> None:
     "line, message",
     [
         ('{"messages": [{"role": "user", "content": "hi"}', "not valid JSON"),
-        ('[1, 2]', "expected a JSON object"),
+        ("[1, 2]", "expected a JSON object"),
         ('{"text": "hi"}', "unknown record shape"),
         ('{"instruction": "x"}', "missing field 'output'"),
         ('{"prompt": "x"}', "missing field 'response'"),

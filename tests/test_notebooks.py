@@ -50,14 +50,21 @@ def test_study_runner_end_to_end_and_resume(tiny_overrides: list[str], tmp_path:
 @pytest.mark.vllm
 def test_study_runner_with_vllm_backend(tiny_overrides: list[str]) -> None:
     pytest.importorskip("vllm")
-    res = run_study("params/studies/tiny.yaml", methods=["central"],
-                    overrides=[*tiny_overrides, "generation.backend=vllm"])
+    res = run_study(
+        "params/studies/tiny.yaml", methods=["central"], overrides=[*tiny_overrides, "generation.backend=vllm"]
+    )
     run_dir = res[0].run_dir
     meta = json.loads((run_dir / "metrics" / "generate.json").read_text())
     assert meta["backend"] == "vllm"
     recs = read_jsonl(run_dir / "data" / "candidates.jsonl")
-    assert len(recs) == 15 and set(recs[0]) == {"prompt_id", "candidate_index", "text", "finish_reason",
-                                                "num_tokens", "seed"}
+    assert len(recs) == 15 and set(recs[0]) == {
+        "prompt_id",
+        "candidate_index",
+        "text",
+        "finish_reason",
+        "num_tokens",
+        "seed",
+    }
     assert [r["seed"] for r in recs[::3]] == [1234 + i for i in range(5)]  # per-prompt seeds
     assert all(r["finish_reason"] in ("stop", "length") and 1 <= r["num_tokens"] <= 12 for r in recs)
     assert (run_dir / "stages" / "select" / "_SUCCESS").is_file()
@@ -73,9 +80,21 @@ def test_failing_cell_names_notebook_cell_and_error(tiny_overrides: list[str], t
     assert "notebooks/01_generate.ipynb" in msg and "cell" in msg
     assert "DataError" in msg and "bad.jsonl:2: missing field 'response'" in msg
     proc = subprocess.run(
-        [sys.executable, "-m", "selftrain", "run", "--study", "params/studies/tiny.yaml", "--methods", "central",
-         *[x for o in ov for x in ("--set", o)]],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "selftrain",
+            "run",
+            "--study",
+            "params/studies/tiny.yaml",
+            "--methods",
+            "central",
+            *[x for o in ov for x in ("--set", o)],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1 and "FAILED" in proc.stderr and "01_generate.ipynb" in proc.stderr
 
@@ -83,7 +102,10 @@ def test_failing_cell_names_notebook_cell_and_error(tiny_overrides: list[str], t
 def test_cli_rejects_unknown_names(tiny_overrides: list[str]) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "selftrain", "run", "--study", "params/studies/tiny.yaml", "--methods", "nope"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "nope" in proc.stderr and "tiny.yaml" in proc.stderr
 
@@ -94,7 +116,13 @@ def test_notebooks_run_with_default_parameters(tmp_path: Path) -> None:
 
     params = {"model": "tiny", "study": "params/studies/tiny.yaml", "results_dir": str(tmp_path)}
     for name in ("01_generate.ipynb", "02_select.ipynb"):
-        pm.execute_notebook(str(ROOT / "notebooks" / name), str(tmp_path / name), parameters=params,
-                            cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
+        pm.execute_notebook(
+            str(ROOT / "notebooks" / name),
+            str(tmp_path / name),
+            parameters=params,
+            cwd=str(ROOT / "notebooks"),
+            kernel_name="python3",
+            progress_bar=False,
+        )
     run_dir = tmp_path / "tiny" / "tiny" / "central" / "v001"
     assert (run_dir / "stages" / "select" / "_SUCCESS").is_file()

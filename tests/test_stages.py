@@ -70,7 +70,9 @@ def test_embeddings_pool_only_response_tokens(tiny_model: Path) -> None:
     model, tok = load_hf(tiny_model, "float32", padding_side="right")
     cfg1 = EmbeddingConfig(batch_size=1)
     cfg4 = EmbeddingConfig(batch_size=4)
-    convs = [[{"role": "user", "content": "What is the capital of France?"}]] * 3 + [[{"role": "user", "content": "hi"}]]
+    convs = [[{"role": "user", "content": "What is the capital of France?"}]] * 3 + [
+        [{"role": "user", "content": "hi"}]
+    ]
     resps = ["Paris is the capital.", "", "It is Paris, the capital of France, of course.", "Paris is the capital."]
     e1 = select.embed_responses(model, tok, convs, resps, cfg1, progress=False)
     e4 = select.embed_responses(model, tok, convs, resps, cfg4, progress=False)
