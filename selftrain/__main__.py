@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         help="override a param, e.g. --set generation.n=2 (repeatable)",
     )
     r.add_argument("--new-version", action="store_true", help="start a new run version even if one matches")
+    r.add_argument("--quiet", action="store_true", help="do not echo the notebooks' output while they run")
     sub.add_parser("check", help="validate every YAML under params/")
     c = sub.add_parser("convert", help="convert the embedded default model (GGUF -> HF folder) now")
     c.add_argument("--name", default="smollm2-135m")
@@ -33,7 +34,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.cmd == "run":
+            import logging
+
             from selftrain.runner import StageFailed, run_study
+
+            # Stream what the notebooks print (progress bars, warnings) so long stages are not silent.
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("    %(message)s"))
+            pm_log = logging.getLogger("papermill")
+            pm_log.addHandler(handler)
+            pm_log.setLevel(logging.INFO)
+            pm_log.propagate = False
 
             try:
                 results = run_study(
@@ -43,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.stages,
                     args.overrides,
                     args.new_version,
-                    progress=sys.stderr.isatty(),
+                    progress=False,
+                    stream=not args.quiet,
                 )
             except StageFailed as e:
                 print(f"FAILED: {e}", file=sys.stderr)

@@ -72,7 +72,7 @@ def generate_transformers(
 ) -> list[dict[str, Any]]:
     """Batched `generate` with left padding and the KV cache; n samples per prompt via num_return_sequences."""
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     model, tok = load_hf(folder, model_cfg.dtype, padding_side="left")
     prompts = chat_prompts(tok, conversations)

@@ -30,8 +30,11 @@ class CellResult:
     seconds: float
 
 
-def execute_stage(run: Run, stage: str, progress: bool = False) -> Path:
-    """Execute one stage notebook with papermill; the executed copy lands in the run's notebooks/."""
+def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = False) -> Path:
+    """Execute one stage notebook with papermill; the executed copy lands in the run's notebooks/.
+
+    stream=True echoes the kernel's output (progress bars included) through the `papermill` logger.
+    """
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -48,7 +51,7 @@ def execute_stage(run: Run, stage: str, progress: bool = False) -> Path:
             cwd=str(project_root()),
             kernel_name="python3",
             progress_bar=progress,
-            log_output=False,
+            log_output=stream,
         )
     except PapermillExecutionError as e:
         raise StageFailed(
@@ -67,6 +70,7 @@ def run_study(
     new_version: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = False,
+    stream: bool = False,
 ) -> list[CellResult]:
     """Run the grid cell by cell; stops at the first failing stage (StageFailed)."""
     study, _, path = load_study(study_path)
@@ -94,7 +98,7 @@ def run_study(
                     continue
                 log(f"[{model}/{method}] {stage}: running {NOTEBOOKS[stage]} -> {run.dir}")
                 s0 = time.time()
-                execute_stage(run, stage, progress)
+                execute_stage(run, stage, progress, stream)
                 log(f"[{model}/{method}] {stage}: done in {time.time() - s0:.1f}s")
                 done.append(stage)
             results.append(CellResult(model, method, run.dir, done, skipped, round(time.time() - t0, 1)))

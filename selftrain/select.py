@@ -144,7 +144,7 @@ def embed_responses(
     token ids, so exactly the response's tokens are pooled. Empty responses give a zero vector.
     """
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     rendered = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     cache: dict[str, list[int]] = {}

@@ -36,6 +36,7 @@ def _check_records(recs: list[dict], n_prompts: int, n: int, max_new: int) -> No
 
 
 def test_generate_transformers_and_cache(tiny_overrides: list[str]) -> None:
+    tiny_overrides = [*tiny_overrides, "generation.seed=777"]  # a cache entry no other test made
     run = _run(tiny_overrides)
     df = generate.run(run, progress=False)
     recs = read_jsonl(run.data_dir / "candidates.jsonl")
@@ -50,7 +51,7 @@ def test_generate_transformers_and_cache(tiny_overrides: list[str]) -> None:
     assert json.loads((other.metrics_dir / "generate.json").read_text())["cache_hit"]
     assert read_jsonl(other.data_dir / "candidates.jsonl") == recs
     # Changing a sampling param is a different cache entry.
-    third = _run(tiny_overrides, extra=["generation.temperature=0.5"])
+    third = _run(tiny_overrides, extra=["generation.temperature=0.5"])  # a new cache entry
     generate.run(third, progress=False)
     assert not json.loads((third.metrics_dir / "generate.json").read_text())["cache_hit"]
 
