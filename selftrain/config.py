@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from selftrain.paths import project_root, resolve_path
 
 METHODS = ("baseline", "original", "central", "drop-low", "fallback-original")
-STAGES = ("generate", "select")
+STAGES = ("generate", "select", "sft", "dpo")
 
 
 class ConfigError(ValueError):
@@ -98,6 +98,20 @@ class SelectionConfig(_Section):
 class OutputConfig(_Section):
     results_dir: str = Field("results", description="Root of the run folders.")
     cache_dir: str = Field(".cache/selftrain", description="Generation/embedding caches and converted models.")
+    checkpoints_dir: str = Field("checkpoints", description="Trained models (git-ignored), mirroring results/.")
+
+
+class TrainingConfig(_Section):
+    order: Literal["sft+dpo", "sft", "dpo"] = Field(
+        "sft+dpo", description="sft+dpo: DPO starts from (and is referenced to) the SFT model; sft or dpo alone."
+    )
+    use_lora: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights; merged on save.")
+    lora: dict[str, Any] = Field(
+        default_factory=lambda: {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+        description="peft LoraConfig fields, used when use_lora is true.",
+    )
+    sft: dict[str, Any] = Field(default_factory=dict, description="TRL SFTConfig fields, passed through unchanged.")
+    dpo: dict[str, Any] = Field(default_factory=dict, description="TRL DPOConfig fields, passed through unchanged.")
 
 
 class StudyConfig(_Section):
@@ -119,6 +133,7 @@ class RunConfig(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     stages: list[str] = Field(default_factory=lambda: list(STAGES), description="Stages of this run.")
 
@@ -236,13 +251,50 @@ def load_study(study_path: str | Path) -> tuple[StudyConfig, dict[str, Any], Pat
     return study, data, path
 
 
+def trainer_fields(kind: str) -> set[str]:
+    """Field names of TRL's SFTConfig / DPOConfig (imports TRL: a few seconds, so only when needed)."""
+    import dataclasses
+
+    if kind == "sft":
+        from trl import SFTConfig as cls
+    else:
+        from trl import DPOConfig as cls
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+RESERVED_TRAINER_KEYS = {"output_dir", "resume_from_checkpoint", "report_to"}
+
+
+def check_trainer_keys(cfg: RunConfig, origin: dict[str, str] | None = None, default_source: str = "params") -> None:
+    """Every key of training.sft / training.dpo must be a field of TRL's config class."""
+    for kind in ("sft", "dpo"):
+        block = getattr(cfg.training, kind)
+        if not block:
+            continue
+        allowed = trainer_fields(kind)
+        for key in block:
+            dotted = f"training.{kind}.{key}"
+            src = _source_of(dotted, origin or {}) or default_source
+            if key in RESERVED_TRAINER_KEYS:
+                raise ConfigError(f"{src}: key '{dotted}' is set by selftrain and cannot be overridden")
+            if key not in allowed:
+                near = sorted(k for k in allowed if k.split("_")[0] == key.split("_")[0])[:5]
+                hint = f" (similar: {', '.join(near)})" if near else ""
+                cls = "SFTConfig" if kind == "sft" else "DPOConfig"
+                raise ConfigError(f"{src}: unknown key '{dotted}': not a field of TRL's {cls}{hint}")
+
+
 def resolve_run_config(
     model: str,
     method: str,
     study: str | Path | None = None,
     overrides: list[str] | None = None,
+    check_trainer: bool = False,
 ) -> RunConfig:
-    """Merge base -> models/<model> -> methods/<method> -> study -> overrides and validate."""
+    """Merge base -> models/<model> -> methods/<method> -> study -> overrides and validate.
+
+    check_trainer=True also checks the TRL trainer blocks against TRL (slower: imports TRL).
+    """
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}
     base = params_dir() / "base.yaml"
@@ -264,6 +316,8 @@ def resolve_run_config(
     merged.setdefault("stages", study_stages)
     cfg = _validate(RunConfig, merged, origin)
     assert isinstance(cfg, RunConfig)
+    if check_trainer:
+        check_trainer_keys(cfg, origin)
     return cfg
 
 
@@ -291,4 +345,6 @@ def validate_params_file(path: str | Path) -> None:
     probe = copy.deepcopy(data)
     probe.setdefault("model", {"name": "probe", "path": "probe"})
     probe.setdefault("method", "probe")
-    _validate(RunConfig, probe, origin)
+    cfg = _validate(RunConfig, probe, origin)
+    assert isinstance(cfg, RunConfig)
+    check_trainer_keys(cfg, origin)

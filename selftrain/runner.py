@@ -13,7 +13,12 @@ from selftrain.config import STAGES, ConfigError, load_study, resolve_run_config
 from selftrain.paths import project_root
 from selftrain.runs import Run, create_run
 
-NOTEBOOKS = {"generate": "01_generate.ipynb", "select": "02_select.ipynb"}
+NOTEBOOKS = {
+    "generate": "01_generate.ipynb",
+    "select": "02_select.ipynb",
+    "sft": "03_sft.ipynb",
+    "dpo": "04_dpo.ipynb",
+}
 
 
 class StageFailed(RuntimeError):
@@ -87,7 +92,7 @@ def run_study(
     results = []
     for model in models:
         for method in methods:
-            cfg = resolve_run_config(model, method, study_path, overrides)
+            cfg = resolve_run_config(model, method, study_path, overrides, check_trainer=True)
             run = create_run(cfg, new_version=new_version)
             t0 = time.time()
             done, skipped = [], []

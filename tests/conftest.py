@@ -69,5 +69,6 @@ def tiny_overrides(tmp_path: Path, cache_dir: Path, prompts_file: Path, tiny_mod
         f"prompts.path={prompts_file}",
         f"output.results_dir={tmp_path / 'results'}",
         f"output.cache_dir={cache_dir}",
+        f"output.checkpoints_dir={tmp_path / 'checkpoints'}",
         "generation.backend=transformers",
     ]

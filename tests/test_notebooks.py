@@ -33,15 +33,16 @@ def test_notebooks_are_thin_and_stripped(path: Path) -> None:
 def test_study_runner_end_to_end_and_resume(tiny_overrides: list[str], tmp_path: Path) -> None:
     logs: list[str] = []
     res = run_study("params/studies/tiny.yaml", overrides=tiny_overrides, log=logs.append)
-    assert [(r.model, r.method) for r in res] == [("tiny", "central"), ("tiny", "drop-low")]
+    assert [(r.model, r.method) for r in res] == [("tiny", "central"), ("tiny", "fallback-original")]
     for r in res:
-        assert r.executed == ["generate", "select"]
-        for nb in ("01_generate.ipynb", "02_select.ipynb"):
+        assert r.executed == ["generate", "select", "sft", "dpo"]
+        for nb in ("01_generate.ipynb", "02_select.ipynb", "03_sft.ipynb", "04_dpo.ipynb"):
             executed = nbformat.read(r.run_dir / "notebooks" / nb, as_version=4)
             assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
         m = json.loads((r.run_dir / "manifest.json").read_text())
         assert {s["status"] for s in m["stages"].values()} == {"done"}
         assert len(read_jsonl(r.run_dir / "data" / "selection.jsonl")) == 5
+        assert (r.run_dir / "figures" / "dpo_curves.png").is_file()
     again = run_study("params/studies/tiny.yaml", overrides=tiny_overrides, log=logs.append)
     assert [r.executed for r in again] == [[], []] and [r.run_dir for r in again] == [r.run_dir for r in res]
     assert any("already done" in line for line in logs)
@@ -71,7 +72,7 @@ def test_study_runner_with_vllm_backend(tiny_overrides: list[str]) -> None:
     want = [1234 + i for i in range(5)] if torch.cuda.is_available() else [1234] * 5
     assert [r["seed"] for r in recs[::3]] == want
     assert all(r["finish_reason"] in ("stop", "length") and 1 <= r["num_tokens"] <= 12 for r in recs)
-    assert (run_dir / "stages" / "select" / "_SUCCESS").is_file()
+    assert (run_dir / "stages" / "dpo" / "_SUCCESS").is_file()
 
 
 def test_failing_cell_names_notebook_cell_and_error(tiny_overrides: list[str], tmp_path: Path) -> None:
@@ -119,7 +120,7 @@ def test_notebooks_run_with_default_parameters(tmp_path: Path) -> None:
     import papermill as pm
 
     params = {"model": "tiny", "study": "params/studies/tiny.yaml", "results_dir": str(tmp_path)}
-    for name in ("01_generate.ipynb", "02_select.ipynb"):
+    for name in ("01_generate.ipynb", "02_select.ipynb", "03_sft.ipynb", "04_dpo.ipynb"):
         pm.execute_notebook(
             str(ROOT / "notebooks" / name),
             str(tmp_path / name),
@@ -129,4 +130,4 @@ def test_notebooks_run_with_default_parameters(tmp_path: Path) -> None:
             progress_bar=False,
         )
     run_dir = tmp_path / "tiny" / "tiny" / "central" / "v001"
-    assert (run_dir / "stages" / "select" / "_SUCCESS").is_file()
+    assert (run_dir / "stages" / "dpo" / "_SUCCESS").is_file()

@@ -1,0 +1,343 @@
+"""Stages 03 (SFT) and 04 (DPO): TRL trainers on the selected data, with resumable checkpoints.
+
+The `training.sft` / `training.dpo` blocks of the params are passed to TRL's `SFTConfig` / `DPOConfig`
+unchanged (TRL field names). Checkpoints live outside the run folder, under
+``<checkpoints_dir>/<study>/<model>/<method>/<version>/<stage>/``: ``trainer/checkpoint-N`` while training
+(each marked ``_COMPLETE`` once fully written, so a half-written one is never resumed from) and
+``final/`` (safetensors, tokenizer, chat template, ``_SUCCESS``) at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from selftrain.config import RunConfig, check_trainer_keys
+from selftrain.io import read_jsonl, sha256_file, sha256_json, write_json
+from selftrain.models import resolve_model_path
+from selftrain.paths import resolve_path
+from selftrain.plots import plt, save_figure
+from selftrain.runs import Run
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or went wrong; the message says why and what to change."""
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def _precision(block: dict[str, Any]) -> dict[str, Any]:
+    """bf16 where the hardware supports it, fp32 on CPU, unless the params say otherwise."""
+    import torch
+
+    if "bf16" in block or "fp16" in block:
+        return {}
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "fp16": False}
+
+
+# ------------------------------------------------------------------------------------------- paths
+
+
+def checkpoints_dir(run: Run, stage: str) -> Path:
+    """<checkpoints_dir>/<study>/<model>/<method>/<version>-<id>/<stage>; the id (run folder + creation
+    time) keeps a recreated v001, or one under another results_dir, from resuming someone else's state."""
+    m = run.manifest()
+    run_id = sha256_json([str(run.dir.resolve()), m.get("created")])[:8]
+    c = run.config
+    return (
+        resolve_path(c.output.checkpoints_dir) / c.study / c.model.name / c.method / f"{run.dir.name}-{run_id}" / stage
+    )
+
+
+def final_model(run: Run) -> Path:
+    """The model later stages judge and evaluate: DPO output, else SFT output, else M0 (baseline)."""
+    for stage in ("dpo", "sft"):
+        if run.is_done(stage):
+            rec = run.stage_record(stage)
+            path = rec["metrics"].get("model_path")
+            if path:
+                return Path(path)
+    return resolve_model_path(run.config.model.path, run.config.output.cache_dir)
+
+
+def _complete_checkpoints(trainer_dir: Path) -> list[Path]:
+    if not trainer_dir.is_dir():
+        return []
+    cks = [p for p in trainer_dir.glob("checkpoint-*") if (p / "_COMPLETE").is_file()]
+    return sorted(cks, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _completion_callback() -> Any:
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        """Runs after the Trainer has written a checkpoint in full: mark it usable for resuming."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ck.is_dir() and state.is_world_process_zero:
+                (ck / "_COMPLETE").write_text(f"{state.global_step}\n")
+
+    return MarkComplete()
+
+
+# ------------------------------------------------------------------------------------------- batch checks
+
+
+def check_batch(batch: dict[str, Any], tok: Any) -> dict[str, Any]:
+    """The end-of-turn token is trained on and no sequence starts with two BOS tokens.
+
+    Works on SFT batches (labels) and DPO batches (completion_mask). A batch where no sequence has the
+    end-of-turn token in its labels is a systematic bug (pad == eos, a template without it): an error.
+    """
+    import torch
+
+    ids = batch["input_ids"]
+    if "labels" in batch:
+        labels = batch["labels"]
+    else:
+        labels = torch.where(batch["completion_mask"].bool(), ids, torch.full_like(ids, -100))
+    eos = tok.eos_token_id
+    rows_with_eos = int(((labels == eos).sum(dim=1) > 0).sum())
+    double_bos = 0
+    if tok.bos_token_id is not None and ids.shape[1] > 1:
+        first = batch["attention_mask"].long().argmax(1)  # works for left or right padding
+        rows = torch.arange(ids.shape[0])
+        nxt = (first + 1).clamp(max=ids.shape[1] - 1)
+        double_bos = int(((ids[rows, first] == tok.bos_token_id) & (ids[rows, nxt] == tok.bos_token_id)).sum())
+    report = {"rows": int(ids.shape[0]), "rows_with_eos_label": rows_with_eos, "double_bos_rows": double_bos}
+    if rows_with_eos == 0:
+        raise TrainingError(
+            f"the end-of-turn token {tok.eos_token!r} is in the labels of none of the {ids.shape[0]} sequences "
+            "of the first batch: the model would never learn to stop (pad == eos, or a chat template that "
+            "does not close the assistant turn with eos)"
+        )
+    if double_bos:
+        raise TrainingError(f"{double_bos} sequences start with two BOS tokens (chat template + tokenizer)")
+    return report
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def _load_dataset(path: Path, kind: str) -> Any:
+    from datasets import Dataset
+
+    recs = read_jsonl(path)
+    cols = ("prompt", "completion") if kind == "sft" else ("prompt", "chosen", "rejected")
+    return Dataset.from_list([{c: r[c] for c in cols} for r in recs]), len(recs)
+
+
+def _peft_config(cfg: RunConfig) -> Any:
+    if not cfg.training.use_lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", **cfg.training.lora)
+
+
+def _save_final(trainer: Any, tok: Any, out: Path) -> Path:
+    """Save merged weights (LoRA merged in) + tokenizer + chat template, atomically via rename."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "_SUCCESS").write_text("ok\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run SFT (kind='sft') or DPO (kind='dpo') for a run folder; returns the trainer's log history."""
+    stage = kind
+    log_file = run.metrics_dir / f"{kind}_log.json"
+    cfg = run.config
+    order = cfg.training.order
+    if cfg.selection.method == "baseline" or (kind == "sft" and order == "dpo") or (kind == "dpo" and order == "sft"):
+        if not run.is_done(stage):
+            why = "baseline: no retraining" if cfg.selection.method == "baseline" else f"training.order is {order}"
+            run.skip_stage(stage, why)
+        return pd.DataFrame()
+    if run.is_done(stage):
+        return pd.DataFrame(pd.read_json(log_file)) if log_file.is_file() else pd.DataFrame()
+    if not run.is_done("select"):
+        raise TrainingError(f"{run.dir}: stage 'select' is not done; run 02_select first")
+    if kind == "dpo" and order == "sft+dpo" and not run.is_done("sft"):
+        raise TrainingError(f"{run.dir}: stage 'sft' is not done; DPO starts from the SFT model (03_sft)")
+    data_file = run.data_dir / ("sft.jsonl" if kind == "sft" else "dpo.jsonl")
+    check_trainer_keys(cfg, default_source=str(run.dir / "params.resolved.yaml"))
+
+    with run.stage(stage, inputs=[data_file]) as info:
+        dataset, n = _load_dataset(data_file, kind)
+        if n == 0:
+            raise TrainingError(
+                f"{data_file}: no {'examples' if kind == 'sft' else 'preference pairs'} to train on "
+                f"(method '{cfg.selection.method}' kept none; see metrics/select.json)"
+            )
+        start = final_model(run) if kind == "dpo" else resolve_model_path(cfg.model.path, cfg.output.cache_dir)
+        base = checkpoints_dir(run, stage)
+        trainer_dir = base / "trainer"
+        trainer_dir.mkdir(parents=True, exist_ok=True)
+        trainer, tok = _build_trainer(
+            cfg, kind, start, dataset, trainer_dir, [_completion_callback(), *(callbacks or [])], progress
+        )
+        batch_report = check_batch(next(iter(trainer.get_train_dataloader())), tok)
+        resume = _complete_checkpoints(trainer_dir)
+        t0 = time.time()
+        result = trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
+        seconds = time.time() - t0
+        out = _save_final(trainer, tok, base / "final")
+        history = [h for h in trainer.state.log_history if "loss" in h or "train_loss" in h]
+        write_json(log_file, history)
+        tokens = _count_tokens(trainer, kind)
+        metrics = {
+            "model_path": str(out),
+            "model_sha256": sha256_file(out / "model.safetensors"),
+            "started_from": str(start),
+            "examples": n,
+            "global_steps": trainer.state.global_step,
+            "resumed_from": str(resume[-1]) if resume else None,
+            "train_loss": round(float(result.training_loss), 5) if result.training_loss is not None else None,
+            "train_seconds": round(seconds, 1),
+            "tokens_per_second": round(tokens / seconds, 1) if tokens and seconds else None,
+            "batch_check": batch_report,
+            "lora": cfg.training.use_lora,
+        }
+        write_json(run.metrics_dir / f"{kind}.json", metrics)
+        df = pd.DataFrame(history)
+        fig = plot_training(df, kind)
+        save_figure(fig, run.figures_dir / f"{kind}_curves")
+        plt.close(fig)
+        info["outputs"] = [log_file, run.metrics_dir / f"{kind}.json"]
+        info["metrics"] = {
+            k: metrics[k]
+            for k in ("model_path", "model_sha256", "global_steps", "train_loss", "tokens_per_second", "resumed_from")
+        }
+    return df
+
+
+def _count_tokens(trainer: Any, kind: str) -> int:
+    """Non-pad tokens the trainer saw (all epochs), for a tokens/s figure."""
+    ds = trainer.train_dataset
+    epochs = math.ceil(trainer.args.num_train_epochs) if trainer.args.max_steps <= 0 else 1
+    if kind == "sft":
+        per_epoch = sum(len(x) for x in ds["input_ids"])
+    else:
+        cols = ds.column_names
+        per_epoch = (
+            sum(
+                len(p) + len(c) + len(r)
+                for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)
+            )
+            if "prompt_ids" in cols
+            else 0
+        )
+    return per_epoch * epochs
+
+
+def _build_trainer(
+    cfg: RunConfig, kind: str, start: Path, dataset: Any, out_dir: Path, callbacks: list[Any], progress: bool
+) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    block = dict(getattr(cfg.training, kind))
+    common = {
+        "output_dir": str(out_dir),
+        "report_to": "none",
+        "seed": cfg.seed,
+        "disable_tqdm": not progress,
+        **_precision(block),
+    }
+    tok = AutoTokenizer.from_pretrained(start)
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        raise TrainingError(
+            f"{start}: the tokenizer's pad token is missing or equals eos ({tok.eos_token!r}); set a distinct "
+            "pad token in the model folder so the end-of-turn token stays in the labels"
+        )
+    dtype = torch.bfloat16 if common.get("bf16") or block.get("bf16") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=dtype)
+    peft = _peft_config(cfg)
+    if kind == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**{**common, **block})
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks, peft_config=peft
+        )
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**{**common, **block})
+        trainer = DPOTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks, peft_config=peft
+        )
+    return trainer, tok
+
+
+# ------------------------------------------------------------------------------------------- views
+
+
+def summary_table(run: Run, kind: str) -> pd.DataFrame:
+    path = run.metrics_dir / f"{kind}.json"
+    if not path.is_file():
+        return pd.DataFrame(
+            {"value": [run.manifest()["stages"][kind].get("metrics", {}).get("skipped", "-")]}, index=["skipped"]
+        )
+    from selftrain.io import read_json
+
+    m = read_json(path)
+    m.pop("batch_check", None)
+    return pd.DataFrame({"value": list(m.values())}, index=list(m))
+
+
+def plot_training(df: pd.DataFrame, kind: str) -> Any:
+    """SFT: loss per step. DPO: loss, reward margin and reward accuracy per step."""
+    keys = ["loss"] if kind == "sft" else ["loss", "rewards/margins", "rewards/accuracies"]
+    keys = [k for k in keys if k in df.columns] or ["loss"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        if key in df.columns and "step" in df.columns:
+            d = df.dropna(subset=[key])
+            ax.plot(d["step"], d[key], marker="o", ms=3)
+        ax.set_title(f"{kind.upper()} {key}")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- evaluation helpers
+
+
+def completion_logprobs(model_dir: Path, prompts: list[list[dict]], completions: list[list[dict]]) -> list[float]:
+    """Mean per-token log-likelihood of each completion given its prompt (chat template applied)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for p, c in zip(prompts, completions, strict=True):
+        prefix = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(p + c, tokenize=False)
+        p_ids = tok(prefix, add_special_tokens=False)["input_ids"]
+        f_ids = tok(full, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([f_ids])
+        with torch.inference_mode():
+            logits = model(ids).logits[0, :-1]
+        lp = torch.log_softmax(logits.float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+        out.append(float(lp[len(p_ids) - 1 :].mean()))
+    return out

@@ -1,0 +1,199 @@
+"""Stages 03/04 on the tiny model: SFT raises the completions' likelihood, DPO the preference margin;
+labels keep the end-of-turn token, no double BOS, resume after an interruption, bad keys, LoRA."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selftrain import generate, select, train
+from selftrain.config import ConfigError, resolve_run_config
+from selftrain.io import read_jsonl
+from selftrain.runs import Run, create_run
+from selftrain.train import TrainingError, check_batch, completion_logprobs
+
+
+def _selected_run(overrides: list[str], tmp_path: Path, method: str = "central", extra: list[str] | None = None) -> Run:
+    ov = [*overrides, f"output.checkpoints_dir={tmp_path / 'ck'}", *(extra or [])]
+    run = create_run(resolve_run_config("tiny", method, overrides=ov, check_trainer=True))
+    generate.run(run, progress=False)
+    select.run(run, progress=False)
+    return run
+
+
+EPOCHS = ["training.sft.num_train_epochs=4", "training.dpo.num_train_epochs=4"]
+
+
+def test_sft_then_dpo_learn(tiny_overrides: list[str], tmp_path: Path, tiny_model: Path) -> None:
+    run = _selected_run(tiny_overrides, tmp_path, extra=EPOCHS)
+    sft = read_jsonl(run.data_dir / "sft.jsonl")
+    before = completion_logprobs(tiny_model, [r["prompt"] for r in sft], [r["completion"] for r in sft])
+    log = train.train_stage(run, "sft", progress=False)
+    assert run.is_done("sft") and len(log) > 0
+    sft_dir = train.final_model(run)
+    after = completion_logprobs(sft_dir, [r["prompt"] for r in sft], [r["completion"] for r in sft])
+    assert np.mean(after) > np.mean(before) + 0.1  # the training completions became more likely
+    assert (sft_dir / "model.safetensors").is_file() and (sft_dir / "chat_template.jinja").is_file()
+    m = json.loads((run.metrics_dir / "sft.json").read_text())
+    assert m["batch_check"]["rows_with_eos_label"] == m["batch_check"]["rows"] and m["global_steps"] == 12
+
+    dpo = read_jsonl(run.data_dir / "dpo.jsonl")
+    assert dpo, "tiny selection produced no preference pairs"
+
+    def margin(model_dir: Path) -> float:
+        c = completion_logprobs(model_dir, [r["prompt"] for r in dpo], [r["chosen"] for r in dpo])
+        r = completion_logprobs(model_dir, [r["prompt"] for r in dpo], [r["rejected"] for r in dpo])
+        return float(np.mean(np.array(c) - np.array(r)))
+
+    ref = margin(sft_dir)
+    dlog = train.train_stage(run, "dpo", progress=False)
+    assert run.is_done("dpo") and {"rewards/margins", "rewards/accuracies"} <= set(dlog.columns)
+    dpo_dir = train.final_model(run)
+    assert dpo_dir != sft_dir and json.loads((run.metrics_dir / "dpo.json").read_text())["started_from"] == str(sft_dir)
+    assert margin(dpo_dir) > ref  # chosen moved up relative to rejected
+    assert (run.figures_dir / "dpo_curves.png").is_file() and (run.figures_dir / "sft_curves.png").is_file()
+    manifest = run.manifest()["stages"]
+    assert manifest["dpo"]["metrics"]["model_sha256"] and manifest["dpo"]["metrics"]["model_path"] == str(dpo_dir)
+
+
+def _tokenizer_copy(src: Path, dst: Path, **changes: str) -> Path:
+    shutil.copytree(src, dst)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dst)
+    for k, v in changes.items():
+        setattr(tok, k, v)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def test_labels_keep_eos_and_no_double_bos(tiny_model: Path, tmp_path: Path, prompts_file: Path) -> None:
+    """A tokenizer that adds BOS by itself (like SmolLM2's and llm-jp-3's) must not get a second one."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    folder = _tokenizer_copy(tiny_model, tmp_path / "bos-model", bos_token="<|im_start|>")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", tok.convert_tokens_to_ids("<|im_start|>"))]
+    )
+    tok.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder)("hi")["input_ids"][0] == tok.bos_token_id  # adds BOS itself
+
+    from datasets import Dataset
+
+    from selftrain.train import _build_trainer
+
+    cfg = resolve_run_config("tiny", "central", overrides=[f"model.path={folder}"])
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": f"question {i}"}],
+                "completion": [{"role": "assistant", "content": f"answer number {i}"}],
+            }
+            for i in range(4)
+        ]
+    )
+    trainer, tok = _build_trainer(cfg, "sft", folder, data, tmp_path / "out", [], progress=False)
+    batch = next(iter(trainer.get_train_dataloader()))
+    report = check_batch(batch, tok)
+    assert report["double_bos_rows"] == 0 and report["rows_with_eos_label"] == report["rows"] == 2
+    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        trained = ids[labels != -100].tolist()
+        assert tok.eos_token_id in trained  # <|im_end|> closing the answer is a target
+        assert tok.pad_token_id not in trained
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+
+    doubled = {k: v.clone() for k, v in batch.items()}
+    doubled["input_ids"][:, 1] = tok.bos_token_id
+    with pytest.raises(TrainingError, match="two BOS"):
+        check_batch(doubled, tok)
+    no_eos = {k: v.clone() for k, v in batch.items()}
+    no_eos["labels"][no_eos["labels"] == tok.eos_token_id] = -100  # what pad == eos masking does
+    with pytest.raises(TrainingError, match="never learn to stop"):
+        check_batch(no_eos, tok)
+
+
+def test_pad_equal_to_eos_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    from selftrain.train import _build_trainer
+
+    folder = _tokenizer_copy(tiny_model, tmp_path / "padeos", pad_token="<|im_end|>")
+    cfg = resolve_run_config("tiny", "central")
+    data = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}]
+    )
+    with pytest.raises(TrainingError, match="pad token is missing or equals eos"):
+        _build_trainer(cfg, "sft", folder, data, tmp_path / "out", [], progress=False)
+
+
+def test_resume_after_interruption(tiny_overrides: list[str], tmp_path: Path) -> None:
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            if state.global_step == 3:
+                raise KeyboardInterrupt("killed at step 3")
+
+    extra = ["training.sft.num_train_epochs=2", "training.sft.save_steps=2"]  # 5 examples, batch 2: 6 steps
+    run = _selected_run(tiny_overrides, tmp_path, extra=extra)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_stage(run, "sft", callbacks=[Kill()], progress=False)
+    assert not run.is_done("sft") and run.manifest()["stages"]["sft"]["status"] == "failed"
+    trainer_dir = train.checkpoints_dir(run, "sft") / "trainer"
+    assert (trainer_dir / "checkpoint-2" / "_COMPLETE").is_file()
+    partial = trainer_dir / "checkpoint-4"  # a checkpoint the kill interrupted half-way
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    train.train_stage(run, "sft", progress=False)
+    m = json.loads((run.metrics_dir / "sft.json").read_text())
+    assert m["resumed_from"].endswith("checkpoint-2") and m["global_steps"] == 6
+
+    fresh = _selected_run(tiny_overrides, tmp_path / "fresh", extra=[*extra, "generation.seed=99"])
+    train.train_stage(fresh, "sft", progress=False)
+    assert json.loads((fresh.metrics_dir / "sft.json").read_text())["global_steps"] == 6
+
+
+def test_bad_trainer_keys_are_named(tiny_overrides: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"command line.*unknown key 'training.sft.learning_rat'.*SFTConfig"):
+        resolve_run_config("tiny", "central", overrides=["training.sft.learning_rat=1"], check_trainer=True)
+    with pytest.raises(ConfigError, match=r"unknown key 'training.dpo.betta'.*DPOConfig"):
+        resolve_run_config("tiny", "central", overrides=["training.dpo.betta=0.1"], check_trainer=True)
+    with pytest.raises(ConfigError, match="'training.sft.output_dir' is set by selftrain"):
+        resolve_run_config("tiny", "central", overrides=["training.sft.output_dir=/tmp"], check_trainer=True)
+
+
+def test_orders_baseline_and_empty_data(tiny_overrides: list[str], tmp_path: Path, tiny_model: Path) -> None:
+    base = _selected_run(tiny_overrides, tmp_path / "b", method="baseline")
+    assert train.train_stage(base, "sft", progress=False).empty and train.train_stage(base, "dpo", progress=False).empty
+    assert base.is_done("sft") and base.is_done("dpo")
+    assert train.final_model(base) == tiny_model  # baseline judges M0
+
+    only_dpo = _selected_run(tiny_overrides, tmp_path / "d", extra=["training.order=dpo"])
+    train.train_stage(only_dpo, "sft", progress=False)
+    assert only_dpo.manifest()["stages"]["sft"]["metrics"]["skipped"] == "training.order is dpo"
+    train.train_stage(only_dpo, "dpo", progress=False)
+    assert json.loads((only_dpo.metrics_dir / "dpo.json").read_text())["started_from"] == str(tiny_model)
+
+    empty = _selected_run(tiny_overrides, tmp_path / "e")
+    (empty.data_dir / "sft.jsonl").write_text("")
+    with pytest.raises(TrainingError, match="no examples to train on"):
+        train.train_stage(empty, "sft", progress=False)
+    assert not empty.is_done("sft")
+
+
+def test_lora_option_saves_a_merged_model(tiny_overrides: list[str], tmp_path: Path) -> None:
+    run = _selected_run(tiny_overrides, tmp_path, extra=["training.use_lora=true", "training.order=sft"])
+    train.train_stage(run, "sft", progress=False)
+    out = train.final_model(run)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # a plain model: adapters merged in
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert torch.isfinite(next(model.parameters())).all()
