@@ -39,6 +39,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bench_select.py
 	$(BIN)/python bench/bench_generate.py
+	$(BIN)/python bench/bench_train.py
 
 clean-cache:
-	rm -rf .cache/selftrain/generations .cache/selftrain/embeddings
+	rm -rf .cache/selftrain/generations .cache/selftrain/embeddings bench/out/results bench/out/checkpoints
