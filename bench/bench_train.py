@@ -19,9 +19,13 @@ from selftrain.runs import create_run
 
 def main() -> None:
     root = Path(__file__).resolve().parents[1]
-    cfg = resolve_run_config("smollm2-135m", "central", "params/studies/demo.yaml",
-                             ["output.results_dir=bench/out/results", "output.checkpoints_dir=bench/out/checkpoints"],
-                             check_trainer=True)
+    cfg = resolve_run_config(
+        "smollm2-135m",
+        "central",
+        "params/studies/demo.yaml",
+        ["output.results_dir=bench/out/results", "output.checkpoints_dir=bench/out/checkpoints"],
+        check_trainer=True,
+    )
     run = create_run(cfg, new_version=True)
     generate.run(run, progress=False)
     select.run(run, progress=False)

@@ -175,7 +175,9 @@ def test_orders_baseline_and_empty_data(tiny_overrides: list[str], tmp_path: Pat
     assert base.is_done("sft") and base.is_done("dpo")
     assert train.final_model(base) == tiny_model  # baseline judges M0
 
-    only_dpo = _selected_run(tiny_overrides, tmp_path / "d", extra=["training.order=dpo"])
+    only_dpo = _selected_run(
+        tiny_overrides, tmp_path / "d", extra=["training.order=dpo", "training.dpo.precompute_ref_log_probs=true"]
+    )
     train.train_stage(only_dpo, "sft", progress=False)
     assert only_dpo.manifest()["stages"]["sft"]["metrics"]["skipped"] == "training.order is dpo"
     train.train_stage(only_dpo, "dpo", progress=False)
