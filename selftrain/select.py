@@ -161,7 +161,7 @@ def embed_responses(
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     bar = tqdm(total=len(seqs), desc="embed", unit="seq", disable=not progress)
     for s in range(0, len(order), cfg.batch_size):
-        idx = [i for i in order[s : s + cfg.batch_size]]
+        idx = order[s : s + cfg.batch_size]
         width = max(len(seqs[i][0]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         attn = torch.zeros((len(idx), width), dtype=torch.long)

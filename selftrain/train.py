@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from selftrain.config import RunConfig, check_trainer_keys
-from selftrain.io import read_jsonl, sha256_file, sha256_json, write_json
+from selftrain.io import read_json, read_jsonl, sha256_file, sha256_json, write_json
 from selftrain.models import resolve_model_path
 from selftrain.paths import resolve_path
 from selftrain.plots import plt, save_figure
@@ -180,7 +180,7 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
             run.skip_stage(stage, why)
         return pd.DataFrame()
     if run.is_done(stage):
-        return pd.DataFrame(pd.read_json(log_file)) if log_file.is_file() else pd.DataFrame()
+        return pd.DataFrame(read_json(log_file)) if log_file.is_file() else pd.DataFrame()
     if not run.is_done("select"):
         raise TrainingError(f"{run.dir}: stage 'select' is not done; run 02_select first")
     if kind == "dpo" and order == "sft+dpo" and not run.is_done("sft"):
@@ -306,8 +306,6 @@ def summary_table(run: Run, kind: str) -> pd.DataFrame:
         return pd.DataFrame(
             {"value": [run.manifest()["stages"][kind].get("metrics", {}).get("skipped", "-")]}, index=["skipped"]
         )
-    from selftrain.io import read_json
-
     m = read_json(path)
     m.pop("batch_check", None)
     return pd.DataFrame({"value": list(m.values())}, index=list(m))
