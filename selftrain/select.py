@@ -56,6 +56,19 @@ def centrality(emb: np.ndarray, mask: np.ndarray, chunk: int = 8192) -> np.ndarr
     return out
 
 
+def _without_original(emb: np.ndarray, c_full: np.ndarray, cand_valid: np.ndarray) -> np.ndarray:
+    """Centrality in the candidates-only pool, derived from the candidates + original pool without a
+    second batched matmul: remove each candidate's cosine to the original from its sum."""
+    n = cand_valid.shape[1]
+    n_valid = cand_valid.sum(1, keepdims=True).astype(np.float32)
+    to_orig = np.einsum("pkd,pd->pk", emb[:, :n].astype(np.float32, copy=False), emb[:, n].astype(np.float32))
+    c = (c_full[:, :n] * n_valid - to_orig) / np.maximum(n_valid - 1.0, 1.0)
+    c = np.where(n_valid > 1, c, 0.0)  # a pool of one has nobody to compare with
+    out = np.full_like(c_full, np.nan)
+    out[:, :n] = np.where(cand_valid, c, np.nan)
+    return out
+
+
 def _first_within(values: np.ndarray, valid: np.ndarray, tol: float, best: bool) -> np.ndarray:
     """Index of the first valid entry within tol of the row's max (best) or min; -1 for empty rows."""
     fill = -np.inf if best else np.inf
@@ -94,7 +107,7 @@ def select(
     if method in ("drop-low", "fallback-original"):
         c = c_full
     elif method in ("central", "original", "baseline"):
-        c = centrality(emb, np.concatenate([cand_valid, np.zeros((P, 1), bool)], axis=1))
+        c = _without_original(emb, c_full, cand_valid)
     else:
         raise ValueError(f"unknown selection method '{method}'")
     best = _first_within(c[:, :n], cand_valid, tol, best=True)

@@ -157,3 +157,16 @@ def test_methods_agree_on_random_batches() -> None:
             full = brute_centrality(emb[p : p + 1].astype(np.float64), np.concatenate([valid[p : p + 1], [[True]]], 1))
             rank = 1 + sum(full[0, j] > full[0, 5] + 1e-6 for j in cands)
             assert sel["original_rank"][p] == rank
+
+
+def test_candidate_pool_derived_from_full_pool_matches_direct() -> None:
+    from selftrain.select import _without_original
+
+    rng = np.random.default_rng(2)
+    emb = _norm(rng.standard_normal((50, 6, 12))).astype(np.float32)
+    valid = rng.random((50, 5)) > 0.3
+    full = centrality(emb, np.concatenate([valid, np.ones((50, 1), bool)], axis=1))
+    direct = centrality(emb, np.concatenate([valid, np.zeros((50, 1), bool)], axis=1))
+    derived = _without_original(emb, full, valid)
+    np.testing.assert_array_equal(np.isnan(derived), np.isnan(direct))
+    np.testing.assert_allclose(derived[~np.isnan(derived)], direct[~np.isnan(direct)], atol=1e-5)
