@@ -210,7 +210,10 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
         out = _save_final(trainer, tok, base / "final")
         history = [h for h in trainer.state.log_history if "loss" in h or "train_loss" in h]
         write_json(log_file, history)
-        tokens = _count_tokens(trainer, kind)
+        # After a resume only the remaining steps ran in `seconds`: count only their share of tokens.
+        done_before = int(resume[-1].name.split("-")[1]) if resume else 0
+        share = (trainer.state.global_step - done_before) / max(trainer.state.global_step, 1)
+        tokens = _count_tokens(trainer, kind) * share
         metrics = {
             "model_path": str(out),
             "model_sha256": sha256_file(out / "model.safetensors"),
@@ -238,7 +241,7 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
 
 
 def _count_tokens(trainer: Any, kind: str) -> int:
-    """Non-pad tokens the trainer saw (all epochs), for a tokens/s figure."""
+    """Non-pad tokens of all epochs, for a tokens/s figure (DPO: prompt + chosen + rejected per pair)."""
     ds = trainer.train_dataset
     epochs = math.ceil(trainer.args.num_train_epochs) if trainer.args.max_steps <= 0 else 1
     if kind == "sft":
