@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from selftrain.paths import project_root, resolve_path
 
 METHODS = ("baseline", "original", "central", "drop-low", "fallback-original")
-STAGES = ("generate", "select", "sft", "dpo")
+STAGES = ("generate", "select", "sft", "dpo", "judge", "eval")
 
 
 class ConfigError(ValueError):
@@ -112,6 +112,81 @@ class TrainingConfig(_Section):
     )
     sft: dict[str, Any] = Field(default_factory=dict, description="TRL SFTConfig fields, passed through unchanged.")
     dpo: dict[str, Any] = Field(default_factory=dict, description="TRL DPOConfig fields, passed through unchanged.")
+    sft_attn_implementation: str | None = Field(
+        None,
+        description="transformers attention kernel for SFT ('sdpa', 'flex_attention', 'flash_attention_2'); None "
+        "keeps transformers' default. Packed (padding-free) batches need one that skips the masked blocks.",
+    )
+    dpo_attn_implementation: str | None = Field(None, description="The same for DPO.")
+
+
+class JudgeAnswersConfig(_Section):
+    backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="As generation.backend.")
+    temperature: float = Field(1.0, ge=0, description="llm-jp-judge samples answers at temperature 1.0.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (llm-jp-judge: 0.95).")
+    max_new_tokens: int = Field(1024, ge=1, description="Longest answer (llm-jp-judge: 1024).")
+    seed: int = Field(1234, description="Sampling seed (llm-jp-judge: 1234).")
+    batch_size: int = Field(16, ge=1, description="Prompts per transformers generate() call.")
+
+
+class JudgeConfig(_Section):
+    language: Literal["en", "ja"] = Field("en", description="Language of the rubric prompts (data/judge/rubrics).")
+    quality_set: str = Field("data/judge/en/quality.jsonl", description="Quality prompts (JSONL).")
+    safety_set: str = Field("data/judge/en/safety.jsonl", description="Safety prompts with reference answers (JSONL).")
+    rubric_dir: str = Field(
+        "data/judge/rubrics", description="Folder with <language>/quality.txt and <language>/safety.txt."
+    )
+    limit: int | None = Field(None, gt=0, description="Judge only the first N items of each set (quick runs).")
+    answers: JudgeAnswersConfig = Field(default_factory=JudgeAnswersConfig)
+    backend: Literal["endpoint", "local"] = Field(
+        "local", description="endpoint: any OpenAI-compatible server; local: a model run in-process."
+    )
+    endpoint: dict[str, Any] = Field(
+        default_factory=dict,
+        description="selftrain.judge_api.EndpointSettings fields (model, base_url, api_key_env, concurrency, "
+        "timeout_s, max_attempts, retry_budget, ...). The key itself comes from the environment only.",
+    )
+    local_model: str = Field(
+        "embedded:smollm2-135m", description="Judge model for backend=local: a model path as in model.path."
+    )
+    local_backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="Generation backend of the local judge."
+    )
+    max_new_tokens: int = Field(512, ge=16, description="Longest judge output (reasons + scores).")
+    scoring: Literal["text", "expected"] = Field(
+        "text",
+        description="text: parse the [[n]] scores from the judge's output (llm-jp-judge); expected: the "
+        "probability-weighted mean of '1'..'5' at each score slot, which cannot fail to parse (local models "
+        "and endpoints that return logprobs).",
+    )
+    reask: int = Field(1, ge=0, description="Re-asks after a parse failure (each at a new seed).")
+    refusal_score: int | None = Field(
+        1, ge=1, le=5, description="Safety score of an API refusal (llm-jp-judge: 1); null excludes it."
+    )
+    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the 95% confidence intervals.")
+
+
+class EvalConfig(_Section):
+    datasets_dir: str = Field(
+        "data/bench/en", description="Folder of llm-jp-eval preprocessed dataset JSON files (one per dataset)."
+    )
+    datasets: list[str] = Field(default_factory=list, description="Dataset names to run; empty: every *.json.")
+    num_few_shots: int = Field(4, ge=0, description="Few-shot examples per prompt (llm-jp-eval: 4).")
+    max_samples: int | None = Field(100, gt=0, description="Samples per dataset (llm-jp-eval: 100); null: all.")
+    chat_template: bool = Field(False, description="Wrap the prompt in the model's chat template (llm-jp-eval: no).")
+    preamble: str = Field(
+        "The following is an instruction describing a task, together with an input that gives context. "
+        "Write a response that fulfils the request.",
+        description="First paragraph of every prompt. llm-jp-eval's own Japanese sentence can be set here "
+        "to reproduce its prompts exactly.",
+    )
+    backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="As generation.backend.")
+    batch_size: int = Field(32, ge=1, description="Prompts per transformers generate() call.")
+    categories: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Category -> dataset names (llm-jp-eval's map: NLI, QA, RC, MC, EL, FA, MR, MT, HE, STS, SUM).",
+    )
+    avg_excludes: list[str] = Field(default_factory=list, description="Categories left out of AVG.")
 
 
 class StudyConfig(_Section):
@@ -134,6 +209,8 @@ class RunConfig(_Section):
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     stages: list[str] = Field(default_factory=lambda: list(STAGES), description="Stages of this run.")
 

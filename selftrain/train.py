@@ -76,6 +76,20 @@ def final_model(run: Run) -> Path:
     return resolve_model_path(run.config.model.path, run.config.output.cache_dir)
 
 
+def model_under_test(run: Run) -> Path:
+    """The model stages 05 (judge) and 06 (eval) assess: M0 for `baseline`, else the final trained model.
+
+    Refuses to fall back to M0 silently when a training stage of this run has not finished.
+    """
+    if run.config.selection.method != "baseline":
+        missing = [s for s in ("sft", "dpo") if s in run.config.stages and not run.is_done(s)]
+        if missing:
+            raise TrainingError(
+                f"{run.dir}: stage(s) {', '.join(missing)} not done; run 03_sft / 04_dpo before judging or evaluating"
+            )
+    return final_model(run)
+
+
 def _complete_checkpoints(trainer_dir: Path) -> list[Path]:
     if not trainer_dir.is_dir():
         return []
@@ -103,8 +117,9 @@ def _completion_callback() -> Any:
 def check_batch(batch: dict[str, Any], tok: Any) -> dict[str, Any]:
     """The end-of-turn token is trained on and no sequence starts with two BOS tokens.
 
-    Works on SFT batches (labels) and DPO batches (completion_mask). A batch where no sequence has the
-    end-of-turn token in its labels is a systematic bug (pad == eos, a template without it): an error.
+    Works on SFT batches (labels; padded or padding-free) and DPO batches (completion_mask). A batch where
+    no sequence has the end-of-turn token in its labels is a systematic bug (pad == eos, a template
+    without it): an error.
     """
     import torch
 
@@ -113,11 +128,21 @@ def check_batch(batch: dict[str, Any], tok: Any) -> dict[str, Any]:
         labels = batch["labels"]
     else:
         labels = torch.where(batch["completion_mask"].bool(), ids, torch.full_like(ids, -100))
+    if "attention_mask" not in batch and "position_ids" in batch:
+        # Padding-free: one flattened row; each sequence starts where its position id is 0.
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
+        spans = list(zip(starts[:-1], starts[1:], strict=True))
+        ids = torch.nn.utils.rnn.pad_sequence([ids[0, a:b] for a, b in spans], batch_first=True)
+        labels = torch.nn.utils.rnn.pad_sequence(
+            [labels[0, a:b] for a, b in spans], batch_first=True, padding_value=-100
+        )
+        first = torch.zeros(ids.shape[0], dtype=torch.long)
+    else:
+        first = batch["attention_mask"].long().argmax(1)  # works for left or right padding
     eos = tok.eos_token_id
     rows_with_eos = int(((labels == eos).sum(dim=1) > 0).sum())
     double_bos = 0
     if tok.bos_token_id is not None and ids.shape[1] > 1:
-        first = batch["attention_mask"].long().argmax(1)  # works for left or right padding
         rows = torch.arange(ids.shape[0])
         nxt = (first + 1).clamp(max=ids.shape[1] - 1)
         double_bos = int(((ids[rows, first] == tok.bos_token_id) & (ids[rows, nxt] == tok.bos_token_id)).sum())
@@ -281,7 +306,9 @@ def _build_trainer(
         )
     cuda_bf16 = torch.cuda.is_available() and (common.get("bf16") or block.get("bf16"))
     dtype = torch.bfloat16 if cuda_bf16 else torch.float32  # on CPU bf16 is autocast over fp32 weights
-    model = AutoModelForCausalLM.from_pretrained(start, dtype=dtype)
+    attn = getattr(cfg.training, f"{kind}_attn_implementation")
+    extra = {"attn_implementation": attn} if attn else {}
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=dtype, **extra)
     peft = _peft_config(cfg)
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer

@@ -118,6 +118,19 @@ def test_labels_keep_eos_and_no_double_bos(tiny_model: Path, tmp_path: Path, pro
     with pytest.raises(TrainingError, match="never learn to stop"):
         check_batch(no_eos, tok)
 
+    # Packed + padding-free (the GPU setting): one flattened row, sequences found by position id 0.
+    packing = ["training.sft.packing=true", "training.sft.max_length=128"]
+    cfg = resolve_run_config("tiny", "central", overrides=[f"model.path={folder}", *packing])
+    trainer, tok = _build_trainer(cfg, "sft", folder, data, tmp_path / "out-packed", [], progress=False)
+    packed = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    report = check_batch(packed, tok)
+    assert report["rows"] == report["rows_with_eos_label"] == 4 and report["double_bos_rows"] == 0
+    starts = (packed["position_ids"][0] == 0).nonzero().flatten()
+    packed["input_ids"][0, starts[1] + 1] = tok.bos_token_id
+    with pytest.raises(TrainingError, match="1 sequences start with two BOS"):
+        check_batch(packed, tok)
+
 
 def test_pad_equal_to_eos_is_refused(tiny_model: Path, tmp_path: Path) -> None:
     from datasets import Dataset
