@@ -71,6 +71,7 @@ class EndpointSettings:
 class JudgeReply:
     text: str | None
     top_logprobs: list[dict[str, float]] | None = None  # per generated token: token -> logprob of top alternatives
+    tokens: list[str] | None = None  # the generated tokens themselves, aligned with top_logprobs
     error: str | None = None  # short kind: "HTTP 500", "timeout", "empty choices", "bad response", "refusal: ..."
     refused: bool = False
     attempts: int = 0  # HTTP calls made for this request (0 when cached)
@@ -144,19 +145,21 @@ def _retry_after(headers: Any) -> float | None:
     return max(wait, 0.0) if math.isfinite(wait) else None
 
 
-def _parse_logprobs(choice: dict) -> list[dict[str, float]] | None:
-    """Per token: {alternative: logprob}; the chosen token alone when no alternatives were asked for."""
+def _parse_logprobs(choice: dict) -> tuple[list[dict[str, float]] | None, list[str] | None]:
+    """Per token: {alternative: logprob} (the chosen token alone when no alternatives were asked for),
+    and the chosen tokens, so a caller can find where in the text each distribution applies."""
     try:
         content = (choice.get("logprobs") or {}).get("content")
         if not content:
-            return None
-        out = []
+            return None, None
+        out, tokens = [], []
         for tok in content:
             alts = {a["token"]: float(a["logprob"]) for a in tok.get("top_logprobs") or []}
             out.append(alts or {tok["token"]: float(tok["logprob"])})
-        return out
+            tokens.append(str(tok["token"]))
+        return out, tokens
     except (AttributeError, KeyError, TypeError, ValueError):
-        return None  # malformed logprobs: keep the text, the caller sees top_logprobs=None
+        return None, None  # malformed logprobs: keep the text, the caller sees top_logprobs=None
 
 
 def _parse_body(body: str) -> JudgeReply:
@@ -186,7 +189,8 @@ def _parse_body(body: str) -> JudgeReply:
         )
     if not isinstance(content, str):
         raise _Failure("bad response", retry=True)
-    return JudgeReply(text=content, top_logprobs=_parse_logprobs(choice), finish_reason=finish)
+    top, tokens = _parse_logprobs(choice)
+    return JudgeReply(text=content, top_logprobs=top, tokens=tokens, finish_reason=finish)
 
 
 class EndpointJudge:
@@ -236,7 +240,11 @@ class EndpointJudge:
             log.warning("ignoring unreadable judge cache file %s (%s)", path, e)
             return None
         return JudgeReply(
-            text=rec["text"], top_logprobs=rec.get("top_logprobs"), finish_reason=rec.get("finish_reason"), cached=True
+            text=rec["text"],
+            top_logprobs=rec.get("top_logprobs"),
+            tokens=rec.get("tokens"),
+            finish_reason=rec.get("finish_reason"),
+            cached=True,
         )
 
     def _cache_put(self, key: str, messages: list[dict], reply: JudgeReply) -> None:
@@ -248,6 +256,7 @@ class EndpointJudge:
                 "messages": messages,
                 "text": reply.text,
                 "top_logprobs": reply.top_logprobs,
+                "tokens": reply.tokens,
                 "finish_reason": reply.finish_reason,
             }
             try:

@@ -35,14 +35,16 @@ def test_study_runner_end_to_end_and_resume(tiny_overrides: list[str], tmp_path:
     res = run_study("params/studies/tiny.yaml", overrides=tiny_overrides, log=logs.append)
     assert [(r.model, r.method) for r in res] == [("tiny", "central"), ("tiny", "fallback-original")]
     for r in res:
-        assert r.executed == ["generate", "select", "sft", "dpo"]
-        for nb in ("01_generate.ipynb", "02_select.ipynb", "03_sft.ipynb", "04_dpo.ipynb"):
+        assert r.executed == ["generate", "select", "sft", "dpo", "judge"]
+        for nb in ("01_generate.ipynb", "02_select.ipynb", "03_sft.ipynb", "04_dpo.ipynb", "05_judge.ipynb"):
             executed = nbformat.read(r.run_dir / "notebooks" / nb, as_version=4)
             assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
         m = json.loads((r.run_dir / "manifest.json").read_text())
         assert {s["status"] for s in m["stages"].values()} == {"done"}
         assert len(read_jsonl(r.run_dir / "data" / "selection.jsonl")) == 5
         assert (r.run_dir / "figures" / "dpo_curves.png").is_file()
+        judged = json.loads((r.run_dir / "metrics" / "judge.json").read_text())
+        assert judged["model_under_test"] == m["stages"]["dpo"]["metrics"]["model_path"]  # the trained model
     again = run_study("params/studies/tiny.yaml", overrides=tiny_overrides, log=logs.append)
     assert [r.executed for r in again] == [[], []] and [r.run_dir for r in again] == [r.run_dir for r in res]
     assert any("already done" in line for line in logs)
@@ -120,7 +122,7 @@ def test_notebooks_run_with_default_parameters(tmp_path: Path) -> None:
     import papermill as pm
 
     params = {"model": "tiny", "study": "params/studies/tiny.yaml", "results_dir": str(tmp_path)}
-    for name in ("01_generate.ipynb", "02_select.ipynb", "03_sft.ipynb", "04_dpo.ipynb"):
+    for name in ("01_generate.ipynb", "02_select.ipynb", "03_sft.ipynb", "04_dpo.ipynb", "05_judge.ipynb"):
         pm.execute_notebook(
             str(ROOT / "notebooks" / name),
             str(tmp_path / name),
@@ -131,3 +133,5 @@ def test_notebooks_run_with_default_parameters(tmp_path: Path) -> None:
         )
     run_dir = tmp_path / "tiny" / "tiny" / "central" / "v001"
     assert (run_dir / "stages" / "dpo" / "_SUCCESS").is_file()
+    # 05 defaults to method baseline: M0 is judged without any training
+    assert (tmp_path / "tiny" / "tiny" / "baseline" / "v001" / "stages" / "judge" / "_SUCCESS").is_file()
