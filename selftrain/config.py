@@ -166,6 +166,14 @@ class JudgeConfig(_Section):
     bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the 95% confidence intervals.")
 
 
+class EvalMarkers(_Section):
+    """Prompt section headers; the defaults are llm-jp-eval v1.3.0's (Japanese)."""
+
+    instruction: str = Field("### 指示:", description="Header line before the task instruction.")
+    input: str = Field("### 入力:", description="Header line before each input (the few-shots' and the sample's).")
+    response: str = Field("### 応答:", description="Header line before each answer; the prompt ends with it.")
+
+
 class EvalConfig(_Section):
     datasets_dir: str = Field(
         "data/bench/en", description="Folder of llm-jp-eval preprocessed dataset JSON files (one per dataset)."
@@ -179,6 +187,11 @@ class EvalConfig(_Section):
         "Write a response that fulfils the request.",
         description="First paragraph of every prompt. llm-jp-eval's own Japanese sentence can be set here "
         "to reproduce its prompts exactly.",
+    )
+    markers: EvalMarkers = Field(
+        default_factory=EvalMarkers,
+        description="Section headers of the prompt; the defaults are llm-jp-eval's Japanese ones (English "
+        "benchmarks set '### Instruction:' / '### Input:' / '### Response:').",
     )
     backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="As generation.backend.")
     batch_size: int = Field(32, ge=1, description="Prompts per transformers generate() call.")

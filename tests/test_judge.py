@@ -38,7 +38,8 @@ def test_parse_clean_output() -> None:
         ("理由…\n正確性：［［４］］\n流暢性: [[５]]\n詳細性: [[3]]\n関連性: [[4]]\n総合評価: [[4]]", 4),
         # markdown bullets and bold, extra spaces, text after the block
         (
-            "- **Accuracy**: [[ 4 ]]\n* Fluency: [[5]]\nDetail : [[3]]\nRelevance: **[[4]]**\nOverall: [[4]].\nHope this helps!",
+            "- **Accuracy**: [[ 4 ]]\n* Fluency: [[5]]\nDetail : [[3]]\nRelevance: **[[4]]**\nOverall: [[4]]."
+            "\nHope this helps!",
             4,
         ),
         # scores mentioned inside the reasons are ignored: only whole score lines count
