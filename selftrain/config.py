@@ -152,6 +152,9 @@ class JudgeConfig(_Section):
     local_backend: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="Generation backend of the local judge."
     )
+    local_max_model_len: int = Field(
+        4096, gt=0, description="Context the local judge must hold: rubric + question + reference + answer + output."
+    )
     max_new_tokens: int = Field(512, ge=16, description="Longest judge output (reasons + scores).")
     scoring: Literal["text", "expected"] = Field(
         "text",

@@ -185,16 +185,6 @@ def judge_messages(rubric: str, item: dict[str, Any], answer: str) -> list[dict[
     return [{"role": "user", "content": content}]
 
 
-def _score_block(labels: dict[str, str], upto: str) -> str:
-    """The canonical score lines before criterion `upto`, then its own line open at ``[[``."""
-    lines = []
-    for k, lab in labels.items():
-        if k == upto:
-            return "\n".join(lines + [f"{lab}: [["])
-        lines.append(f"{lab}: [[{{{k}}}]]")
-    raise KeyError(upto)
-
-
 def _reasons(text: str, labels: dict[str, str]) -> str:
     """The judge's text before its score lines (everything, if it wrote none)."""
     norm = unicodedata.normalize("NFKC", text)
@@ -213,7 +203,7 @@ class LocalJudge:
     def __init__(self, cfg: JudgeConfig, cache_dir: str):
         self.cfg = cfg
         self.folder = resolve_model_path(cfg.local_model, cache_dir)
-        self.model_cfg = ModelConfig(name="judge", path=str(self.folder))
+        self.model_cfg = ModelConfig(name="judge", path=str(self.folder), max_model_len=cfg.local_max_model_len)
         self.backend = pick_backend(cfg.local_backend)
         self.cache = resolve_path(cache_dir) / "judge" / "local"
         self.fingerprint = model_fingerprint(self.folder)
@@ -264,8 +254,9 @@ class LocalJudge:
         return out
 
     def _expected(self, messages: list[dict], text: str, labels: dict[str, str]) -> dict[str, float]:
-        """Score slots filled one by one: each criterion's line is opened at ``[[`` after the judge's
-        reasons and the previous criteria's most likely digits, and the next-token probabilities read."""
+        """Score slots filled one by one: after the judge's reasons each criterion's line is opened at ``[[``
+        and the next-token probabilities of "1".."5" read; the most likely digit closes the line. One long
+        forward pass per item, then a few tokens per criterion on the KV cache."""
         import torch
 
         if self._hf is None:
@@ -275,17 +266,16 @@ class LocalJudge:
         if any(i is None or i == tok.unk_token_id for i in digit_ids):
             raise RuntimeError(f"{self.folder}: the judge's tokenizer has no single tokens for '1'..'5'")
         head = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        reasons = _reasons(text, labels)
-        chosen: dict[str, int] = {}
-        out = {}
-        for k in labels:
-            block = _score_block(labels, k).format(**chosen)
-            ids = tok(head + reasons + "\n\n" + block, return_tensors="pt", add_special_tokens=False)
-            with torch.inference_mode():
-                logits = model(**ids.to(model.device)).logits[0, -1, digit_ids].float()
-            p = torch.softmax(logits, -1)
-            out[k] = float((p * torch.arange(1, 6, device=p.device)).sum())
-            chosen[k] = int(p.argmax()) + 1
+        piece = head + _reasons(text, labels) + "\n\n"
+        past, out = None, {}
+        with torch.inference_mode():
+            for k, label in labels.items():
+                ids = tok(piece + f"{label}: [[", return_tensors="pt", add_special_tokens=False)["input_ids"]
+                res = model(input_ids=ids.to(model.device), past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                p = torch.softmax(res.logits[0, -1, digit_ids].float(), -1)
+                out[k] = float((p * torch.arange(1, 6, device=p.device)).sum())
+                piece = f"{int(p.argmax()) + 1}]]\n"
         return out
 
 
