@@ -3,12 +3,14 @@
 Prints and saves wall time, tokens/s of each stage and the peak RSS of the process (the target on the
 2-core CPU machine: at most 6 minutes and 8 GB together). Writes bench/out/train.json.
 Generation and embeddings come from the cache when `make demo` ran before (else they are computed).
+Extra arguments are params overrides, e.g. `python bench/bench_train.py training.use_lora=true`.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -23,13 +25,13 @@ def main() -> None:
         "smollm2-135m",
         "central",
         "params/studies/demo.yaml",
-        ["output.results_dir=bench/out/results", "output.checkpoints_dir=bench/out/checkpoints"],
+        ["output.results_dir=bench/out/results", "output.checkpoints_dir=bench/out/checkpoints", *sys.argv[1:]],
         check_trainer=True,
     )
     run = create_run(cfg, new_version=True)
     generate.run(run, progress=False)
     select.run(run, progress=False)
-    res: dict = {"run_dir": str(run.dir.relative_to(root)), "method": "central"}
+    res: dict = {"run_dir": str(run.dir.relative_to(root)), "method": "central", "overrides": sys.argv[1:]}
     t0 = time.perf_counter()
     for kind in ("sft", "dpo"):
         t = time.perf_counter()

@@ -8,6 +8,7 @@ in `params/methods/drop-low.yaml` is reported there and not as a mystery in the 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -286,7 +287,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"command line: override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        value = float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string; on a command line it means a number
+    return key.strip(), value
 
 
 def _nest(dotted: str, value: Any) -> dict:

@@ -108,3 +108,11 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
     nostudy.write_text("generation: {n: 2}\n")
     with pytest.raises(ConfigError, match="missing required key 'study'"):
         load_study(nostudy)
+
+
+def test_override_values_parse_scientific_notation() -> None:
+    from selftrain.config import parse_override
+
+    assert parse_override("training.sft.learning_rate=2e-4") == ("training.sft.learning_rate", 2e-4)
+    assert parse_override("x=1.5E3") == ("x", 1500.0)
+    assert parse_override('x="no"') == ("x", "no") and parse_override("x=e5") == ("x", "e5")
