@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             import logging
 
-            from selftrain.runner import StageFailed, run_study
+            from selftrain.runner import run_study
 
             # Stream what the notebooks print (progress bars, warnings) so long stages are not silent.
             handler = logging.StreamHandler(sys.stderr)
@@ -46,26 +46,28 @@ def main(argv: list[str] | None = None) -> int:
             pm_log.setLevel(logging.INFO)
             pm_log.propagate = False
 
-            try:
-                results = run_study(
-                    args.study,
-                    args.models,
-                    args.methods,
-                    args.stages,
-                    args.overrides,
-                    args.new_version,
-                    progress=False,
-                    stream=not args.quiet,
-                )
-            except StageFailed as e:
-                print(f"FAILED: {e}", file=sys.stderr)
-                return 1
+            results = run_study(
+                args.study,
+                args.models,
+                args.methods,
+                args.stages,
+                args.overrides,
+                args.new_version,
+                progress=False,
+                stream=not args.quiet,
+            )
             print("\nsummary:")
             for res in results:
+                state = "ok" if res.ok else f"FAILED at {res.failed_stage}"
                 print(
-                    f"  {res.model}/{res.method}: ran {res.executed or '-'}, skipped {res.skipped or '-'}, "
+                    f"  {res.model}/{res.method}: {state}; ran {res.executed or '-'}, skipped {res.skipped or '-'}, "
                     f"{res.seconds}s -> {res.run_dir}"
                 )
+            failed = [r for r in results if not r.ok]
+            for r in failed:
+                print(f"FAILED: {r.model}/{r.method} at {r.failed_stage}: {r.error}", file=sys.stderr)
+            if failed:
+                return 1
         elif args.cmd == "check":
             files = sorted((project_root() / "params").rglob("*.yaml"))
             for f in files:

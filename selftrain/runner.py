@@ -31,10 +31,16 @@ class StageFailed(RuntimeError):
 class CellResult:
     model: str
     method: str
-    run_dir: Path
+    run_dir: Path | None
     executed: list[str]
     skipped: list[str]
     seconds: float
+    failed_stage: str | None = None
+    error: str | None = None  # names the notebook, the cell and the exception
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = False) -> Path:
@@ -79,7 +85,8 @@ def run_study(
     progress: bool = False,
     stream: bool = False,
 ) -> list[CellResult]:
-    """Run the grid cell by cell; stops at the first failing stage (StageFailed)."""
+    """Run the grid cell by cell. A failing stage stops only its own (model, method) cell: the other cells
+    still run, and the returned results (and the log) say which cell failed where."""
     study, _, path = load_study(study_path)
     models = models or study.models
     methods = methods or study.methods
@@ -94,19 +101,53 @@ def run_study(
     results = []
     for model in models:
         for method in methods:
-            cfg = resolve_run_config(model, method, study_path, overrides, check_trainer=True)
-            run = create_run(cfg, new_version=new_version)
-            t0 = time.time()
-            done, skipped = [], []
-            for stage in [s for s in cfg.stages if s in wanted]:
-                if run.is_done(stage):
-                    log(f"[{model}/{method}] {stage}: already done, skipped ({run.dir.name})")
-                    skipped.append(stage)
-                    continue
-                log(f"[{model}/{method}] {stage}: running {NOTEBOOKS[stage]} -> {run.dir}")
-                s0 = time.time()
-                execute_stage(run, stage, progress, stream)
-                log(f"[{model}/{method}] {stage}: done in {time.time() - s0:.1f}s")
-                done.append(stage)
-            results.append(CellResult(model, method, run.dir, done, skipped, round(time.time() - t0, 1)))
+            results.append(_run_cell(study_path, model, method, wanted, overrides, new_version, log, progress, stream))
+    failed = [r for r in results if not r.ok]
+    if failed:
+        log(f"{len(failed)} of {len(results)} cells failed:")
+        for r in failed:
+            log(f"  {r.model}/{r.method} at {r.failed_stage}: {r.error}")
+    run_dirs = [r.run_dir for r in results if r.run_dir is not None]
+    if run_dirs:
+        from selftrain.report import write_study_index
+
+        index = write_study_index(run_dirs[0].parents[2])  # results/<study>/<model>/<method>/<version>
+        log(f"study index: {index}")
     return results
+
+
+def _run_cell(
+    study_path: str,
+    model: str,
+    method: str,
+    wanted: list[str],
+    overrides: list[str] | None,
+    new_version: bool,
+    log: Callable[[str], None],
+    progress: bool,
+    stream: bool,
+) -> CellResult:
+    t0 = time.time()
+    done: list[str] = []
+    skipped: list[str] = []
+    run = None
+    stage = "params"
+    try:
+        cfg = resolve_run_config(model, method, study_path, overrides, check_trainer=True)
+        run = create_run(cfg, new_version=new_version)
+        for stage in [s for s in cfg.stages if s in wanted]:
+            if run.is_done(stage):
+                log(f"[{model}/{method}] {stage}: already done, skipped ({run.dir.name})")
+                skipped.append(stage)
+                continue
+            log(f"[{model}/{method}] {stage}: running {NOTEBOOKS[stage]} -> {run.dir}")
+            s0 = time.time()
+            execute_stage(run, stage, progress, stream)
+            log(f"[{model}/{method}] {stage}: done in {time.time() - s0:.1f}s")
+            done.append(stage)
+    except (StageFailed, ConfigError, OSError) as e:
+        log(f"[{model}/{method}] {stage}: FAILED; the other cells go on\n  {e}")
+        return CellResult(
+            model, method, run.dir if run else None, done, skipped, round(time.time() - t0, 1), stage, str(e)
+        )
+    return CellResult(model, method, run.dir, done, skipped, round(time.time() - t0, 1))

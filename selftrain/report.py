@@ -1,0 +1,101 @@
+"""Per-study index: ``results/<study>/README.md`` lists every run with its stages, their times, the key
+metrics and links to the executed notebooks and figures. Built from the run folders alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selftrain.config import STAGES
+from selftrain.io import DataError, atomic_write_text, read_json
+from selftrain.runs import _now
+
+
+def _metric(run_dir: Path, name: str) -> dict[str, Any]:
+    path = run_dir / "metrics" / f"{name}.json"
+    try:
+        return read_json(path) if path.is_file() else {}
+    except DataError:
+        return {}
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """Status, per-stage seconds and the headline metrics of one run folder."""
+    m = read_json(run_dir / "manifest.json")
+    stages = m.get("stages", {})
+    params = run_dir / "params.resolved.yaml"
+    planned = (yaml.safe_load(params.read_text()) or {}).get("stages") if params.is_file() else None
+    planned = planned or [s for s in STAGES if s in stages]
+    status = {s: stages.get(s, {}).get("status", "not run") for s in planned}
+    failed = [s for s, st in status.items() if st == "failed"]
+    done = [s for s in planned if (run_dir / "stages" / s / "_SUCCESS").is_file()]
+    sel, sft, dpo = _metric(run_dir, "select"), _metric(run_dir, "sft"), _metric(run_dir, "dpo")
+    judge, ev = _metric(run_dir, "judge"), _metric(run_dir, "eval")
+    q = judge.get("quality", {}).get("criteria", {}).get("overall", {})
+    s = judge.get("safety", {})
+    return {
+        "dir": run_dir,
+        "state": "complete" if len(done) == len(planned) else f"failed at {failed[0]}" if failed else "incomplete",
+        "seconds": {k: stages[k].get("seconds") for k in planned if k in stages},
+        "sft_examples": sel.get("sft_examples"),
+        "dpo_pairs": sel.get("dpo_pairs"),
+        "sft_loss": sft.get("train_loss"),
+        "dpo_loss": dpo.get("train_loss"),
+        "quality": q.get("mean"),
+        "quality_ci": (q.get("ci_low"), q.get("ci_high")),
+        "safety": s.get("criteria", {}).get("safety", {}).get("mean"),
+        "violation_rate": s.get("violation_rate", {}).get("value"),
+        "eval_avg": ev.get("avg"),
+        "error": next((stages[f].get("error") for f in failed), None),
+    }
+
+
+def write_study_index(study_dir: str | Path) -> Path:
+    """Write ``<study_dir>/README.md`` from the run folders under it; returns its path."""
+    study_dir = Path(study_dir)
+    runs = sorted(p.parent for p in study_dir.glob("*/*/v*/manifest.json"))
+    lines = [
+        f"# Study `{study_dir.name}`",
+        "",
+        f"Index of every run under this folder, written {_now()} from the run folders alone "
+        "(`python -m selftrain index --study-dir ...` rewrites it). Figures of the whole study: `figures/` "
+        "(`make figures`).",
+        "",
+        "| model | method | run | state | SFT ex. | DPO pairs | SFT loss | DPO loss | quality (overall) "
+        "| safety | violations | eval AVG |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    details = []
+    for d in runs:
+        try:
+            r = run_summary(d)
+        except DataError as e:
+            lines.append(f"| {d.parts[-3]} | {d.parts[-2]} | {d.name} | unreadable manifest: {e} |||||||||")
+            continue
+        rel = d.relative_to(study_dir).as_posix()
+        lo, hi = r["quality_ci"]
+        quality = _fmt(r["quality"], 2) + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
+        lines.append(
+            f"| {d.parts[-3]} | {d.parts[-2]} | [{d.name}]({rel}) | {r['state']} | {_fmt(r['sft_examples'])} "
+            f"| {_fmt(r['dpo_pairs'])} | {_fmt(r['sft_loss'])} | {_fmt(r['dpo_loss'])} | {quality} "
+            f"| {_fmt(r['safety'], 2)} | {_fmt(r['violation_rate'], 2)} | {_fmt(r['eval_avg'])} |"
+        )
+        secs = ", ".join(f"{k} {v:.0f}s" for k, v in r["seconds"].items() if isinstance(v, int | float))
+        nbs = " ".join(f"[{p.stem}]({rel}/notebooks/{p.name})" for p in sorted((d / "notebooks").glob("*.ipynb")))
+        figs = " ".join(f"[{p.stem}]({rel}/figures/{p.name})" for p in sorted((d / "figures").glob("*.png")))
+        details += [f"### {rel}", "", f"- state: {r['state']}", f"- stage times: {secs or '-'}"]
+        if r["error"]:
+            details.append(f"- error: `{r['error'].splitlines()[0][:300]}`")
+        details += [f"- notebooks: {nbs or '-'}", f"- figures: {figs or '-'}", ""]
+    text = "\n".join([*lines, "", "## Runs", "", *details])
+    return atomic_write_text(study_dir / "README.md", text + "\n")
