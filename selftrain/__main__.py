@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="validate every YAML under params/")
     c = sub.add_parser("convert", help="convert the embedded default model (GGUF -> HF folder) now")
     c.add_argument("--name", default="smollm2-135m")
+    f = sub.add_parser("figures", help="regenerate a study's figures and tables from its results (no model)")
+    f.add_argument("--study", required=True, help="study name: the folder under --results-dir, e.g. demo")
+    f.add_argument("--results-dir", default="results", help="where the study folders are (default: results)")
+    f.add_argument("--spec", help="figures spec YAML (default: params/figures/<study>.yaml if it exists)")
+    i = sub.add_parser("index", help="rewrite a study's README index from its run folders")
+    i.add_argument("--study-dir", required=True, help="e.g. results/demo")
     args = ap.parse_args(argv)
 
     try:
@@ -77,6 +83,18 @@ def main(argv: list[str] | None = None) -> int:
             from selftrain.models import convert_embedded
 
             print(convert_embedded(args.name))
+        elif args.cmd == "figures":
+            from selftrain.figures import make_figures
+
+            make_figures(args.study, args.results_dir, args.spec)
+        elif args.cmd == "index":
+            from selftrain.paths import resolve_path
+            from selftrain.report import write_study_index
+
+            study_dir = resolve_path(args.study_dir)
+            if not study_dir.is_dir():
+                raise FileNotFoundError(f"{study_dir}: no such study folder")
+            print(write_study_index(study_dir))
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -433,6 +433,11 @@ def load_resolved(path: str | Path) -> RunConfig:
 def validate_params_file(path: str | Path) -> None:
     """Check one YAML under params/ on its own (used by tests and `selftrain check`)."""
     path = Path(path)
+    if path.parent.name == "figures":  # params/figures/<study>.yaml: stage 07's version pins, own schema
+        from selftrain.figures import load_spec
+
+        load_spec(path)
+        return
     data = load_yaml(path)
     origin = {k: str(path) for k in _flatten(data, "")}
     if "study" in data:
