@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.selftrain-setup
 STUDY ?= params/studies/demo.yaml
 
-.PHONY: setup demo test test-fast lint bench clean-cache
+.PHONY: setup demo quick figures test test-fast lint bench clean-cache
 
 setup: $(STAMP)
 
@@ -23,8 +23,19 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import transformers, vllm, selftrain; print('setup ok')"
 	touch $(STAMP)
 
+# The whole demo study (5 methods x stages 01-06), then its figures and tables.
 demo: setup
 	$(BIN)/python -m selftrain run --study $(STUDY)
+	$(BIN)/python -m selftrain figures --study $(notdir $(basename $(STUDY)))
+
+# Every stage in about 5 minutes: central vs baseline on a few prompts.
+quick: setup
+	$(BIN)/python -m selftrain run --study params/studies/quick.yaml
+	$(BIN)/python -m selftrain figures --study quick
+
+# Paper figures and tables from results/ alone (no model is loaded): seconds.
+figures: setup
+	$(BIN)/python -m selftrain figures --study $(notdir $(basename $(STUDY)))
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -40,6 +51,9 @@ bench: setup
 	$(BIN)/python bench/bench_select.py
 	$(BIN)/python bench/bench_generate.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_judge.py
+	$(BIN)/python bench/bench_judge_demo.py
+	$(BIN)/python bench/bench_eval.py
 
 clean-cache:
 	rm -rf .cache/selftrain/generations .cache/selftrain/embeddings bench/out/results bench/out/checkpoints
