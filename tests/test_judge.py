@@ -179,7 +179,11 @@ def _fault(request: dict, index: int):  # noqa: ANN202
 
 
 def test_endpoint_judge_counts_errors_reasks_refusals_and_caches(
-    tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_overrides: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     secret = "sk-test-SECRET-0123456789"
     monkeypatch.setenv("SELFTRAIN_TEST_JUDGE_KEY", secret)
@@ -221,8 +225,17 @@ def test_endpoint_judge_counts_errors_reasks_refusals_and_caches(
         new_calls = srv.calls - first_calls
         assert new_calls == 3 + 1  # QA-broken-api's three tries, SA-refuse once; the rest cached
 
+        # The notebook path too: the executed 05 notebook and everything it printed.
+        from selftrain.runner import execute_stage
+
+        run3 = create_run(cfg, new_version=True)
+        execute_stage(run3, "judge")
+        assert (run3.dir / "notebooks" / "05_judge.ipynb").is_file() and run3.is_done("judge")
+    out = capfd.readouterr()
+    assert secret not in out.out + out.err + caplog.text
+
     # ...and never written anywhere: run folders, caches, logs.
-    for root in (run.dir, run2.dir, Path(cfg.output.cache_dir) / "judge"):
+    for root in (run.dir, run2.dir, run3.dir, Path(cfg.output.cache_dir) / "judge"):
         for f in root.rglob("*"):
             if f.is_file():
                 assert secret not in f.read_text(errors="ignore"), f
