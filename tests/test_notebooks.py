@@ -35,8 +35,15 @@ def test_study_runner_end_to_end_and_resume(tiny_overrides: list[str], tmp_path:
     res = run_study("params/studies/tiny.yaml", overrides=tiny_overrides, log=logs.append)
     assert [(r.model, r.method) for r in res] == [("tiny", "central"), ("tiny", "fallback-original")]
     for r in res:
-        assert r.executed == ["generate", "select", "sft", "dpo", "judge"]
-        for nb in ("01_generate.ipynb", "02_select.ipynb", "03_sft.ipynb", "04_dpo.ipynb", "05_judge.ipynb"):
+        assert r.executed == ["generate", "select", "sft", "dpo", "judge", "eval"]
+        for nb in (
+            "01_generate.ipynb",
+            "02_select.ipynb",
+            "03_sft.ipynb",
+            "04_dpo.ipynb",
+            "05_judge.ipynb",
+            "06_eval.ipynb",
+        ):
             executed = nbformat.read(r.run_dir / "notebooks" / nb, as_version=4)
             assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
         m = json.loads((r.run_dir / "manifest.json").read_text())
@@ -178,6 +185,6 @@ def test_killed_study_resumes_without_redoing_done_stages(tiny_overrides: list[s
     res = run_study("params/studies/tiny.yaml", methods=["central"], overrides=tiny_overrides)
     assert res[0].run_dir == run_dir and res[0].ok
     assert res[0].skipped[:2] == ["generate", "select"] and "generate" not in res[0].executed
-    assert res[0].executed[-1] == "judge"
+    assert res[0].executed[-1] == "eval"
     m = json.loads((run_dir / "manifest.json").read_text())
     assert {s["status"] for s in m["stages"].values()} == {"done"}
