@@ -51,6 +51,16 @@ def chat_prompts(tok: Any, conversations: list[list[dict]]) -> list[str]:
     return [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
 
 
+def without_template_bos(tok: Any, prompts: list[str]) -> list[str]:
+    """Drop a BOS the chat template wrote when the tokenizer adds one itself (vLLM tokenises prompt text with
+    special tokens; llm-jp-3's template and tokenizer both add BOS, which would give two)."""
+    bos = getattr(tok, "bos_token", None)
+    ids = tok("a")["input_ids"] if bos else []
+    if not bos or not ids or ids[0] != tok.bos_token_id:
+        return prompts
+    return [p.removeprefix(bos) for p in prompts]
+
+
 def _eos_ids(tok: Any, gen_config: Any) -> set[int]:
     ids = getattr(gen_config, "eos_token_id", None) if gen_config is not None else None
     ids = ids if isinstance(ids, list) else [ids]
@@ -160,7 +170,7 @@ def generate_vllm(
         seed=gen.seed,
     )
     tok = llm.get_tokenizer()
-    prompts = chat_prompts(tok, conversations) if chat else list(conversations)
+    prompts = without_template_bos(tok, chat_prompts(tok, conversations)) if chat else list(conversations)
     caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
     params = [
         SamplingParams(

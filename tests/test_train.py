@@ -212,3 +212,27 @@ def test_lora_option_saves_a_merged_model(tiny_overrides: list[str], tmp_path: P
     model = AutoModelForCausalLM.from_pretrained(out)  # a plain model: adapters merged in
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert torch.isfinite(next(model.parameters())).all()
+
+
+def test_vllm_chat_prompts_get_one_bos(tiny_model: Path, tmp_path: Path) -> None:
+    """vLLM tokenises prompt text with special tokens: a template-written BOS must not become a second one."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from selftrain.generate import chat_prompts, without_template_bos
+
+    plain = AutoTokenizer.from_pretrained(tiny_model)
+    folder = _tokenizer_copy(tiny_model, tmp_path / "bos-model", bos_token="<|endoftext|>")
+    tok = AutoTokenizer.from_pretrained(folder)
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template  # like llm-jp-3's template
+    conv = [[{"role": "user", "content": "hi"}]]
+    rendered = chat_prompts(tok, conv)
+    assert tok(rendered[0])["input_ids"][:2] == [bos, bos]  # what vLLM would have seen
+    fixed = without_template_bos(tok, rendered)
+    ids = tok(fixed[0])["input_ids"]
+    assert ids[0] == bos and ids[1] != bos and fixed[0] == rendered[0].removeprefix("<|endoftext|>")
+    assert without_template_bos(plain, chat_prompts(plain, conv)) == chat_prompts(plain, conv)  # no BOS added
