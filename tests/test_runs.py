@@ -47,7 +47,7 @@ def test_manifest_content(tmp_path: Path) -> None:
         assert key in m
     assert set(m["git"]) == {"sha", "dirty"}
     assert m["packages"]["torch"] and m["hardware"]["cpu_count"] >= 1
-    assert m["stages"] == {s: {"status": "pending"} for s in ("generate", "select", "sft", "dpo")}
+    assert m["stages"] == {s: {"status": "pending"} for s in ("generate", "select", "sft", "dpo", "judge", "eval")}
     assert (run.dir / "params.resolved.yaml").is_file()
 
 
