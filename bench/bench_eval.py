@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from _backends import run_backends
 
 CHILD = r"""
 import json, sys, time
@@ -60,28 +59,16 @@ def main() -> None:
     results: dict = {"datasets_dir": args.datasets_dir, "max_samples": args.max_samples, "cpu_count": os.cpu_count()}
     # Other processes on a 2-core machine distort CPU timings badly: record the load so it shows.
     results["load_average_1min_before"] = round(os.getloadavg()[0], 2)
-    for backend in ("transformers", "vllm"):
-        t = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-c", CHILD, backend, args.datasets_dir, str(args.max_samples)],
-            cwd=root,
-            capture_output=True,
-            text=True,
+    results.update(
+        run_backends(
+            CHILD,
+            [args.datasets_dir, str(args.max_samples)],
+            root,
+            "wall_seconds_with_imports",
+            "samples_per_second",
             env=env,
         )
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            results[backend] = {"error": f"exit {proc.returncode}"}
-            continue
-        r = json.loads(line[0][7:])
-        r["wall_seconds_with_imports"] = round(time.perf_counter() - t, 1)
-        results[backend] = r
-        print(backend, r, flush=True)
-    if "samples_per_second" in results.get("vllm", {}) and "samples_per_second" in results.get("transformers", {}):
-        results["vllm_over_transformers"] = round(
-            results["vllm"]["samples_per_second"] / results["transformers"]["samples_per_second"], 2
-        )
+    )
     results["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(results, indent=2))
     out = root / "bench" / "out" / "eval.json"

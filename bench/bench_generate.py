@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from _backends import run_backends
 
 CHILD = r"""
 import json, sys, time
@@ -44,27 +43,15 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(__file__).resolve().parents[1]
     results = {"prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, "cpu_count": os.cpu_count()}
-    for backend in ("transformers", "vllm"):
-        t = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-c", CHILD, backend, str(args.prompts), str(args.n), str(args.max_new_tokens)],
-            cwd=root,
-            capture_output=True,
-            text=True,
+    results.update(
+        run_backends(
+            CHILD,
+            [str(args.prompts), str(args.n), str(args.max_new_tokens)],
+            root,
+            "wall_seconds_with_load",
+            "tokens_per_second",
         )
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            results[backend] = {"error": f"exit {proc.returncode}"}
-            continue
-        r = json.loads(line[0][7:])
-        r["wall_seconds_with_load"] = round(time.perf_counter() - t, 1)
-        results[backend] = r
-        print(backend, r, flush=True)
-    if "tokens_per_second" in results.get("vllm", {}) and "tokens_per_second" in results.get("transformers", {}):
-        results["vllm_over_transformers"] = round(
-            results["vllm"]["tokens_per_second"] / results["transformers"]["tokens_per_second"], 2
-        )
+    )
     print(json.dumps(results, indent=2))
     out = root / "bench" / "out" / "generate.json"
     out.parent.mkdir(exist_ok=True)

