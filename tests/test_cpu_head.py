@@ -1,0 +1,96 @@
+"""The plain CPU LM head (selftrain/cpu_head.py) gives what TRL's fused head gives: loss, per-token fields and
+gradients, on a batch with prompt (-100) and padding positions; selftrain's CPU trainers carry it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from selftrain import cpu_head, train
+from selftrain.config import resolve_run_config
+
+FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+def _batch(vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (3, 12), generator=g)
+    attn = torch.ones_like(ids)
+    attn[1, 9:] = 0  # right padding
+    attn[2, 5:] = 0
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt
+    labels[attn == 0] = -100
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def _patched(tiny_model: Path, plain: bool) -> torch.nn.Module:
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+    if plain:
+        assert cpu_head.use_plain_cpu_head(model)
+    return model
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_plain_head_matches_trl(tiny_model: Path, num_items: int | None) -> None:
+    trl_model, plain_model = _patched(tiny_model, False), _patched(tiny_model, True)
+    batch = _batch(trl_model.config.vocab_size)
+    outs = []
+    for model in (trl_model, plain_model):
+        out = model(**batch, fused_lm_head=True, num_items_in_batch=num_items)
+        out.loss.backward()
+        outs.append(out)
+    ref, got = outs
+    assert torch.allclose(got.loss, ref.loss, atol=1e-5)
+    for f in FIELDS:
+        a, b = getattr(ref, f), getattr(got, f)
+        assert a.shape == b.shape, f
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b), f
+        else:
+            assert torch.allclose(a.float(), b.float(), atol=1e-4), f
+    assert (got.log_probs[:, :3] == 0).all()  # prompt positions are zero, as TRL returns them
+    for (name, p), q in zip(trl_model.named_parameters(), plain_model.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+
+
+def test_plain_head_keeps_the_plain_forward(tiny_model: Path) -> None:
+    """Without fused_lm_head the model is the model: logits as usual (generation, the plain path)."""
+    plain = _patched(tiny_model, True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    batch = _batch(base.config.vocab_size)
+    with torch.no_grad():
+        a, b = plain(**batch), base(**batch)
+    assert torch.allclose(a.logits, b.logits) and torch.allclose(a.loss, b.loss)
+
+
+def test_cpu_trainers_use_the_plain_head(tiny_overrides: list[str], tmp_path: Path, tiny_model: Path) -> None:
+    from datasets import Dataset
+
+    cfg = resolve_run_config("tiny", "central", overrides=tiny_overrides, check_trainer=True)
+    msgs = [{"role": "user", "content": "hi"}]
+    sft = Dataset.from_list([{"prompt": msgs, "completion": [{"role": "assistant", "content": "hello"}]}] * 2)
+    trainer, _ = train._build_trainer(cfg, "sft", tiny_model, sft, tmp_path / "sft", [], False)
+    assert "use_plain_cpu_head" in trainer.model.forward.__qualname__
+    answer = [{"role": "assistant", "content": "a"}]
+    pairs = Dataset.from_list([{"prompt": msgs, "chosen": answer, "rejected": answer}] * 2)
+    trainer, _ = train._build_trainer(cfg, "dpo", tiny_model, pairs, tmp_path / "dpo", [], False)
+    assert "use_plain_cpu_head" in trainer.model.forward.__qualname__
+    # The patch is undone once the trainers are built: TRL's own function is back for anyone else.
+    from trl.trainer import dpo_trainer, sft_trainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    assert sft_trainer.add_fused_lm_head is add_fused_lm_head and dpo_trainer.add_fused_lm_head is add_fused_lm_head
+
+
+def test_cpu_precision_follows_the_hardware() -> None:
+    got = train._precision({})
+    assert got["bf16"] == train.cpu_has_bf16() and got.get("use_cpu", False) == got["bf16"]
+    assert train._precision({"bf16": False}) == {}  # the params' word wins
+    assert train._precision({"bf16": True}) == {"use_cpu": True}
