@@ -36,7 +36,9 @@ class ModelConfig(_Section):
         "package), a local HF folder, or a hub id (used only if already cached or reachable)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; 'auto' is bfloat16 on a GPU that supports it, float32 on CPU."
+        "auto",
+        description="Weights dtype for inference; 'auto' is bfloat16 where the GPU or the CPU (AMX, AVX-512 BF16) "
+        "multiplies it natively, else float32.",
     )
     max_model_len: int = Field(2048, gt=0, description="Longest prompt + answer the backends must hold.")
     gpu_memory_utilization: float = Field(

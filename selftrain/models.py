@@ -192,14 +192,23 @@ def model_fingerprint(folder: Path) -> dict[str, Any]:
 
 
 def pick_dtype(dtype: str) -> Any:
-    """'auto' -> bfloat16 on a bf16-capable GPU, float32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    """'auto' -> bfloat16 where the hardware multiplies it natively (a bf16 GPU, or a CPU with AMX / AVX-512 BF16),
+    float32 elsewhere (emulated bf16 is slow). vLLM runs bfloat16 on both, so inference matches it."""
     import torch
 
     if dtype == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     return getattr(torch, dtype)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX-512 BF16); elsewhere bf16 is emulated and slow."""
+    import torch
+
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def device() -> str:

@@ -22,7 +22,7 @@ import pandas as pd
 from selftrain import cpu_head
 from selftrain.config import RunConfig, check_trainer_keys
 from selftrain.io import read_json, read_jsonl, sha256_file, sha256_json, write_json
-from selftrain.models import resolve_model_path
+from selftrain.models import cpu_has_bf16, resolve_model_path
 from selftrain.paths import resolve_path
 from selftrain.plots import plt, save_figure
 from selftrain.runs import Run
@@ -53,14 +53,6 @@ def _precision(block: dict[str, Any]) -> dict[str, Any]:
     if "dataloader_pin_memory" not in block:
         out["dataloader_pin_memory"] = False  # nothing to pin to on a CPU-only machine
     return out
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX-512 BF16); elsewhere bf16 is emulated and slow."""
-    import torch
-
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 # ------------------------------------------------------------------------------------------- paths

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from selftrain import cpu_head, train
 from selftrain.config import resolve_run_config
+from selftrain.models import cpu_has_bf16
 
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
@@ -91,6 +92,6 @@ def test_cpu_trainers_use_the_plain_head(tiny_overrides: list[str], tmp_path: Pa
 
 def test_cpu_precision_follows_the_hardware() -> None:
     got = train._precision({})
-    assert got["bf16"] == train.cpu_has_bf16() and got.get("use_cpu", False) == got["bf16"]
+    assert got["bf16"] == cpu_has_bf16() and got.get("use_cpu", False) == got["bf16"]
     assert train._precision({"bf16": False}) == {}  # the params' word wins
     assert train._precision({"bf16": True}) == {"use_cpu": True}
