@@ -271,7 +271,7 @@ class LocalJudge:
         with torch.inference_mode():
             for k, label in labels.items():
                 ids = tok(piece + f"{label}: [[", return_tensors="pt", add_special_tokens=False)["input_ids"]
-                res = model(input_ids=ids.to(model.device), past_key_values=past, use_cache=True)
+                res = model(input_ids=ids.to(model.device), past_key_values=past, use_cache=True, logits_to_keep=1)
                 past = res.past_key_values
                 p = torch.softmax(res.logits[0, -1, digit_ids].float(), -1)
                 out[k] = float((p * torch.arange(1, 6, device=p.device)).sum())

@@ -172,6 +172,7 @@ def embed_responses(
     out = np.zeros((len(seqs), d), dtype=np.float32)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))  # similar lengths batch together
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    backbone = getattr(model, "base_model", model)
     bar = tqdm(total=len(seqs), desc="embed", unit="seq", disable=not progress)
     for s in range(0, len(order), cfg.batch_size):
         idx = order[s : s + cfg.batch_size]
@@ -186,7 +187,8 @@ def embed_responses(
             resp[row, len(toks) - n_resp : len(toks)] = True
         dev = model.device
         with torch.inference_mode():
-            hs = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=True).hidden_states
+            # The decoder alone: same hidden states, without the LM head's [batch, length, vocab] logits.
+            hs = backbone(input_ids=ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=True).hidden_states
         h = hs[cfg.layer].float()
         resp = resp.to(dev)
         if cfg.pooling == "mean":
