@@ -23,9 +23,6 @@ from typing import Any
 
 import torch
 
-# Per-token fields of TRL's FusedCausalLMOutput that this head fills in (all of them for a dense model).
-_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-
 
 def supported(model: Any) -> bool:
     """Dense causal LMs without logit scaling, soft-capping or MoE routing: what the plain head reproduces."""
@@ -38,15 +35,17 @@ def supported(model: Any) -> bool:
     )
 
 
-def use_plain_cpu_head(model: Any, temperature: float = 1.0) -> bool:
+def use_plain_cpu_head(model: Any, temperature: float = 1.0, outputs: tuple[str, ...] = ("log_probs",)) -> bool:
     """Replace TRL's fused LM head on ``model`` (already patched by a TRL trainer) by the plain one.
 
+    ``outputs`` are the per-token fields the trainer asked TRL's head for; the others stay None, as there.
     Returns False, leaving the model as it is, where the plain head would differ (see ``supported``).
     """
     from trl.trainer.utils import FusedCausalLMOutput
 
     if not supported(model):
         return False
+    wanted = set(outputs)
     fused_forward = model.forward  # TRL's patch; it calls the original forward when fused_lm_head=False
 
     def forward(
@@ -71,31 +70,32 @@ def use_plain_cpu_head(model: Any, temperature: float = 1.0) -> bool:
         mask = labels != -100
         targets = labels[mask]
         # Only the labelled positions go through the head; autocast (if on) runs this GEMM in bf16.
-        logits = self.get_output_embeddings()(hidden[mask]).float() / temperature
-        log_z = torch.logsumexp(logits, dim=-1)
-        picked = logits.gather(1, targets[:, None])[:, 0] - log_z
+        logits = self.get_output_embeddings()(hidden[mask]).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        log_p = torch.log_softmax(logits, dim=-1)  # one fused pass forward and backward
+        fields: dict[str, torch.Tensor] = {"log_probs": log_p.gather(1, targets[:, None])[:, 0]}
         with torch.no_grad():  # logged only: TRL's SFT and DPO losses take no gradient through these
-            log_p = logits - log_z[:, None]
-            stats = {
-                "entropy": -(log_p.exp() * log_p).sum(-1),
-                "log_sum_sq_probs": torch.logsumexp(2 * log_p, dim=-1),
-                "mean_logits": logits.mean(-1),
-                "is_top1": logits.argmax(-1) == targets,
-            }
-        del logits
+            if wanted & {"entropy", "log_sum_sq_probs"}:
+                p = log_p.exp()
+                if "entropy" in wanted:
+                    fields["entropy"] = -torch.linalg.vecdot(p, log_p)
+                if "log_sum_sq_probs" in wanted:
+                    fields["log_sum_sq_probs"] = torch.log(torch.linalg.vecdot(p, p))
+                del p
+            if "mean_logits" in wanted:
+                fields["mean_logits"] = logits.mean(-1)
+            if "is_top1" in wanted:
+                fields["is_top1"] = logits.argmax(-1) == targets
+        del logits, log_p
 
         def spread(values: torch.Tensor) -> torch.Tensor:
             # Back to (batch, positions), zero where the label is ignored, as TRL's head returns them.
             return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
-        log_probs = spread(picked)
+        per_token = {k: spread(v) for k, v in fields.items()}
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(
-            loss=-log_probs.sum() / denom,
-            log_probs=log_probs,
-            **{k: spread(v) for k, v in stats.items()},
-            label_mask=mask,
-        )
+        return FusedCausalLMOutput(loss=-per_token["log_probs"].sum() / denom, **per_token, label_mask=mask)
 
     model.forward = types.MethodType(forward, model)
     return True
@@ -117,7 +117,7 @@ def plain_lm_head() -> Iterator[None]:
         def add_fused_lm_head(model: Any, temperature: float = 1.0, **kwargs: Any) -> None:
             original(model, temperature=temperature, **kwargs)
             if not kwargs.get("cast_lm_head_to_fp32"):
-                use_plain_cpu_head(model, temperature)
+                use_plain_cpu_head(model, temperature, kwargs.get("outputs", ("log_probs",)))
 
         return add_fused_lm_head
 

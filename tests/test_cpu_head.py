@@ -28,13 +28,16 @@ def _batch(vocab: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
-def _patched(tiny_model: Path, plain: bool) -> torch.nn.Module:
+ALL = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def _patched(tiny_model: Path, plain: bool, outputs: tuple[str, ...] = ALL) -> torch.nn.Module:
     from trl.trainer.utils import add_fused_lm_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+    add_fused_lm_head(model, outputs=outputs)
     if plain:
-        assert cpu_head.use_plain_cpu_head(model)
+        assert cpu_head.use_plain_cpu_head(model, outputs=outputs)
     return model
 
 
@@ -59,6 +62,14 @@ def test_plain_head_matches_trl(tiny_model: Path, num_items: int | None) -> None
     assert (got.log_probs[:, :3] == 0).all()  # prompt positions are zero, as TRL returns them
     for (name, p), q in zip(trl_model.named_parameters(), plain_model.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+
+
+def test_plain_head_fills_only_the_requested_fields(tiny_model: Path) -> None:
+    trl_model, plain_model = _patched(tiny_model, False, ("log_probs",)), _patched(tiny_model, True, ("log_probs",))
+    batch = _batch(trl_model.config.vocab_size)
+    ref, got = trl_model(**batch, fused_lm_head=True), plain_model(**batch, fused_lm_head=True)
+    assert torch.allclose(got.log_probs, ref.log_probs, atol=1e-5)
+    assert got.entropy is None and got.is_top1 is None and ref.entropy is None
 
 
 def test_plain_head_keeps_the_plain_forward(tiny_model: Path) -> None:
