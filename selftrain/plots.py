@@ -17,12 +17,13 @@ from selftrain.io import atomic_write_bytes  # noqa: E402
 
 
 def save_figure(fig: Any, stem: Path) -> list[Path]:
-    """Write `stem`.png and `stem`.pdf."""
+    """Write `stem`.png and `stem`.pdf, then close the figure (a saved figure is never shown twice in a notebook)."""
     paths = []
     for ext in ("png", "pdf"):
         buf = io.BytesIO()
         fig.savefig(buf, format=ext, dpi=120)
         paths.append(atomic_write_bytes(Path(stem).with_suffix(f".{ext}"), buf.getvalue()))
+    plt.close(fig)
     return paths
 
 

@@ -3,30 +3,37 @@ metrics and links to the executed notebooks and figures. Built from the run fold
 
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from selftrain.config import STAGES
 from selftrain.io import DataError, atomic_write_text, read_json
 from selftrain.runs import _now
+from selftrain.schema import STAGES, criterion, read_metrics
 
 
-def _metric(run_dir: Path, name: str) -> dict[str, Any]:
-    path = run_dir / "metrics" / f"{name}.json"
+def _metric(run_dir: Path, stage: str) -> dict[str, Any]:
     try:
-        return read_json(path) if path.is_file() else {}
-    except DataError:
+        return read_metrics(run_dir, stage)
+    except (FileNotFoundError, DataError):
         return {}
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
+def fmt(x: Any, digits: int = 3, blank: str = "") -> str:
+    """A table cell: numbers with `digits` decimals, `blank` for None/NaN, anything else as text."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return blank
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        return f"{float(x):.{digits}f}"
     return str(x)
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    # The index shows counts as integers and floats with `digits`; "-" where there is nothing.
+    return fmt(x, 0 if isinstance(x, int) and not isinstance(x, bool) else digits, "-")
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
@@ -41,8 +48,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     done = [s for s in planned if (run_dir / "stages" / s / "_SUCCESS").is_file()]
     sel, sft, dpo = _metric(run_dir, "select"), _metric(run_dir, "sft"), _metric(run_dir, "dpo")
     judge, ev = _metric(run_dir, "judge"), _metric(run_dir, "eval")
-    q = judge.get("quality", {}).get("criteria", {}).get("overall", {})
-    s = judge.get("safety", {})
+    q = criterion(judge, "quality", "overall")
     return {
         "dir": run_dir,
         "state": "complete" if len(done) == len(planned) else f"failed at {failed[0]}" if failed else "incomplete",
@@ -53,8 +59,8 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "dpo_loss": dpo.get("train_loss"),
         "quality": q.get("mean"),
         "quality_ci": (q.get("ci_low"), q.get("ci_high")),
-        "safety": s.get("criteria", {}).get("safety", {}).get("mean"),
-        "violation_rate": s.get("violation_rate", {}).get("value"),
+        "safety": criterion(judge, "safety", "safety").get("mean"),
+        "violation_rate": criterion(judge, "safety", "violation_rate").get("mean"),
         "eval_avg": ev.get("avg"),
         "error": next((stages[f].get("error") for f in failed), None),
     }

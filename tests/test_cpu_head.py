@@ -11,8 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from selftrain import cpu_head, train
 from selftrain.config import resolve_run_config
-from selftrain.models import cpu_has_bf16
+from selftrain.inference import cpu_has_bf16
 
+# On a CUDA machine the trainers keep TRL's own head and bf16 comes from the GPU: these checks are CPU-only.
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only training path; CUDA is present")
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 
@@ -82,6 +84,7 @@ def test_plain_head_keeps_the_plain_forward(tiny_model: Path) -> None:
     assert torch.allclose(a.logits, b.logits) and torch.allclose(a.loss, b.loss)
 
 
+@cpu_only
 def test_cpu_trainers_use_the_plain_head(tiny_overrides: list[str], tmp_path: Path, tiny_model: Path) -> None:
     from datasets import Dataset
 
@@ -101,8 +104,16 @@ def test_cpu_trainers_use_the_plain_head(tiny_overrides: list[str], tmp_path: Pa
     assert sft_trainer.add_fused_lm_head is add_fused_lm_head and dpo_trainer.add_fused_lm_head is add_fused_lm_head
 
 
+@cpu_only
 def test_cpu_precision_follows_the_hardware() -> None:
     got = train._precision({})
     assert got["bf16"] == cpu_has_bf16() and got.get("use_cpu", False) == got["bf16"]
     assert train._precision({"bf16": False}) == {}  # the params' word wins
     assert train._precision({"bf16": True}) == {"use_cpu": True}
+
+
+@pytest.mark.gpu
+def test_gpu_precision_and_trl_head() -> None:
+    """On a CUDA GPU: bf16 where the GPU supports it, no CPU flag, and TRL's own fused head is kept."""
+    got = train._precision({})
+    assert got == {"bf16": torch.cuda.is_bf16_supported(), "fp16": False}

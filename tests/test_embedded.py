@@ -46,7 +46,7 @@ def test_convert_and_generate_with_smollm2() -> None:
     assert tok.eos_token == "<|im_end|>" and cfg["eos_token_id"] == im_end == gen_cfg["eos_token_id"]
     assert tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id
 
-    from selftrain.generate import generate_transformers
+    from selftrain.inference import generate_transformers
 
     convs = [
         [{"role": "user", "content": "What is the capital of France?"}],

@@ -17,8 +17,8 @@ import yaml
 
 from selftrain import figures
 from selftrain.__main__ import main
-from selftrain.config import METHODS, ConfigError, dump_config, resolve_run_config
-from selftrain.judge import QUALITY
+from selftrain.config import ConfigError, dump_config, load_figures_spec, resolve_run_config
+from selftrain.schema import METHODS, QUALITY
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = "synthfig"  # no params/studies or params/figures file of this name exists: the test passes its own
@@ -207,8 +207,8 @@ def test_pins_choose_the_version_and_bad_pins_fail(tree: tuple[Path, Path], tmp_
         figures.collect(results / STUDY, spec)
     spec.write_text("figures:\n  pins:\n    tiny-150m: v001\n")
     with pytest.raises(ConfigError, match="must look like 'model/method'"):
-        figures.load_spec(spec)
-    assert figures.load_spec(ROOT / "params" / "figures" / "demo.yaml") == {}
+        load_figures_spec(spec)
+    assert load_figures_spec(ROOT / "params" / "figures" / "demo.yaml") == {}
 
 
 def test_a_run_with_no_folder_is_a_blank_row(tmp_path: Path) -> None:

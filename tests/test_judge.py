@@ -15,6 +15,7 @@ from selftrain import judge
 from selftrain.config import resolve_run_config
 from selftrain.io import DataError, read_jsonl
 from selftrain.runs import create_run
+from selftrain.schema import QUALITY
 
 EN_Q = judge.LABELS["en"]["quality"]
 JA_Q = judge.LABELS["ja"]["quality"]
@@ -275,7 +276,7 @@ def test_local_judge_on_tiny_model(tiny_overrides: list[str], tmp_path: Path) ->
     )
     df = judge.run(run, progress=False)
     assert set(df["status"]) == {"ok"}
-    scores = df[[*judge.QUALITY, "safety"]].to_numpy().ravel()
+    scores = df[[*QUALITY, "safety"]].to_numpy().ravel()
     scores = scores[~np.isnan(scores.astype(float))]
     assert len(scores) == 3 * 5 + 3 and ((scores >= 1) & (scores <= 5)).all()
     # the answers were reused from the first run? No: a new run answers again, with the same seed and text
@@ -284,8 +285,8 @@ def test_local_judge_on_tiny_model(tiny_overrides: list[str], tmp_path: Path) ->
 
 
 def test_trained_method_needs_its_training(tiny_overrides: list[str]) -> None:
-    from selftrain.train import TrainingError
+    from selftrain.runs import StageNotDone
 
     run = create_run(resolve_run_config("tiny", "central", overrides=tiny_overrides))
-    with pytest.raises(TrainingError, match="sft, dpo not done"):
+    with pytest.raises(StageNotDone, match="stage 'sft' is not done"):
         judge.run(run, progress=False)

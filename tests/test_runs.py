@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
+from selftrain import io
 from selftrain.config import resolve_run_config
 from selftrain.io import atomic_write_text
 from selftrain.runs import create_run, open_run
@@ -51,8 +51,18 @@ def test_manifest_content(tmp_path: Path) -> None:
     assert (run.dir / "params.resolved.yaml").is_file()
 
 
-def test_stage_success_marker_is_written_last_and_failures_leave_none(tmp_path: Path) -> None:
+def test_stage_success_marker_is_written_last_and_failures_leave_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = create_run(resolve_run_config("tiny", "central", overrides=[f"output.results_dir={tmp_path}"]))
+    written: list[Path] = []  # every file the run writes, in order
+    real = io.atomic_write_bytes
+
+    def spy(path: str | Path, data: bytes) -> Path:
+        written.append(Path(path))
+        return real(path, data)
+
+    monkeypatch.setattr(io, "atomic_write_bytes", spy)
     with pytest.raises(KeyError):
         with run.stage("generate") as info:
             out = atomic_write_text(run.data_dir / "candidates.jsonl", "partial\n")
@@ -67,4 +77,5 @@ def test_stage_success_marker_is_written_last_and_failures_leave_none(tmp_path: 
     assert run.is_done("generate")
     st = run.manifest()["stages"]["generate"]
     assert st["status"] == "done" and st["outputs"]["data/candidates.jsonl"] and st["seconds"] >= 0
-    assert os.path.getmtime(run.marker("generate")) >= os.path.getmtime(run.manifest_path) - 1
+    assert written[-1] == run.marker("generate")  # the marker is the stage's last write
+    assert written[-2] == run.manifest_path and run.marker("generate") not in written[:-1]

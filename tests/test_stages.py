@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selftrain import generate, select
+from selftrain import generate, inference, select
 from selftrain.config import EmbeddingConfig, resolve_run_config
+from selftrain.inference import load_hf
 from selftrain.io import DataError, read_jsonl
-from selftrain.models import load_hf
 from selftrain.runs import create_run
 
 KEYS = {"prompt_id": str, "candidate_index": int, "text": str, "finish_reason": str, "num_tokens": int, "seed": int}
@@ -62,8 +62,8 @@ def test_greedy_transformers_does_not_depend_on_padding(tiny_overrides: list[str
     gen = GenerationConfig(n=2, temperature=0, max_new_tokens=8, batch_size=2)
     mc = ModelConfig(name="tiny", path=str(tiny_model))
     convs = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "a much longer question here"}]]
-    a = generate.generate_transformers(tiny_model, mc, gen, convs, progress=False)
-    b = generate.generate_transformers(tiny_model, mc, gen.model_copy(update={"batch_size": 1}), convs, progress=False)
+    a = inference.generate_transformers(tiny_model, mc, gen, convs, progress=False)
+    b = inference.generate_transformers(tiny_model, mc, gen.model_copy(update={"batch_size": 1}), convs, progress=False)
     assert [r["text"] for r in a] == [r["text"] for r in b]  # left padding does not change greedy output
 
 

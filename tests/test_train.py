@@ -35,7 +35,7 @@ def test_sft_then_dpo_learn(tiny_overrides: list[str], tmp_path: Path, tiny_mode
     before = completion_logprobs(tiny_model, [r["prompt"] for r in sft], [r["completion"] for r in sft])
     log = train.train_stage(run, "sft", progress=False)
     assert run.is_done("sft") and len(log) > 0
-    sft_dir = train.final_model(run)
+    sft_dir = run.final_model()
     after = completion_logprobs(sft_dir, [r["prompt"] for r in sft], [r["completion"] for r in sft])
     assert np.mean(after) > np.mean(before) + 0.1  # the training completions became more likely
     assert (sft_dir / "model.safetensors").is_file() and (sft_dir / "chat_template.jinja").is_file()
@@ -53,7 +53,7 @@ def test_sft_then_dpo_learn(tiny_overrides: list[str], tmp_path: Path, tiny_mode
     ref = margin(sft_dir)
     dlog = train.train_stage(run, "dpo", progress=False)
     assert run.is_done("dpo") and {"rewards/margins", "rewards/accuracies"} <= set(dlog.columns)
-    dpo_dir = train.final_model(run)
+    dpo_dir = run.final_model()
     assert dpo_dir != sft_dir and json.loads((run.metrics_dir / "dpo.json").read_text())["started_from"] == str(sft_dir)
     assert margin(dpo_dir) > ref  # chosen moved up relative to rejected
     assert (run.figures_dir / "dpo_curves.png").is_file() and (run.figures_dir / "sft_curves.png").is_file()
@@ -186,7 +186,7 @@ def test_orders_baseline_and_empty_data(tiny_overrides: list[str], tmp_path: Pat
     base = _selected_run(tiny_overrides, tmp_path / "b", method="baseline")
     assert train.train_stage(base, "sft", progress=False).empty and train.train_stage(base, "dpo", progress=False).empty
     assert base.is_done("sft") and base.is_done("dpo")
-    assert train.final_model(base) == tiny_model  # baseline judges M0
+    assert base.final_model() == tiny_model  # baseline judges M0
 
     only_dpo = _selected_run(
         tiny_overrides, tmp_path / "d", extra=["training.order=dpo", "training.dpo.precompute_ref_log_probs=true"]
@@ -206,7 +206,7 @@ def test_orders_baseline_and_empty_data(tiny_overrides: list[str], tmp_path: Pat
 def test_lora_option_saves_a_merged_model(tiny_overrides: list[str], tmp_path: Path) -> None:
     run = _selected_run(tiny_overrides, tmp_path, extra=["training.use_lora=true", "training.order=sft"])
     train.train_stage(run, "sft", progress=False)
-    out = train.final_model(run)
+    out = run.final_model()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)  # a plain model: adapters merged in
@@ -219,7 +219,7 @@ def test_vllm_chat_prompts_get_one_bos(tiny_model: Path, tmp_path: Path) -> None
     from tokenizers import processors
     from transformers import AutoTokenizer
 
-    from selftrain.generate import chat_prompts, without_template_bos
+    from selftrain.inference import chat_prompts, without_template_bos
 
     plain = AutoTokenizer.from_pretrained(tiny_model)
     folder = _tokenizer_copy(tiny_model, tmp_path / "bos-model", bos_token="<|endoftext|>")

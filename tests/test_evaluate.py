@@ -1,4 +1,4 @@
-"""Stage 06 (benchmark): aggregation, prompt layout, dataset validation, the stage on the tiny model, the notebook."""
+"""Stage 06 (eval): aggregation, prompt layout, dataset validation, the stage on the tiny model, the notebook."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import nbformat
 import pandas as pd
 import pytest
 
-from selftrain import benchmark
-from selftrain.benchmark import Dataset, aggregate, build_prompt, fit_prompt, load_dataset, load_datasets
+from selftrain import evaluate
 from selftrain.config import EvalConfig, EvalMarkers, resolve_run_config
+from selftrain.evaluate import Dataset, aggregate, build_prompt, fit_prompt, load_dataset, load_datasets
 from selftrain.io import DataError, read_jsonl
 from selftrain.metrics import out_of_label_rate, prepare_prediction, score
 from selftrain.runner import execute_stage
 from selftrain.runs import Run, create_run
 
 ROOT = Path(__file__).resolve().parents[1]
-EN = ROOT / "data" / "bench" / "en"
+EN = ROOT / "data" / "eval" / "en"
 EN_MARKERS = EvalMarkers(instruction="### Instruction:", input="### Input:", response="### Response:")
 
 
@@ -138,7 +138,7 @@ def test_bad_files_are_reported_and_the_others_load(tmp_path: Path) -> None:
 
 def test_bench_files_are_valid() -> None:
     for lang in ("en", "ja"):
-        good, errors = load_datasets(ROOT / "data" / "bench" / lang)
+        good, errors = load_datasets(ROOT / "data" / "eval" / lang)
         assert not errors and len(good) == 6
         labelled = {d.name for d in good if d.label_list}
         assert labelled == {"nli", "commonsense_mc"}
@@ -169,7 +169,7 @@ def _eval_run(tiny_overrides: list[str], tmp_path: Path, extra: list[str] = ()) 
 def test_stage_end_to_end_on_tiny_model(tiny_overrides: list[str], tmp_path: Path, tiny_model: Path) -> None:
     run = _eval_run(tiny_overrides, tmp_path)
     with pytest.warns(UserWarning, match="zz_bad.json: field 'samples\\[0\\].output': missing"):
-        df = benchmark.run(run, progress=False)
+        df = evaluate.run(run, progress=False)
     assert run.is_done("eval") and len(df) == 6
     recs = read_jsonl(run.data_dir / "eval_predictions.jsonl")
     assert len(recs) == 24 and {r["dataset"] for r in recs} == set(df["dataset"])
@@ -204,19 +204,19 @@ def test_stage_end_to_end_on_tiny_model(tiny_overrides: list[str], tmp_path: Pat
         assert d["prompt_example"].endswith(f"### Input:\n{ds.samples[0]['input']}\n\n### Response:\n")
         row = saved[saved["dataset"] == name].iloc[0]
         assert row["score"] == pytest.approx(d["score"]) and row["category"] == d["category"]
-    agg = benchmark.aggregate(saved, cats, run.config.eval.avg_excludes)
+    agg = evaluate.aggregate(saved, cats, run.config.eval.avg_excludes)
     assert m["avg"] == pytest.approx(agg["avg"]) and m["categories"] == agg["categories"]
-    table = benchmark.category_table(run)
+    table = evaluate.category_table(run)
     assert list(table["category"]) == [*cats, "AVG"]
     assert math.isclose(table.iloc[-1]["score"], m["avg"])
-    assert len(benchmark.errors_table(run)) == 1 and len(benchmark.predictions_table(run, "nli")) == 4
-    assert benchmark.summary_table(run).loc["dataset_errors", "value"] == 1
+    assert len(evaluate.errors_table(run)) == 1 and len(evaluate.predictions_table(run, "nli")) == 4
+    assert len(evaluate.errors_table(run)) == 1
     assert (run.figures_dir / "eval_categories.png").is_file() and (run.figures_dir / "eval_categories.pdf").is_file()
     stage = run.manifest()["stages"]["eval"]
     assert stage["status"] == "done" and stage["metrics"]["errors"] == 1
     assert any(k.endswith("nli.json") for k in stage["inputs"])
     # Done: a second call reads the saved table instead of generating again.
-    again = benchmark.run(run, progress=False)
+    again = evaluate.run(run, progress=False)
     assert list(again["dataset"]) == list(df["dataset"])
 
 
@@ -249,10 +249,10 @@ def test_scores_of_an_oracle_backend(
                         "num_tokens": 5, "seed": 0})  # fmt: skip
         return out[::-1]  # order must not matter: prompt_index does
 
-    monkeypatch.setattr(benchmark, "generate_candidates", oracle)
+    monkeypatch.setattr(evaluate.stage, "generate_candidates", oracle)
     run = _eval_run(tiny_overrides, tmp_path, ["eval.max_samples=10", "eval.avg_excludes=[STS]"])
     with pytest.warns(UserWarning):
-        benchmark.run(run, progress=False)
+        evaluate.run(run, progress=False)
     assert len(calls) == 1 and calls[0][0] == 60 and calls[0][1] is False  # one backend call for all datasets
     m = json.loads((run.metrics_dir / "eval.json").read_text())
     d = m["datasets"]
@@ -278,7 +278,7 @@ def test_chat_template_and_context_limit(tiny_overrides: list[str], tmp_path: Pa
         tmp_path,
         ["eval.chat_template=true", "eval.datasets=[short_qa, reading_comp]", "model.max_model_len=400"],
     )
-    benchmark.run(run, progress=False)
+    evaluate.run(run, progress=False)
     m = json.loads((run.metrics_dir / "eval.json").read_text())
     assert list(m["datasets"]) == ["short_qa", "reading_comp"] and m["errors"] == []
     recs = read_jsonl(run.data_dir / "eval_predictions.jsonl")
@@ -295,11 +295,11 @@ def test_chat_template_and_context_limit(tiny_overrides: list[str], tmp_path: Pa
 
 
 def test_training_methods_need_their_model(tiny_overrides: list[str], tmp_path: Path) -> None:
-    from selftrain.train import TrainingError
+    from selftrain.runs import StageNotDone
 
     run = create_run(resolve_run_config("tiny", "central", overrides=tiny_overrides))
-    with pytest.raises(TrainingError, match="not done"):
-        benchmark.run(run, progress=False)
+    with pytest.raises(StageNotDone, match="not done"):
+        evaluate.run(run, progress=False)
     assert not run.is_done("eval")
 
 

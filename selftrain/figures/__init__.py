@@ -1,0 +1,44 @@
+"""Stage 07, figures: the study's figures and tables, regenerated from its run folders alone (no model is loaded).
+
+Modules: ``collect`` (run folders -> tables, with version pins and missing runs), ``plots`` (figures),
+``tables`` (CSV, Markdown, LaTeX). :func:`make_figures` runs all three and refreshes the study index.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from selftrain.figures.collect import StudyResults, collect
+from selftrain.figures.plots import PLOTS, plot_eval, plot_judge, plot_selection, plot_training
+from selftrain.figures.tables import main_display, to_latex, to_markdown, write_tables
+from selftrain.paths import resolve_path
+from selftrain.plots import save_figure
+from selftrain.report import write_study_index
+
+__all__ = [
+    "PLOTS", "StudyResults", "collect", "main_display", "make_figures", "plot_eval", "plot_judge", "plot_selection",
+    "plot_training", "to_latex", "to_markdown", "write_tables",
+]  # fmt: skip
+
+
+def make_figures(
+    study: str,
+    results_dir: str | Path = "results",
+    spec_path: str | Path | None = None,
+    study_file: str | Path | None = None,
+    verbose: bool = True,
+) -> StudyResults:
+    """Collect a study's results, write every figure (PNG + PDF) and table, refresh the study README."""
+    res = collect(resolve_path(results_dir) / study, spec_path, study_file)
+    for name, plot in PLOTS.items():
+        fig = plot(res)
+        res.figures += save_figure(fig, res.study_dir / "figures" / name)
+    res.tables = write_tables(res)
+    res.index = write_study_index(res.study_dir)
+    if verbose:
+        src = f"pins from {res.spec_path}" if res.pins else "newest complete version of each run"
+        print(f"study {res.study}: {len(res.runs)} runs ({src}); {len(res.figures)} figure and "
+              f"{len(res.tables)} table files -> {res.study_dir}")  # fmt: skip
+        for r in res.missing:
+            print(f"  missing: {r['model']}/{r['method']} {r['version']}: {r['what']}")
+    return res

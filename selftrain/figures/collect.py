@@ -1,0 +1,316 @@
+"""Stage 07, collect: read every (model, method) run of a study into tables; nothing is written.
+
+For every (model, method) of ``results/<study>/`` one run version is chosen: the newest complete one, or the
+version pinned in ``params/figures/<study>.yaml``::
+
+    figures:
+      pins:
+        smollm2-135m/central: v001
+
+so a figure never silently changes source. A run without a complete version, a stage that is not done or
+a metrics file that is not there is listed in ``missing`` (and in ``tables/missing.md``) and leaves
+blanks; it never stops the figures. Outputs: ``results/<study>/figures/*.png|pdf`` and
+``results/<study>/tables/*.csv|md|tex``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from selftrain.config import ConfigError, load_figures_spec, load_study
+from selftrain.io import DataError, read_json
+from selftrain.paths import project_root, resolve_path
+from selftrain.schema import DECISIONS, METHODS, QUALITY, STAGE_TABLE, VERSION, judge_rows, read_log
+from selftrain.schema import read_metrics as _read_metrics
+
+# The main table: these columns, with eval_<category> columns between eval_avg and sft_examples.
+MAIN_HEAD = [
+    "model", "method", "version", "state",
+    "overall", "overall_ci_low", "overall_ci_high", *(c for c in QUALITY if c != "overall"),
+    "safety", "safety_ci_low", "safety_ci_high", "violation_rate", "acceptable_rate", "eval_avg",
+]  # fmt: skip
+MAIN_TAIL = ["sft_examples", "dpo_pairs"]
+JUDGE_COLUMNS = ["model", "method", "set", "criterion", "mean", "ci_low", "ci_high", "n"]
+SELECTION_COLUMNS = [
+    "model", "method", "version", "prompts", *DECISIONS, "dropped_share", "replaced_share",
+    "original_low_share", "original_rank_mean", "pool_size", "sft_examples", "dpo_pairs",
+]  # fmt: skip
+TEXT_COLUMNS = {"model", "method", "version", "state", "set", "criterion", "what"}
+COUNT_COLUMNS = {"n", "prompts", *DECISIONS, "pool_size", "sft_examples", "dpo_pairs"}
+
+
+@dataclass
+class StudyResults:
+    """What `collect` read and `make_figures` wrote for one study."""
+
+    study: str
+    study_dir: Path
+    models: list[str]
+    methods: list[str]
+    table: pd.DataFrame  # the main results table: one row per (model, method)
+    judge: pd.DataFrame  # long: model, method, set, criterion, mean, ci_low, ci_high, n
+    selection: pd.DataFrame  # one row per retrained (model, method): decision counts and shares
+    logs: pd.DataFrame  # long: model, method, kind (sft|dpo), step, loss, rewards/...
+    runs: dict[tuple[str, str], Path]  # the chosen version folder of each (model, method)
+    missing: list[dict[str, str]]  # model, method, version, what
+    spec_path: Path | None = None
+    pins: dict[tuple[str, str], str] = field(default_factory=dict)
+    figures: list[Path] = field(default_factory=list)
+    tables: list[Path] = field(default_factory=list)
+    index: Path | None = None  # the refreshed study README
+
+    def missing_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.missing, columns=["model", "method", "version", "what"])
+
+
+# ------------------------------------------------------------------------------------------- spec
+
+
+def default_spec_path(study: str) -> Path | None:
+    p = project_root() / "params" / "figures" / f"{study}.yaml"
+    return p if p.is_file() else None
+
+
+def _study_grid(study: str, study_file: str | Path | None) -> tuple[list[str], list[str]]:
+    """The study YAML's models (in its order: small to large in this project) and methods, if it is known."""
+    path = Path(study_file) if study_file else project_root() / "params" / "studies" / f"{study}.yaml"
+    if not path.is_file():
+        return [], []
+    st, _, _ = load_study(path)
+    return list(st.models), list(st.methods)
+
+
+def _method_key(m: str) -> tuple[int, str]:
+    return (METHODS.index(m), "") if m in METHODS else (len(METHODS), m)
+
+
+# ------------------------------------------------------------------------------------------- collect
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_json(path) if path.is_file() else None
+    except DataError:
+        return None
+
+
+def _metrics(d: Path, stage: str) -> dict[str, Any]:
+    """A stage's metrics through the schema's reader; {} when absent or malformed (_missing_of reports it)."""
+    try:
+        return _read_metrics(d, stage)
+    except (FileNotFoundError, DataError):
+        return {}
+
+
+def _is_complete(d: Path) -> bool:
+    stages = _planned(d)
+    return bool(stages) and all((d / "stages" / s / "_SUCCESS").is_file() for s in stages)
+
+
+def _planned(d: Path) -> list[str]:
+    p = d / "params.resolved.yaml"
+    if p.is_file():
+        try:
+            stages = (yaml.safe_load(p.read_text()) or {}).get("stages")
+            if stages:
+                return list(stages)
+        except yaml.YAMLError:
+            pass
+    m = _read(d / "manifest.json") or {}
+    return list(m.get("stages", {}))
+
+
+def _pool_size(d: Path) -> int | None:
+    p = d / "params.resolved.yaml"
+    try:
+        n = (yaml.safe_load(p.read_text()) or {}).get("generation", {}).get("n") if p.is_file() else None
+    except yaml.YAMLError:
+        return None
+    return n + 1 if isinstance(n, int) else None  # the original's rank is among candidates + original
+
+
+def _choose(
+    study_dir: Path, pins: dict[tuple[str, str], str], spec_path: Path | None
+) -> tuple[dict[tuple[str, str], Path], list[dict[str, str]]]:
+    chosen, notes = {}, []
+    found = {(p.parent.parent.name, p.parent.name) for p in study_dir.glob("*/*/v*") if VERSION.match(p.name)}
+    for key, version in pins.items():
+        if not (study_dir / key[0] / key[1] / version / "manifest.json").is_file():
+            have = sorted(p.name for p in (study_dir / key[0] / key[1]).glob("v*") if (p / "manifest.json").is_file())
+            raise ConfigError(
+                f"{spec_path}: key 'figures.pins.{key[0]}/{key[1]}': version {version} not found under "
+                f"{study_dir / key[0] / key[1]} (have: {', '.join(have) or 'none'})"
+            )
+    for model, method in sorted(found):
+        if (model, method) in pins:
+            chosen[(model, method)] = study_dir / model / method / pins[(model, method)]
+            continue
+        versions = sorted(
+            (p for p in (study_dir / model / method).iterdir() if VERSION.match(p.name) and p.is_dir()),
+            key=lambda p: int(p.name[1:]),
+        )
+        versions = [v for v in versions if (v / "manifest.json").is_file()]
+        if not versions:
+            notes.append({"model": model, "method": method, "version": "-", "what": "no run folder with a manifest"})
+            continue
+        complete = [v for v in versions if _is_complete(v)]
+        # No complete version: show the newest one's partial results (its missing stages get reported).
+        chosen[(model, method)] = complete[-1] if complete else versions[-1]
+    return chosen, notes
+
+
+def _missing_of(model: str, method: str, d: Path) -> list[dict[str, str]]:
+    """Stages not done and metrics files absent in one run folder (skipped stages are not missing)."""
+    out = []
+    manifest = _read(d / "manifest.json") or {}
+    stages = manifest.get("stages", {})
+    for s in _planned(d):
+        rec = stages.get(s, {})
+        if not (d / "stages" / s / "_SUCCESS").is_file():
+            status = rec.get("status", "not run")
+            err = f": {str(rec['error']).splitlines()[0][:200]}" if rec.get("error") else ""
+            out.append({"model": model, "method": method, "version": d.name, "what": f"stage {s} {status}{err}"})
+            continue
+        if (rec.get("metrics") or {}).get("skipped"):
+            continue
+        for f in STAGE_TABLE[s].metrics if s != "generate" else ():  # no figure reads generate's metrics
+            p = d / "metrics" / f
+            if f.endswith(".json") and _read(p) is None:
+                why = "unreadable" if p.is_file() else "missing"
+                out.append({"model": model, "method": method, "version": d.name, "what": f"metrics/{f} {why}"})
+    return out
+
+
+def _num(x: Any) -> float:
+    """A number as float (numpy scalars included), anything else (None, text, bool) as NaN."""
+    return float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_) else math.nan
+
+
+def _row(model: str, method: str, d: Path | None, state: str) -> tuple[dict, list[dict], dict | None, list[dict]]:
+    """The main-table row, judge rows, selection row and log rows of one run folder (None: no folder)."""
+    row: dict[str, Any] = {"model": model, "method": method, "version": d.name if d else "", "state": state}
+    if d is None:
+        return row, [], None, []
+    metric = {k: _metrics(d, k) for k in ("select", "judge", "eval")}
+    judge = [{"model": model, "method": method, **_ci(r)} for r in judge_rows(metric["judge"])]
+    crit = {(r["set"], r["criterion"]): r for r in judge}
+    q = crit.get(("quality", "overall"), {})
+    row.update({"overall": q.get("mean", math.nan), "overall_ci_low": q.get("ci_low", math.nan)})
+    row["overall_ci_high"] = q.get("ci_high", math.nan)
+    for c in QUALITY:
+        if c != "overall":
+            row[c] = crit.get(("quality", c), {}).get("mean", math.nan)
+    s = crit.get(("safety", "safety"), {})
+    row.update({"safety": s.get("mean", math.nan), "safety_ci_low": s.get("ci_low", math.nan)})
+    row["safety_ci_high"] = s.get("ci_high", math.nan)
+    for name in ("violation_rate", "acceptable_rate"):
+        row[name] = crit.get(("safety", name), {}).get("mean", math.nan)
+    ev = metric["eval"]
+    row["eval_avg"] = _num(ev.get("avg"))
+    for cat, v in (ev.get("categories") or {}).items():
+        # eval.json holds {cat: {"score": ...}}; a bare number is accepted too.
+        row[f"eval_{cat}"] = _num(v.get("score") if isinstance(v, dict) else v)
+    sel = metric["select"]
+    row["sft_examples"] = _num(sel.get("sft_examples"))
+    row["dpo_pairs"] = _num(sel.get("dpo_pairs"))
+    sel_row = None
+    if sel:
+        dec = sel.get("decisions", {})
+        n = _num(sel.get("prompts"))
+        sel_row = {"model": model, "method": method, "version": d.name, "prompts": n}
+        sel_row.update({k: _num(dec.get(k)) for k in DECISIONS})
+        sel_row["dropped_share"] = _num(dec.get("dropped")) / n if n else math.nan
+        # "Replaced by the original": the fallback of fallback-original, or every prompt of `original`.
+        sel_row["replaced_share"] = (_num(dec.get("fallback", 0)) + _num(dec.get("original", 0))) / n if n else math.nan
+        sel_row["original_rank_mean"] = _num(sel.get("original_rank_mean"))
+        sel_row["pool_size"] = _pool_size(d) or math.nan
+        sel_row["original_low_share"] = _num(sel.get("original_in_low_part")) / n if n else math.nan
+        sel_row["sft_examples"] = row["sft_examples"]
+        sel_row["dpo_pairs"] = row["dpo_pairs"]
+    logs = []
+    for kind in ("sft", "dpo"):
+        try:
+            hist = read_log(d, kind)
+        except DataError:
+            hist = []  # reported by _missing_of
+        for h in hist:
+            if "loss" in h:  # the last row is the Trainer's summary (train_loss only)
+                logs.append({"model": model, "method": method, "kind": kind, **h})
+    return row, judge, sel_row, logs
+
+
+def _ci(r: dict[str, Any]) -> dict[str, Any]:
+    """A schema judge row with every number as float (NaN where absent), as the tables and plots expect."""
+    return {**r, **{k: _num(r.get(k)) for k in ("mean", "ci_low", "ci_high", "n")}}
+
+
+def collect(
+    study_dir: str | Path, spec_path: str | Path | None = None, study_file: str | Path | None = None
+) -> StudyResults:
+    """Read every (model, method) of a study folder into tables; nothing is written.
+
+    spec_path: the figures spec (default params/figures/<study>.yaml if it exists); study_file: the study
+    YAML giving the model order and the grid (default params/studies/<study>.yaml if it exists; without
+    one, models are sorted by name and only the runs found are shown).
+    """
+    study_dir = resolve_path(study_dir)
+    if not study_dir.is_dir():
+        raise FileNotFoundError(f"{study_dir}: no such study folder (run the study first: python -m selftrain run)")
+    study = study_dir.name
+    spec = Path(spec_path) if spec_path else default_spec_path(study)
+    pins = load_figures_spec(spec) if spec else {}
+    chosen, missing = _choose(study_dir, pins, spec)
+    grid_models, grid_methods = _study_grid(study, study_file)
+    seen = set(chosen) | {(r["model"], r["method"]) for r in missing}
+    models = grid_models + sorted({m for m, _ in seen} - set(grid_models))
+    methods = sorted({m for _, m in seen} | set(grid_methods), key=_method_key)
+
+    rows, judge_all, sel_rows, log_rows = [], [], [], []
+    for model in models:
+        for method in methods:
+            d = chosen.get((model, method))
+            if d is None:
+                in_grid = model in grid_models and method in grid_methods
+                if in_grid and (model, method) not in seen:
+                    missing.append({"model": model, "method": method, "version": "-", "what": "no run folder"})
+                if in_grid or (model, method) in seen:
+                    rows.append(_row(model, method, None, "no run")[0])  # a blank row keeps the grid visible
+                continue
+            run_missing = _missing_of(model, method, d)
+            missing += run_missing
+            not_done = [r["what"].split()[1] for r in run_missing if r["what"].startswith("stage ")]
+            state = "incomplete: " + ", ".join(not_done) if not_done else "complete"
+            row, jr, sr, lr = _row(model, method, d, state)
+            rows.append(row)
+            judge_all += jr
+            log_rows += lr
+            if sr is not None:
+                sel_rows.append(sr)
+    cats = list(dict.fromkeys(c for r in rows for c in r if c.startswith("eval_") and c != "eval_avg"))
+    missing.sort(key=lambda r: (_index(models, r["model"]), _method_key(r["method"])))  # stable: stage order kept
+    return StudyResults(
+        study=study,
+        study_dir=study_dir,
+        models=models,
+        methods=methods,
+        table=pd.DataFrame(rows).reindex(columns=[*MAIN_HEAD, *cats, *MAIN_TAIL]),
+        judge=pd.DataFrame(judge_all).reindex(columns=JUDGE_COLUMNS),
+        selection=pd.DataFrame(sel_rows).reindex(columns=SELECTION_COLUMNS),
+        logs=pd.DataFrame(log_rows),
+        runs=chosen,
+        missing=missing,
+        spec_path=spec,
+        pins=pins,
+    )
+
+
+def _index(items: list[str], x: str) -> int:
+    return items.index(x) if x in items else len(items)

@@ -1,0 +1,145 @@
+"""Stage 07, plots: the paper's figures from a collected study (grouped bars per model size x method, curves)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from selftrain.figures.collect import StudyResults, _num
+from selftrain.plots import plt
+from selftrain.schema import METHODS, QUALITY
+
+# One colour per method, fixed, so a method looks the same in every figure.
+COLORS = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green"), strict=True))
+
+
+def _bars(ax: Any, res: StudyResults, df: pd.DataFrame, value: str, methods: list[str] | None = None) -> None:
+    """Grouped bars: one group per model size, one bar per method; error bars where ci_low/ci_high exist.
+    A missing value draws no bar (a blank, not a zero that looks like a result)."""
+    methods = methods or res.methods
+    width = 0.8 / max(len(methods), 1)
+    x = np.arange(len(res.models))
+    have = len(df) > 0 and value in df
+    cols = [value, "ci_low", "ci_high"] if have and {"ci_low", "ci_high"} <= set(df.columns) else [value]
+    cell = (
+        {(r[0], r[1]): [_num(v) for v in r[2:]] for r in df[["model", "method", *cols]].itertuples(index=False)}
+        if have
+        else {}
+    )
+    for j, method in enumerate(methods):
+        vals = np.array([cell.get((m, method), [math.nan] * len(cols)) for m in res.models], dtype=float)
+        ys, kw = vals[:, 0], {}
+        if len(cols) == 3 and np.isfinite(vals[:, 1:]).any():
+            err = np.clip(np.vstack([ys - vals[:, 1], vals[:, 2] - ys]), 0, None)
+            kw = {"yerr": np.nan_to_num(err), "capsize": 2, "error_kw": {"lw": 0.8}}
+        ok = np.isfinite(ys)
+        if kw:
+            kw["yerr"] = kw["yerr"][:, ok]
+        ax.bar((x + (j - (len(methods) - 1) / 2) * width)[ok], ys[ok], width, color=COLORS.get(method), **kw)
+    ax.set_xticks(x, res.models, fontsize=8)
+    ax.set_xlim(-0.5, max(len(res.models), 1) - 0.5)  # every model keeps its slot, with or without bars
+    if not have or df[value].isna().all():
+        ax.text(0.5, 0.5, "no results", transform=ax.transAxes, ha="center", va="center", color="gray")
+
+
+def _legend(fig: Any, methods: list[str], line: bool = False) -> None:
+    """One legend for the figure, drawn from proxies so a method without any result still shows its colour."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [
+        Line2D([], [], color=COLORS.get(m), marker="o", ms=3) if line else Patch(color=COLORS.get(m)) for m in methods
+    ]
+    if methods:
+        fig.legend(handles, methods, loc="upper center", ncol=len(methods), frameon=False)
+
+
+def plot_judge(res: StudyResults) -> Any:
+    """Top: the five quality criteria; bottom: safety mean, violation and acceptable rates (95% CIs)."""
+    fig, axes = plt.subplots(2, len(QUALITY), figsize=(3.4 * len(QUALITY), 6.4), squeeze=False)
+    j = res.judge
+    for ax, c in zip(axes[0], QUALITY, strict=True):
+        _bars(ax, res, j[(j["set"] == "quality") & (j["criterion"] == c)], "mean")
+        ax.set_title(f"quality: {c}", fontsize=9)
+        ax.set_ylim(0, 5)
+    for ax, (c, title, top) in zip(
+        axes[1],
+        (("safety", "safety: mean score", 5), ("violation_rate", "violation rate (< 3)", 1),
+         ("acceptable_rate", "acceptable rate (> 3)", 1)),
+        strict=False,
+    ):  # fmt: skip
+        _bars(ax, res, j[(j["set"] == "safety") & (j["criterion"] == c)], "mean")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, top)
+    for ax in axes[1][3:]:
+        ax.set_axis_off()
+    _legend(fig, res.methods)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    return fig
+
+
+def plot_eval(res: StudyResults) -> Any:
+    """Benchmark AVG and each category score per model size x method."""
+    cols = ["eval_avg"] + [c for c in res.table.columns if c.startswith("eval_") and c != "eval_avg"]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols) + 0.5, 3.4), squeeze=False)
+    for ax, c in zip(axes[0], cols, strict=True):
+        _bars(ax, res, res.table, c)
+        ax.set_title("AVG" if c == "eval_avg" else c[len("eval_") :], fontsize=9)
+    _legend(fig, res.methods)
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
+    return fig
+
+
+def plot_selection(res: StudyResults) -> Any:
+    """Per model size: share of prompts dropped, replaced by the original, with the original ranked low, and
+    the original's mean rank among candidates + original (1 = most central)."""
+    panels = (
+        ("dropped_share", "share dropped", 1),
+        ("replaced_share", "share replaced by the original", 1),
+        ("original_low_share", "share with the original ranked low", 1),
+        ("original_rank_mean", "mean rank of the original", None),
+    )
+    methods = [m for m in res.methods if m != "baseline"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (c, title, top) in zip(axes[0], panels, strict=True):
+        _bars(ax, res, res.selection, c, methods)
+        ax.set_title(title, fontsize=9)
+        if top:
+            ax.set_ylim(0, top)
+    pool = res.selection["pool_size"].dropna() if "pool_size" in res.selection else pd.Series(dtype=float)
+    if len(pool):
+        axes[0][-1].axhline(pool.max(), color="k", ls=":", lw=0.8)  # the worst possible rank
+    _legend(fig, methods)
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
+    return fig
+
+
+def plot_training(res: StudyResults) -> Any:
+    """One row per model size: SFT loss, DPO loss, DPO reward margin and accuracy per step, a line per method."""
+    panels = (("sft", "loss"), ("dpo", "loss"), ("dpo", "rewards/margins"), ("dpo", "rewards/accuracies"))
+    models = res.models or ["-"]
+    fig, axes = plt.subplots(len(models), len(panels), figsize=(3.6 * len(panels), 2.7 * len(models) + 0.6),
+                             squeeze=False)  # fmt: skip
+    logs = res.logs
+    for i, model in enumerate(models):
+        for ax, (kind, key) in zip(axes[i], panels, strict=True):
+            drawn = False
+            for method in res.methods if len(logs) and key in logs and "step" in logs else []:
+                d = logs[(logs["model"] == model) & (logs["method"] == method) & (logs["kind"] == kind)]
+                d = d.dropna(subset=[key, "step"])
+                if len(d):
+                    ax.plot(d["step"], d[key], marker="o", ms=2, lw=1, color=COLORS.get(method))
+                    drawn = True
+            if not drawn:
+                ax.text(0.5, 0.5, "no log", transform=ax.transAxes, ha="center", va="center", color="gray")
+            ax.set_title(f"{model}: {kind.upper()} {key}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+    _legend(fig, [m for m in res.methods if m != "baseline"], line=True)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    return fig
+
+
+PLOTS = {"judge": plot_judge, "eval": plot_eval, "selection": plot_selection, "training": plot_training}

@@ -1,0 +1,103 @@
+"""Stage 07, tables: the collected study as CSV (raw numbers), Markdown and LaTeX (display), and missing.md."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from selftrain.figures.collect import COUNT_COLUMNS, TEXT_COLUMNS, StudyResults
+from selftrain.io import atomic_write_text
+from selftrain.report import fmt
+from selftrain.schema import QUALITY
+
+
+def _strings(df: pd.DataFrame) -> pd.DataFrame:
+    """Every cell as text: counts without decimals, other numbers with 3, NaN blank."""
+    return pd.DataFrame({c: df[c].map(lambda x, d=0 if c in COUNT_COLUMNS else 3: fmt(x, d)) for c in df.columns})
+
+
+def main_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The main table as text for Markdown/LaTeX: overall with its CI in one cell, blanks for missing."""
+
+    def with_ci(m: float, lo: float, hi: float) -> str:
+        s = fmt(m, 2)
+        return f"{s} [{fmt(lo, 2)}, {fmt(hi, 2)}]" if s and not (math.isnan(lo) or math.isnan(hi)) else s
+
+    def col(c: str, digits: int = 3) -> pd.Series:
+        return table[c].map(lambda x: fmt(x, digits))
+
+    out = pd.DataFrame({"model": table["model"], "method": table["method"], "version": table["version"]})
+    cis = table[["overall", "overall_ci_low", "overall_ci_high"]].astype(float).itertuples(index=False)
+    out["quality (95% CI)"] = [with_ci(*v) for v in cis]
+    for c in QUALITY[:-1]:
+        out[c] = col(c, 2)
+    out["safety"] = col("safety", 2)
+    out["violation"] = col("violation_rate")
+    out["acceptable"] = col("acceptable_rate")
+    out["eval AVG"] = col("eval_avg")
+    for c in [c for c in table.columns if c.startswith("eval_") and c != "eval_avg"]:
+        out[c[len("eval_") :]] = col(c)
+    out["SFT ex."] = col("sft_examples", 0)
+    out["DPO pairs"] = col("dpo_pairs", 0)
+    return out
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(v.replace("|", "\\|") for v in r) + " |" for r in _strings(df).itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}  # fmt: skip
+
+
+def _tex(s: Any) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(s))
+
+
+def to_latex(df: pd.DataFrame, caption: str = "") -> str:
+    """A booktabs table, hand-written (no jinja2 needed): text columns left, numbers right."""
+    align = "".join("l" if c in TEXT_COLUMNS else "r" for c in df.columns)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{align}}}", r"\toprule"]
+    lines.append(" & ".join(_tex(c) for c in df.columns) + r" \\")
+    lines.append(r"\midrule")
+    lines += [" & ".join(_tex(v) for v in r) + r" \\" for r in _strings(df).itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.append(rf"\caption{{{_tex(caption)}}}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(df: pd.DataFrame, stem: Path, display: pd.DataFrame | None = None, caption: str = "") -> list[Path]:
+    """`stem`.csv holds the raw numbers; `stem`.md and `stem`.tex the display version (default: df)."""
+    shown = df if display is None else display
+    return [
+        atomic_write_text(stem.with_suffix(".csv"), df.to_csv(index=False)),
+        atomic_write_text(stem.with_suffix(".md"), to_markdown(shown)),
+        atomic_write_text(stem.with_suffix(".tex"), to_latex(shown, caption)),
+    ]
+
+
+def missing_markdown(res: StudyResults) -> str:
+    lines = [f"# Missing results of study `{res.study}`", ""]
+    if not res.missing:
+        return "\n".join([*lines, "Nothing missing: every chosen run is complete.", ""])
+    lines += ["Rows of these runs show blanks in the tables and figures.", ""]
+    return "\n".join(lines) + "\n" + to_markdown(res.missing_frame())
+
+
+def write_tables(res: StudyResults, out_dir: Path | None = None) -> list[Path]:
+    """results.*, judge.*, selection.* (CSV, Markdown, LaTeX) and missing.md under tables/."""
+    out_dir = out_dir or res.study_dir / "tables"
+    paths = write_table(
+        res.table, out_dir / "results", main_display(res.table), f"Study {res.study}: judge and benchmark results"
+    )
+    paths += write_table(res.judge, out_dir / "judge", caption=f"Study {res.study}: judge scores with 95% CIs")
+    paths += write_table(res.selection, out_dir / "selection", caption=f"Study {res.study}: selection diagnostics")
+    paths.append(atomic_write_text(out_dir / "missing.md", missing_markdown(res)))
+    return paths

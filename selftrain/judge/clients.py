@@ -1,0 +1,149 @@
+"""Judges: a model run in-process (LocalJudge) or any OpenAI-compatible endpoint (RemoteJudge), behind one
+`complete(requests, attempt, progress)` that returns the judge's text, expected scores and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from selftrain.config import GenerationConfig, JudgeConfig, ModelConfig
+from selftrain.inference import generate_candidates, load_hf, pick_backend
+from selftrain.io import read_json, sha256_json, write_json
+from selftrain.judge.api import EndpointJudge, EndpointSettings
+from selftrain.judge.parse import DIGITS, _reasons, expected_from_tokens
+from selftrain.models import model_fingerprint, resolve_model_path
+from selftrain.paths import resolve_path
+
+
+def judge_messages(rubric: str, item: dict[str, Any], answer: str) -> list[dict[str, str]]:
+    content = rubric.format(question=item["prompt"], answer=answer, reference=item.get("reference", ""))
+    return [{"role": "user", "content": content}]
+
+
+class LocalJudge:
+    """A judge model run in-process: generation through stage 01's backends, and for scoring='expected'
+    one transformers forward pass per score slot (the probabilities of "1".."5" after ``Label: [[``)."""
+
+    def __init__(self, cfg: JudgeConfig, cache_dir: str):
+        self.cfg = cfg
+        self.folder = resolve_model_path(cfg.local_model, cache_dir)
+        self.model_cfg = ModelConfig(name="judge", path=str(self.folder), max_model_len=cfg.local_max_model_len)
+        self.backend = pick_backend(cfg.local_backend)
+        self.cache = resolve_path(cache_dir) / "judge" / "local"
+        self.fingerprint = model_fingerprint(self.folder)
+        self._hf: tuple[Any, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "local", "model": self.cfg.local_model, "generation_backend": self.backend}
+
+    def _key(self, messages: list[dict], attempt: int) -> str:
+        return sha256_json(
+            {
+                "model": self.fingerprint,
+                "messages": messages,
+                "max_new_tokens": self.cfg.max_new_tokens,
+                "attempt": attempt,
+                "scoring": self.cfg.scoring,
+            }
+        )
+
+    def complete(self, requests: list[tuple[list[dict], dict[str, str]]], attempt: int, progress: bool) -> list:
+        """One judge output per (messages, labels): {"text", "expected", "error", "cached"}."""
+        keys = [self._key(m, attempt) for m, _ in requests]
+        out: list[dict[str, Any] | None] = []
+        for k in keys:
+            path = self.cache / k[:2] / f"{k}.json"
+            out.append({**read_json(path), "cached": True} if path.is_file() else None)
+        todo = [i for i, r in enumerate(out) if r is None]
+        if todo:
+            # Greedy first; a re-ask samples (a greedy re-ask would repeat the same output).
+            gen = GenerationConfig(
+                n=1,
+                temperature=0.0 if attempt == 0 else 0.7,
+                top_p=1.0 if attempt == 0 else 0.95,
+                max_new_tokens=self.cfg.max_new_tokens,
+                seed=1234 + attempt,
+            )
+            raw = generate_candidates(
+                self.folder, self.model_cfg, gen, [requests[i][0] for i in todo], self.backend, progress
+            )
+            for r in raw:
+                i = todo[r["prompt_index"]]
+                rec: dict[str, Any] = {"text": r["text"], "expected": None, "error": None}
+                if self.cfg.scoring == "expected":
+                    rec["expected"] = self._expected(requests[i][0], r["text"], requests[i][1])
+                path = self.cache / keys[i][:2] / f"{keys[i]}.json"
+                write_json(path, rec)
+                out[i] = {**rec, "cached": False}
+        return out
+
+    def _expected(self, messages: list[dict], text: str, labels: dict[str, str]) -> dict[str, float]:
+        """Score slots filled one by one: after the judge's reasons each criterion's line is opened at ``[[``
+        and the next-token probabilities of "1".."5" read; the most likely digit closes the line. One long
+        forward pass per item, then a few tokens per criterion on the KV cache."""
+        import torch
+
+        if self._hf is None:
+            self._hf = load_hf(self.folder, "auto", padding_side="left")
+        model, tok = self._hf
+        digit_ids = [tok.convert_tokens_to_ids(d) for d in DIGITS]
+        if any(i is None or i == tok.unk_token_id for i in digit_ids):
+            raise RuntimeError(f"{self.folder}: the judge's tokenizer has no single tokens for '1'..'5'")
+        head = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        piece = head + _reasons(text, labels) + "\n\n"
+        past, out = None, {}
+        with torch.inference_mode():
+            for k, label in labels.items():
+                ids = tok(piece + f"{label}: [[", return_tensors="pt", add_special_tokens=False)["input_ids"]
+                res = model(input_ids=ids.to(model.device), past_key_values=past, use_cache=True, logits_to_keep=1)
+                past = res.past_key_values
+                p = torch.softmax(res.logits[0, -1, digit_ids].float(), -1)
+                out[k] = float((p * torch.arange(1, 6, device=p.device)).sum())
+                piece = f"{int(p.argmax()) + 1}]]\n"
+        return out
+
+
+class RemoteJudge:
+    """Any OpenAI-compatible endpoint (selftrain.judge_api); the key comes from the environment only."""
+
+    def __init__(self, cfg: JudgeConfig, cache_dir: str):
+
+        self.cfg = cfg
+        fields = {f.name for f in dataclasses.fields(EndpointSettings)}
+        bad = sorted(set(cfg.endpoint) - fields)
+        if bad:
+            raise ValueError(f"judge.endpoint: unknown key(s) {bad} (known: {', '.join(sorted(fields))})")
+        if "model" not in cfg.endpoint:
+            raise ValueError("judge.endpoint: key 'model' is required for judge.backend=endpoint")
+        settings = EndpointSettings(**{"max_tokens": cfg.max_new_tokens, **cfg.endpoint})
+        if cfg.scoring == "expected":
+            settings = dataclasses.replace(settings, logprobs=True, top_logprobs=max(settings.top_logprobs, 10))
+        self.settings = settings
+        self.cache = resolve_path(cache_dir) / "judge" / "endpoint"
+        self._make = lambda s: EndpointJudge(s, self.cache)
+        self.stats: list[dict[str, Any]] = []
+
+    def describe(self) -> dict[str, Any]:
+        s = self.settings
+        return {"backend": "endpoint", "model": s.model, "base_url": s.base_url, "api_key_env": s.api_key_env}
+
+    def complete(self, requests: list[tuple[list[dict], dict[str, str]]], attempt: int, progress: bool) -> list:
+        s = self.settings
+        if attempt:  # a re-ask must not be answered from the cache with the same unparsable text
+            s = dataclasses.replace(s, temperature=max(s.temperature, 0.7), seed=(s.seed or 0) + attempt)
+        with self._make(s) as client:
+            replies = client.complete([m for m, _ in requests], progress=progress, extra={"reask": attempt})
+            self.stats.append(client.stats(replies))
+        out = []
+        for (_, labels), r in zip(requests, replies, strict=True):
+            expected = None
+            if self.cfg.scoring == "expected" and r.ok and r.tokens and r.top_logprobs:
+                expected = expected_from_tokens(r.tokens, r.top_logprobs, labels)
+            out.append(
+                {"text": r.text, "expected": expected, "error": r.error, "refused": r.refused, "cached": r.cached}
+            )
+        return out
+
+
+def make_judge(cfg: JudgeConfig, cache_dir: str) -> LocalJudge | RemoteJudge:
+    return RemoteJudge(cfg, cache_dir) if cfg.backend == "endpoint" else LocalJudge(cfg, cache_dir)

@@ -1,0 +1,243 @@
+"""The results schema, declared once: stage names, methods, decisions, judge criteria, and the shape of every
+metrics file a stage writes, with one reader (:func:`read_metrics`) that stages, figures and the study index use.
+
+One name per stage runs through notebook, module, params section and outputs (see ``STAGE_TABLE``); the
+README's stage table is this table.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+from selftrain.io import DataError, read_json
+
+METHODS = ("baseline", "original", "central", "drop-low", "fallback-original")
+STAGES = ("generate", "select", "sft", "dpo", "judge", "eval")
+# A run version folder: v001, v002, ...
+VERSION = re.compile(r"^v(\d{3,})$")
+# What stage 02 decided for each prompt.
+DECISIONS = ("central", "original", "fallback", "dropped", "no_candidates")
+# Judge sets and the criteria each one scores.
+JUDGE_SETS = ("quality", "safety")
+QUALITY = ("accuracy", "fluency", "detail", "relevance", "overall")
+JUDGE_CRITERIA = {"quality": QUALITY, "safety": ("safety",)}
+SAFETY_RATES = ("violation_rate", "acceptable_rate")
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """Where one stage lives: its notebook, its module, its params section and its outputs."""
+
+    name: str
+    notebook: str
+    module: str
+    params: str
+    metrics: tuple[str, ...]  # files under metrics/ that a done (not skipped) stage leaves
+    data: tuple[str, ...]  # files under data/
+    figures: tuple[str, ...]  # stems under figures/ (PNG + PDF)
+
+
+STAGE_TABLE: dict[str, StageInfo] = {
+    s.name: s
+    for s in (
+        StageInfo("generate", "01_generate.ipynb", "selftrain.generate", "generation",
+                  ("generate.json",), ("candidates.jsonl",), ("generate_tokens",)),
+        StageInfo("select", "02_select.ipynb", "selftrain.select", "selection (+ embedding)",
+                  ("select.json",), ("selection.jsonl", "sft.jsonl", "dpo.jsonl"), ("select_overview",)),
+        StageInfo("sft", "03_sft.ipynb", "selftrain.train", "training.sft",
+                  ("sft.json", "sft_log.json"), (), ("sft_curves",)),
+        StageInfo("dpo", "04_dpo.ipynb", "selftrain.train", "training.dpo",
+                  ("dpo.json", "dpo_log.json"), (), ("dpo_curves",)),
+        StageInfo("judge", "05_judge.ipynb", "selftrain.judge", "judge",
+                  ("judge.json", "judge_summary.csv"), ("judge_answers.jsonl", "judge_items.jsonl"),
+                  ("judge_quality", "judge_safety")),
+        StageInfo("eval", "06_eval.ipynb", "selftrain.evaluate", "eval",
+                  ("eval.json", "eval_scores.csv"), ("eval_predictions.jsonl",), ("eval_categories",)),
+    )
+}  # fmt: skip
+NOTEBOOKS = {name: s.notebook for name, s in STAGE_TABLE.items()}
+
+
+# ------------------------------------------------------------------------------------------- metrics shapes
+
+
+class GenerateMetrics(TypedDict, total=False):
+    key: str
+    backend: str
+    device: str
+    prompts: int
+    candidates: int
+    generated_tokens: int
+    seconds: float
+    tokens_per_second: float
+    sampling: dict[str, Any]
+    cache_hit: bool
+    eos_share: float
+    mean_tokens: float
+    empty_candidates: int
+
+
+class SelectMetrics(TypedDict, total=False):
+    method: str
+    prompts: int
+    decisions: dict[str, int]  # DECISIONS -> count
+    sft_examples: int
+    dpo_pairs: int
+    dpo_skipped_identical: int
+    original_rank_mean: float
+    original_in_low_part: int
+    mean_selected_chars: float | None
+    mean_candidate_chars: float
+    mean_original_chars: float
+
+
+class TrainMetrics(TypedDict, total=False):
+    model_path: str
+    model_sha256: str
+    started_from: str
+    examples: int
+    global_steps: int
+    resumed_from: str | None
+    train_loss: float | None
+    train_seconds: float
+    tokens_per_second: float | None
+    batch_check: dict[str, int]
+    lora: bool
+
+
+class CriterionScore(TypedDict):
+    mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+
+
+class RateScore(TypedDict):
+    value: float
+    ci_low: float | None
+    ci_high: float | None
+
+
+class JudgeSetSummary(TypedDict, total=False):
+    items: int
+    scored: int
+    api_error_rate: float
+    parse_failure_rate: float
+    refused: int
+    reasked: int
+    criteria: dict[str, CriterionScore]  # JUDGE_CRITERIA[set] -> score
+    violation_rate: RateScore  # safety only
+    acceptable_rate: RateScore  # safety only
+
+
+class JudgeMetrics(TypedDict, total=False):
+    model_under_test: str
+    judge: dict[str, Any]
+    scoring: str
+    answers: dict[str, Any]
+    judge_seconds: float
+    endpoint_stats: list[dict[str, Any]] | None
+    quality: JudgeSetSummary
+    safety: JudgeSetSummary
+
+
+class CategoryScore(TypedDict):
+    score: float | None
+    datasets: list[str]
+    missing: list[str]
+
+
+class EvalMetrics(TypedDict, total=False):
+    model_under_test: str
+    backend: str
+    device: str
+    datasets_dir: str
+    num_few_shots: int
+    max_samples: int | None
+    chat_template: bool
+    avg: float | None
+    avg_complete: bool
+    avg_categories: list[str]
+    avg_excludes: list[str]
+    categories: dict[str, CategoryScore]
+    uncategorised: list[str]
+    datasets: dict[str, dict[str, Any]]
+    errors: list[dict[str, str]]
+    samples: int
+    generated_samples: int
+    generated_tokens: int
+    generation_seconds: float
+    samples_per_second: float | None
+    seconds: float
+
+
+# The keys a reader may rely on in each stage's main metrics file (the rest is optional).
+METRICS_FILES: dict[str, tuple[str, type, tuple[str, ...]]] = {
+    "generate": ("generate.json", GenerateMetrics, ("candidates",)),
+    "select": ("select.json", SelectMetrics, ("prompts", "decisions", "sft_examples", "dpo_pairs")),
+    "sft": ("sft.json", TrainMetrics, ("global_steps", "train_loss")),
+    "dpo": ("dpo.json", TrainMetrics, ("global_steps", "train_loss")),
+    "judge": ("judge.json", JudgeMetrics, ()),  # a judge run may have scored one set only
+    "eval": ("eval.json", EvalMetrics, ("avg", "categories")),
+}
+
+
+def metrics_path(run_dir: str | Path, stage: str) -> Path:
+    if stage not in METRICS_FILES:
+        raise KeyError(f"unknown stage {stage!r} (known: {', '.join(METRICS_FILES)})")
+    return Path(run_dir) / "metrics" / METRICS_FILES[stage][0]
+
+
+def read_metrics(run_dir: str | Path, stage: str) -> dict[str, Any]:
+    """A stage's main metrics file, checked for the keys readers rely on.
+
+    FileNotFoundError when the stage wrote none; DataError (naming the file and the key) when it is not
+    valid JSON, not an object, or lacks a required key.
+    """
+    path = metrics_path(run_dir, stage)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics file (stage '{stage}' not done here)")
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    missing = [k for k in METRICS_FILES[stage][2] if k not in data]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {', '.join(repr(k) for k in missing)}")
+    return data
+
+
+def read_log(run_dir: str | Path, kind: str) -> list[dict[str, Any]]:
+    """The trainer's log history of stage `kind` (sft or dpo); empty when there is none."""
+    path = Path(run_dir) / "metrics" / f"{kind}_log.json"
+    if not path.is_file():
+        return []
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of log rows")
+    return [h for h in data if isinstance(h, dict)]
+
+
+def criterion(judge: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
+    """One criterion's (or safety rate's) record from judge.json, {} when absent.
+
+    Rates are stored as {"value", "ci_low", "ci_high"}, criteria as {"mean", "ci_low", "ci_high", "n"};
+    both come back with a "mean" key."""
+    s = judge.get(kind) or {}
+    if name in SAFETY_RATES:
+        r = s.get(name) or {}
+        return {"mean": r.get("value"), "ci_low": r.get("ci_low"), "ci_high": r.get("ci_high"), "n": None} if r else {}
+    return dict((s.get("criteria") or {}).get(name) or {})
+
+
+def judge_rows(judge: dict[str, Any]) -> list[dict[str, Any]]:
+    """judge.json as long rows: set, criterion, mean, ci_low, ci_high, n (criteria, then safety rates)."""
+    rows = []
+    for kind in JUDGE_SETS:
+        s = judge.get(kind) or {}
+        names = list(s.get("criteria") or {}) + [r for r in SAFETY_RATES if r in s]
+        for name in names:
+            rows.append({"set": kind, "criterion": name, **criterion(judge, kind, name)})
+    return rows

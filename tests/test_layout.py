@@ -1,0 +1,136 @@
+"""The package's layout rules: stage modules are leaves over the shared core, no import cycle, one name per
+stage through notebook, module, params and outputs (the README's stage table is schema.STAGE_TABLE), and the
+repository refers to nothing outside itself."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+import subprocess
+from pathlib import Path
+
+from selftrain.schema import STAGE_TABLE, STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "selftrain"
+STAGE_UNITS = {"generate", "select", "train", "judge", "evaluate", "figures"}
+TOP = {"runner", "__main__"}  # the runner and the CLI sit on top of the stages
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(pkg: Path = PKG) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, anywhere in the file (function-level imports included)."""
+    modules = {_module_name(p, pkg.parent): p for p in pkg.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for t in targets:
+                if t in modules and t != name:
+                    deps.add(t)
+        graph[name] = deps
+    return graph
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_stage_modules_import_no_other_stage_and_the_core_imports_no_stage() -> None:
+    bad = []
+    for mod, deps in import_graph().items():
+        unit = _unit(mod)
+        for d in deps:
+            target = _unit(d)
+            if target in STAGE_UNITS and target != unit and unit not in TOP:
+                bad.append(f"{mod} imports {d}")
+    assert not bad, "stage modules must be leaves over the core:\n" + "\n".join(sorted(bad))
+
+
+def test_no_import_cycle() -> None:
+    graph = import_graph()
+    # A package's __init__ importing its own submodules is not a cycle back through the package.
+    edges = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(edges.get(m, ())):
+            if state.get(d) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(d) :], d]))
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_graph_sees_function_level_and_package_imports(tmp_path: Path) -> None:
+    """The checker itself, on a planted package: a lazy stage-to-stage import and a module import are seen."""
+    pkg = tmp_path / "selftrain"
+    (pkg / "judge").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train.py").write_text("X = 1\n")
+    (pkg / "judge" / "__init__.py").write_text("")
+    (pkg / "judge" / "stage.py").write_text("def f():\n    from selftrain.train import X\n    return X\n")
+    (pkg / "judge" / "other.py").write_text("import selftrain.judge.stage\n")
+    graph = import_graph(pkg)
+    assert graph["selftrain.judge.stage"] == {"selftrain.train"}
+    assert graph["selftrain.judge.other"] == {"selftrain.judge.stage"}
+
+
+def test_stage_table_names_real_notebooks_modules_and_params() -> None:
+    from selftrain.config import RunConfig
+
+    assert list(STAGE_TABLE) == list(STAGES)
+    for s in STAGE_TABLE.values():
+        assert (ROOT / "notebooks" / s.notebook).is_file(), s.notebook
+        importlib.import_module(s.module)
+        section = s.params.split()[0].split(".")
+        assert section[0] in RunConfig.model_fields, s.params
+
+
+def test_readme_stage_table_and_layout_match_the_schema() -> None:
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (\d\d) \| `(\w+)` \| `([\w.]+)` \| `([\w.]+)` \| `([^`]+)` \| (.+) \|$", readme, re.M)
+    assert [r[1] for r in rows] == [*STAGES, "figures"], "README's stage table must list every stage, in order"
+    for _, name, notebook, module, params, outputs in rows[:-1]:
+        s = STAGE_TABLE[name]
+        assert (notebook, module, params) == (s.notebook, s.module, s.params), name
+        for f in (*s.metrics, *s.data, *s.figures):
+            assert f in outputs, f"README's stage table: {name} does not list {f}"
+    layout = readme[readme.index("## Layout") :]
+    for nb in (*(s.notebook for s in STAGE_TABLE.values()), "07_figures.ipynb"):
+        assert nb.removesuffix(".ipynb") in layout
+
+
+def test_no_reference_outside_the_repository() -> None:
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    hits = []
+    for f in files:
+        p = ROOT / f
+        if p.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".ipynb", ".txt"} or f.startswith("results/"):
+            continue
+        text = p.read_text(errors="replace")
+        for bad in ("../shared", "DESIGN.md"):
+            if bad in text:
+                hits.append(f"{f}: {bad}")
+    assert not hits, "the repository must stand on its own:\n" + "\n".join(hits)
