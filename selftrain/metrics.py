@@ -11,9 +11,16 @@ What llm-jp-eval does to a sample before any metric:
   not). Of the metrics here only exact match and the out-of-label rate can tell the difference;
 * gold: NFKC-normalise, nothing else.
 
-Every metric below applies that itself, so it takes raw generations or already-extracted answers alike
-(both steps are idempotent). Scores are means over samples (correlations for pearson / spearman) on
+Every metric below applies that itself by default, so it takes raw generations or answers extracted that
+way alike (both steps are idempotent). A protocol that extracts answers its own way (stage 06's
+llm-jp-eval protocols: v1.3 does not strip, v2 uses patterns) passes ``prepared=True``: the metric then
+scores the strings as given. Scores are means over samples (correlations for pearson / spearman) on
 llm-jp-eval's own scales: 0-1, except the BLEU pair, which is 0-100 as sacrebleu reports it.
+
+Metrics that need a model (comet_wmt22, bert_score_*) run through their real packages (the ``metrics``
+extra) and read the model from the local Hugging Face cache; when the package or the model is missing
+they raise MetricUnavailable, which says what to install or download, and stage 06 then reports the
+dataset "not comparable" instead of scoring it with something else.
 """
 
 from __future__ import annotations
@@ -94,39 +101,45 @@ def token_sort_ratio(a: str, b: str) -> int:
     return int(round(100 * Indel.normalized_similarity(a, b)))
 
 
-def _prepared(preds: Sequence[str], golds: Sequence[str]) -> list[tuple[str, str]]:
+class MetricUnavailable(RuntimeError):
+    """A metric cannot run here (package or model missing); the message says what to install or download."""
+
+
+def _prepared(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> list[tuple[str, str]]:
     if len(preds) != len(golds):
         raise ValueError(f"{len(preds)} predictions but {len(golds)} gold answers")
     if not preds:
         raise ValueError("no samples to score")
+    if prepared:
+        return list(zip(preds, golds, strict=True))
     return [(prepare_prediction(p), prepare_gold(g)) for p, g in zip(preds, golds, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def exact_match(preds: Sequence[str], golds: Sequence[str]) -> float:
+def exact_match(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> float:
     """Share of predictions equal to their gold (llm-jp-eval: sklearn accuracy_score)."""
-    return mean(float(p == g) for p, g in _prepared(preds, golds))
+    return mean(float(p == g) for p, g in _prepared(preds, golds, prepared))
 
 
-def mawps_exact_match(preds: Sequence[str], golds: Sequence[str]) -> float:
+def mawps_exact_match(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> float:
     """MAWPS score: plain exact match.
 
     llm-jp-eval has no metric of this name: ``mawps_exact_match`` is the score key of dataset ``mawps``
     under metric ``exact_match``, so "5.0" does not match a gold "5" (see exact_match_figure for that).
     """
-    return exact_match(preds, golds)
+    return exact_match(preds, golds, prepared)
 
 
-def exact_match_figure(preds: Sequence[str], golds: Sequence[str]) -> float:
+def exact_match_figure(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> float:
     """Share of predictions numerically equal to their gold (float(pred) == float(gold)).
 
     A side that float() cannot read scores 0. The Nejumi leaderboard scores mawps / mgsm this way;
     llm-jp-eval v1.3.0 has no such metric (later versions have one by this name).
     """
     scores = []
-    for p, g in _prepared(preds, golds):
+    for p, g in _prepared(preds, golds, prepared):
         try:
             scores.append(float(float(p) == float(g)))
         except ValueError:
@@ -134,9 +147,9 @@ def exact_match_figure(preds: Sequence[str], golds: Sequence[str]) -> float:
     return mean(scores)
 
 
-def char_f1(preds: Sequence[str], golds: Sequence[str]) -> float:
+def char_f1(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> float:
     """Mean fuzzywuzzy token_sort_ratio / 100: llm-jp-eval's "char_f1" (not a true character F1)."""
-    return mean(token_sort_ratio(p, g) / 100 for p, g in _prepared(preds, golds))
+    return mean(token_sort_ratio(p, g) / 100 for p, g in _prepared(preds, golds, prepared))
 
 
 def _set_f1_one(pred: str, gold: str) -> float:
@@ -152,13 +165,13 @@ def _set_f1_one(pred: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def set_f1(preds: Sequence[str], golds: Sequence[str]) -> float:
+def set_f1(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> float:
     """Mean F1 between the newline-separated items of each prediction and its gold."""
-    return mean(_set_f1_one(p, g) for p, g in _prepared(preds, golds))
+    return mean(_set_f1_one(p, g) for p, g in _prepared(preds, golds, prepared))
 
 
-def _correlation(kind: Callable, preds: Sequence[str], golds: Sequence[str]) -> float:
-    pairs = _prepared(preds, golds)
+def _correlation(kind: Callable, preds: Sequence[str], golds: Sequence[str], prepared: bool) -> float:
+    pairs = _prepared(preds, golds, prepared)
     gold_values = []
     for _, g in pairs:
         try:
@@ -177,14 +190,14 @@ def _correlation(kind: Callable, preds: Sequence[str], golds: Sequence[str]) -> 
     return 0.0 if math.isnan(value) else value
 
 
-def pearson(preds: Sequence[str], golds: Sequence[str]) -> float:
+def pearson(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> float:
     """Pearson r between gold floats and parse_float(predictions); 0.0 where undefined."""
-    return _correlation(pearsonr, preds, golds)
+    return _correlation(pearsonr, preds, golds, prepared)
 
 
-def spearman(preds: Sequence[str], golds: Sequence[str]) -> float:
+def spearman(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> float:
     """Spearman rho between gold floats and parse_float(predictions); 0.0 where undefined."""
-    return _correlation(spearmanr, preds, golds)
+    return _correlation(spearmanr, preds, golds, prepared)
 
 
 @cache
@@ -193,11 +206,12 @@ def _bleu_scorer(lang: str) -> BLEU:
     return BLEU(trg_lang=lang, effective_order=True)
 
 
-def _bleu(preds: Sequence[str], golds: Sequence[str], lang: str) -> float:
+def _bleu(preds: Sequence[str], golds: Sequence[str], lang: str, prepared: bool) -> float:
     scorer = _bleu_scorer(lang)
     scores = []
-    for p, g in _prepared(preds, golds):
-        p, g = p.strip(), g.strip()
+    for p, g in _prepared(preds, golds, prepared):
+        if not prepared:
+            p, g = p.strip(), g.strip()
         if not p or not g:
             # sacrebleu cannot take an empty string here (v1.3.0 crashed with an IndexError). Later
             # llm-jp-eval versions, as we recall them (not checked against source), score such a pair
@@ -212,14 +226,108 @@ def _bleu(preds: Sequence[str], golds: Sequence[str], lang: str) -> float:
     return mean(scores)
 
 
-def bleu_en(preds: Sequence[str], golds: Sequence[str]) -> float:
+def bleu_en(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> float:
     """Mean per-sample sacrebleu score, English tokenizer (13a), 0-100, as llm-jp-eval computes it."""
-    return _bleu(preds, golds, "en")
+    return _bleu(preds, golds, "en", prepared)
 
 
-def bleu_ja(preds: Sequence[str], golds: Sequence[str]) -> float:
+def bleu_ja(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> float:
     """Mean per-sample sacrebleu score, Japanese tokenizer (ja-mecab), 0-100, as llm-jp-eval computes it."""
-    return _bleu(preds, golds, "ja")
+    return _bleu(preds, golds, "ja", prepared)
+
+
+@cache
+def _ja_tokenizer() -> Callable[[str], str]:
+    from sacrebleu.tokenizers.tokenizer_ja_mecab import TokenizerJaMecab
+
+    return TokenizerJaMecab()
+
+
+def _bigrams(tokens: list[str]) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    for pair in zip(tokens, tokens[1:], strict=False):
+        out[pair] = out.get(pair, 0) + 1
+    return out
+
+
+def rouge2(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> float:
+    """Mean ROUGE-2 F-measure over samples, 0-1, on MeCab tokens (sacrebleu's ja-mecab tokenizer).
+
+    As llm-jp-eval's Japanese ROUGE is described (Google's rouge-score with sacrebleu's Japanese tokenizer):
+    clipped bigram overlap, precision over the prediction's bigrams, recall over the gold's. Its
+    aggregation and scale (0-1 or 0-100) could not be read in source; see README.
+    """
+    tok = _ja_tokenizer()
+    scores = []
+    for p, g in _prepared(preds, golds, prepared):
+        bp, bg = _bigrams(tok(p).split()), _bigrams(tok(g).split())
+        overlap = sum(min(n, bg.get(k, 0)) for k, n in bp.items())
+        if not overlap:
+            scores.append(0.0)
+            continue
+        precision, recall = overlap / sum(bp.values()), overlap / sum(bg.values())
+        scores.append(2 * precision * recall / (precision + recall))
+    return mean(scores)
+
+
+def _cached_model(repo: str, metric: str) -> str:
+    """The local Hugging Face cache folder of `repo`; MetricUnavailable saying what to download otherwise."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, local_files_only=True)
+    except Exception as e:  # LocalEntryNotFoundError and friends: the model is not in the cache
+        raise MetricUnavailable(
+            f"{metric} needs the model {repo} in the local Hugging Face cache "
+            f"(`huggingface-cli download {repo}` on a machine with hub access): {type(e).__name__}"
+        ) from None
+
+
+def comet_wmt22(
+    preds: Sequence[str], golds: Sequence[str], prepared: bool = False, inputs: Sequence[str] | None = None
+) -> float:
+    """COMET (Unbabel/wmt22-comet-da) system score, as llm-jp-eval v1.3 calls it: src = the sample's input,
+    mt = the prediction, ref = the gold; batch size 8; the mean of the segment scores."""
+    pairs = _prepared(preds, golds, prepared)
+    if inputs is None or len(inputs) != len(preds):
+        raise ValueError("comet_wmt22 needs the source inputs, one per prediction")
+    try:
+        from comet import load_from_checkpoint
+    except ImportError:
+        raise MetricUnavailable("comet_wmt22 needs the unbabel-comet package (`pip install -e .[metrics]`)") from None
+    folder = _cached_model("Unbabel/wmt22-comet-da", "comet_wmt22")
+    model = load_from_checkpoint(f"{folder}/checkpoints/model.ckpt")
+    data = [{"src": s, "mt": p, "ref": g} for s, (p, g) in zip(inputs, pairs, strict=True)]
+    import torch
+
+    out = model.predict(data, batch_size=8, gpus=1 if torch.cuda.is_available() else 0, progress_bar=False)
+    return float(out.system_score)
+
+
+_BERT_SCORE_MODELS = {"en": "roberta-large", "ja": "bert-base-multilingual-cased"}  # bert-score's lang defaults
+
+
+def _bert_score(preds: Sequence[str], golds: Sequence[str], lang: str, prepared: bool) -> float:
+    pairs = _prepared(preds, golds, prepared)
+    try:
+        import bert_score
+    except ImportError:
+        raise MetricUnavailable(
+            f"bert_score_{lang}_f1 needs the bert-score package (`pip install -e .[metrics]`)"
+        ) from None
+    _cached_model(_BERT_SCORE_MODELS[lang], f"bert_score_{lang}_f1")
+    _, _, f1 = bert_score.score([p for p, _ in pairs], [g for _, g in pairs], lang=lang)
+    return float(f1.mean())
+
+
+def bert_score_en_f1(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> float:
+    """BERTScore F1 with bert-score's English default (roberta-large, no idf, no rescaling), mean over samples."""
+    return _bert_score(preds, golds, "en", prepared)
+
+
+def bert_score_ja_f1(preds: Sequence[str], golds: Sequence[str], prepared: bool = False) -> float:
+    """BERTScore F1 with bert-score's Japanese default (bert-base-multilingual-cased), mean over samples."""
+    return _bert_score(preds, golds, "ja", prepared)
 
 
 def out_of_label_rate(preds: Sequence[str], labels: set[str]) -> float:
@@ -250,13 +358,28 @@ METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     "bleu_en": bleu_en,
     "bleu_ja": bleu_ja,
     "mawps_exact_match": mawps_exact_match,  # a score key in llm-jp-eval, kept so either name works
+    "rouge2": rouge2,
+    "comet_wmt22": comet_wmt22,
+    "bert_score_en_f1": bert_score_en_f1,
+    "bert_score_ja_f1": bert_score_ja_f1,
 }
+# Metrics that read the samples' inputs too (the translation source).
+NEEDS_INPUTS = {"comet_wmt22"}
 
 
-def score(metric: str, preds: Sequence[str], golds: Sequence[str]) -> float:
-    """Compute the named llm-jp-eval metric."""
+def score(
+    metric: str,
+    preds: Sequence[str],
+    golds: Sequence[str],
+    prepared: bool = False,
+    inputs: Sequence[str] | None = None,
+) -> float:
+    """Compute the named llm-jp-eval metric (prepared=True: the strings are already extracted answers and
+    normalised golds). MetricUnavailable when it cannot run here."""
     try:
         fn = METRICS[metric]
     except KeyError:
         raise ValueError(f"unknown metric {metric!r}; known metrics: {', '.join(sorted(METRICS))}") from None
-    return fn(preds, golds)
+    if metric in NEEDS_INPUTS:
+        return fn(preds, golds, prepared, inputs=inputs)
+    return fn(preds, golds, prepared)

@@ -14,6 +14,7 @@ import pytest
 from selftrain import evaluate
 from selftrain.config import EvalConfig, EvalMarkers, resolve_run_config
 from selftrain.evaluate import Dataset, aggregate, build_prompt, fit_prompt, load_dataset, load_datasets
+from selftrain.evaluate.protocols import ProtocolError, load_protocol
 from selftrain.io import DataError, read_jsonl
 from selftrain.metrics import out_of_label_rate, prepare_prediction, score
 from selftrain.runner import execute_stage
@@ -69,17 +70,27 @@ def test_prompt_layout_matches_llm_jp_eval() -> None:
     assert (
         build_prompt("足して。", [], "5+5", "", EvalMarkers()) == "### 指示:\n足して。\n\n### 入力:\n5+5\n\n### 応答:\n"
     )
-    # The first k few-shots of the file, in order; fewer if the file has fewer.
+    # The own protocol: the first k few-shots of the file, in order.
     ds = Dataset("d", Path("d.json"), "Add.", 2, ["exact_match"], shots, [{"input": "5+5", "output": "10"}])
     cfg = EvalConfig(num_few_shots=2, preamble="P", markers=EN_MARKERS)
-    prompt, k, fits = fit_prompt(ds, "5+5", cfg, len, 10_000)
+    proto = load_protocol(cfg)
+    picked = proto.few_shots(ds)
+    assert picked == shots[:2]
+
+    def render(sh):
+        return proto.prompt(ds, sh, "5+5")
+
+    prompt, k, fits = fit_prompt(render, picked, 2, len, 10_000)
     assert (k, fits) == (2, True) and prompt == build_prompt("Add.", shots[:2], "5+5", "P", EN_MARKERS)
-    assert fit_prompt(ds, "5+5", cfg.model_copy(update={"num_few_shots": 9}), len, 10_000)[1] == 3
+    # Wanting more than the file has, with no train split beside it: an error, never fewer in silence.
+    with pytest.raises(ProtocolError, match=r"9 few-shots wanted but the file has 3 few_shots and .*train"):
+        load_protocol(cfg.model_copy(update={"num_few_shots": 9})).few_shots(ds)
     # Too long for the context: few-shots are dropped from the end until prompt + output_length fits.
     one_shot = len(build_prompt("Add.", shots[:1], "5+5", "P", EN_MARKERS))
-    prompt, k, fits = fit_prompt(ds, "5+5", cfg, len, one_shot + 2)
+    prompt, k, fits = fit_prompt(render, picked, 2, len, one_shot + 2)
     assert (k, fits) == (1, True) and prompt.count("### Input:") == 2
-    assert fit_prompt(ds, "5+5", cfg, len, 5)[1:] == (0, False)
+    assert fit_prompt(render, picked, 2, len, 5)[1:] == (0, False)
+    assert fit_prompt(render, picked, 2, len, one_shot + 2, shorten=False)[1:] == (2, False)  # llm-jp-eval
 
 
 # ------------------------------------------------------------------------------------------- malformed files
@@ -95,7 +106,7 @@ BAD = {
     "no_input": (lambda d: d["few_shots"][1].pop("input"), "field 'few_shots[1].input': missing"),
     "bad_length": (lambda d: d.update(output_length="3"), "field 'output_length'"),
     "bool_length": (lambda d: d.update(output_length=True), "field 'output_length'"),
-    "no_metric": (lambda d: d.update(metrics=["rouge2"]), "field 'metrics': none of ['rouge2'] is implemented"),
+    "no_metric": (lambda d: d.update(metrics=["code_exec"]), "field 'metrics': none of ['code_exec'] is implemented"),
     "empty_metrics": (lambda d: d.update(metrics=[]), "field 'metrics'"),
     "bad_labels": (lambda d: d.update(label_list="entailment"), "field 'label_list'"),
     "empty_samples": (lambda d: d.update(samples=[]), "field 'samples': empty list"),
@@ -120,11 +131,11 @@ def test_bad_files_are_reported_and_the_others_load(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text('{"instruction": "x", ')
     (tmp_path / "list.json").write_text("[1, 2]")
     data = _good()
-    data["metrics"] = ["comet_wmt22", "exact_match"]  # an unimplemented metric besides a known one
+    data["metrics"] = ["code_exec", "exact_match"]  # an unimplemented metric besides a known one
     (tmp_path / "partial.json").write_text(json.dumps(data))
     good, errors = load_datasets(tmp_path)
     assert [d.name for d in good] == ["nli", "partial"]
-    assert good[1].main_metric == "exact_match" and good[1].unsupported_metrics == ["comet_wmt22"]
+    assert good[1].main_metric == "exact_match" and good[1].unsupported_metrics == ["code_exec"]
     assert good[0].label_list == ["entailment", "contradiction", "neutral"]
     assert {e["dataset"] for e in errors} == {"broken", "list"}
     assert all(e["path"] in e["error"] for e in errors)
@@ -236,7 +247,7 @@ def test_scores_of_an_oracle_backend(
             golds[smp["input"]] = (path.stem, i, smp["output"])
     calls = []
 
-    def oracle(folder, model_cfg, gen, prompts, backend, progress, chat=True, max_new_tokens=None) -> list[dict]:
+    def oracle(folder, model_cfg, gen, prompts, backend, progress, chat=True, max_new_tokens=None, **kw) -> list[dict]:
         calls.append((len(prompts), chat, max_new_tokens))
         out = []
         for k, prompt in enumerate(prompts):

@@ -130,7 +130,7 @@ def test_no_reference_outside_the_repository() -> None:
         if p.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".ipynb", ".txt"} or f.startswith("results/"):
             continue
         text = p.read_text(errors="replace")
-        for bad in ("../shared", "DESIGN.md"):
+        for bad in ("../" + "shared", "DESIGN" + ".md"):  # spelt in parts so this file does not match itself
             if bad in text:
                 hits.append(f"{f}: {bad}")
     assert not hits, "the repository must stand on its own:\n" + "\n".join(hits)

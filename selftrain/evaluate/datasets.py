@@ -14,7 +14,10 @@ from selftrain.paths import resolve_path
 
 # Correlation metrics read the gold answers as numbers; a gold that is not one is a malformed file.
 NUMERIC_GOLD_METRICS = {"pearson", "spearman"}
-REQUIRED_FIELDS = ("instruction", "output_length", "metrics", "few_shots", "samples")
+REQUIRED_FIELDS = ("instruction", "output_length", "metrics", "samples")
+# Keys only llm-jp-eval v2's files carry (its DATASET.md); v1.x files carry `few_shots` (always [] in
+# llm-jp-eval's own trees: few-shots come from the train split).
+V2_FIELDS = ("num_few_shots", "answer_extract_pattern", "answer_pattern_id", "language", "custom_prompt_template")
 
 
 @dataclass
@@ -30,14 +33,20 @@ class Dataset:
     samples: list[dict[str, str]]
     label_list: list[str] | None = None
     unsupported_metrics: list[str] = field(default_factory=list)
+    fields: list[str] = field(default_factory=list)  # the top-level keys the file has
+    num_few_shots: int | None = None  # v2: the file's own k
+    answer_extract_pattern: str | None = None  # v2
+    answer_pattern_id: str | None = None  # v2
+    language: str | None = None  # v2
+    custom_prompt_template: str | None = None  # v2
 
     @property
     def scored_metrics(self) -> list[str]:
         return [m for m in self.metrics if m in METRICS]
 
     @property
-    def main_metric(self) -> str:
-        return self.scored_metrics[0]
+    def main_metric(self) -> str | None:
+        return self.scored_metrics[0] if self.scored_metrics else None
 
 
 def _pairs(value: Any, key: str, path: Path, non_empty: bool) -> list[dict[str, str]]:
@@ -58,8 +67,11 @@ def _pairs(value: Any, key: str, path: Path, non_empty: bool) -> list[dict[str, 
     return out
 
 
-def load_dataset(path: str | Path) -> Dataset:
-    """Read and validate one dataset file; DataError names the path and the offending field."""
+def load_dataset(path: str | Path, require_metric: bool = True) -> Dataset:
+    """Read and validate one dataset file; DataError names the path and the offending field.
+
+    require_metric=False accepts a file none of whose metrics is implemented here (an llm-jp-eval protocol
+    then reports the dataset "not comparable" rather than refusing the file)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: dataset file not found")
@@ -77,12 +89,19 @@ def load_dataset(path: str | Path) -> Dataset:
     metrics = data["metrics"]
     if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
         raise DataError(f"{path}: field 'metrics': expected a non-empty list of metric names, got {metrics!r}")
-    if not any(m in METRICS for m in metrics):
+    if require_metric and not any(m in METRICS for m in metrics):
         raise DataError(
             f"{path}: field 'metrics': none of {metrics} is implemented (known: {', '.join(sorted(METRICS))})"
         )
-    few_shots = _pairs(data["few_shots"], "few_shots", path, non_empty=False)
+    few_shots = _pairs(data["few_shots"], "few_shots", path, non_empty=False) if "few_shots" in data else []
     samples = _pairs(data["samples"], "samples", path, non_empty=True)
+    v2: dict[str, Any] = {}
+    for key, kind in (("num_few_shots", int), ("answer_extract_pattern", str), ("answer_pattern_id", str),
+                      ("language", str), ("custom_prompt_template", str)):  # fmt: skip
+        value = data.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise DataError(f"{path}: field '{key}': expected {kind.__name__} or null, got {value!r}")
+        v2[key] = value
     labels = data.get("label_list")
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
         raise DataError(f"{path}: field 'label_list': expected a list of strings, got {labels!r}")
@@ -105,6 +124,8 @@ def load_dataset(path: str | Path) -> Dataset:
         samples=samples,
         label_list=list(labels) if labels else None,
         unsupported_metrics=[m for m in metrics if m not in METRICS],
+        fields=sorted(data),
+        **v2,
     )
 
 
@@ -119,7 +140,9 @@ def dataset_paths(datasets_dir: str | Path, names: Sequence[str] = ()) -> list[P
     return paths
 
 
-def load_datasets(datasets_dir: str | Path, names: Sequence[str] = ()) -> tuple[list[Dataset], list[dict[str, str]]]:
+def load_datasets(
+    datasets_dir: str | Path, names: Sequence[str] = (), require_metric: bool = True
+) -> tuple[list[Dataset], list[dict[str, str]]]:
     """The valid datasets of a folder (all *.json, or `names` in that order) and one error record per bad one.
 
     A bad file does not stop the others: it becomes ``{"dataset", "path", "error"}``. A missing folder does.
@@ -127,7 +150,7 @@ def load_datasets(datasets_dir: str | Path, names: Sequence[str] = ()) -> tuple[
     good, errors = [], []
     for p in dataset_paths(datasets_dir, names):
         try:
-            good.append(load_dataset(p))
+            good.append(load_dataset(p, require_metric))
         except DataError as e:
             errors.append({"dataset": p.stem, "path": str(p), "error": str(e)})
     return good, errors

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from selftrain.config import EvalConfig, EvalMarkers
-from selftrain.evaluate.datasets import Dataset
+from selftrain.config import EvalMarkers
 
 
 def build_prompt(
@@ -25,20 +24,26 @@ def build_prompt(
 
 
 def fit_prompt(
-    dataset: Dataset, input_text: str, cfg: EvalConfig, count_tokens: Callable[[str], int], max_len: int
+    render: Callable[[Sequence[Mapping[str, str]]], str],
+    shots: Sequence[Mapping[str, str]],
+    output_length: int,
+    count_tokens: Callable[[str], int],
+    max_len: int,
+    shorten: bool = True,
 ) -> tuple[str, int, bool]:
-    """The prompt with the first k few-shots, k lowered until prompt + output_length fit in max_len.
+    """The prompt with the given few-shots, and with shorten=True fewer (k lowered) until prompt + output
+    fit in max_len. Returns (prompt, k used, fits).
 
-    Returns (prompt, k used, fits). llm-jp-eval does not shorten (its datasets fit 4k-token models); here
-    a small model's context must not crash the whole stage, and every shortened prompt is counted.
-    """
-    k = min(cfg.num_few_shots, len(dataset.few_shots))
+    llm-jp-eval does not shorten (its datasets fit 4k-token models), so its protocols pass shorten=False: a
+    prompt that does not fit is counted and scored as an empty answer. The own protocol shortens so that a
+    small model's context does not crash the stage; every shortened prompt is counted."""
+    k = len(shots)
     while True:
-        prompt = build_prompt(dataset.instruction, dataset.few_shots[:k], input_text, cfg.preamble, cfg.markers)
-        if count_tokens(prompt) + dataset.output_length <= max_len:
+        prompt = render(shots[:k])
+        if count_tokens(prompt) + output_length <= max_len:
             return prompt, k, True
-        if k == 0:
-            return prompt, 0, False
+        if k == 0 or not shorten:
+            return prompt, k, False
         k -= 1
 
 
@@ -55,10 +60,10 @@ def token_counter(tok: Any, chat: bool) -> Callable[[str], int]:
     return lambda prompt: len(tok(prompt)["input_ids"])
 
 
-def bos_prefix(tok: Any, backend: str, chat: bool) -> str:
+def bos_prefix(tok: Any, backend: str, chat: bool, add_bos: bool = True) -> str:
     # llm-jp-eval tokenises plain prompts with the tokenizer's special tokens (BOS for llm-jp-3), and so does
     # vLLM; our transformers backend encodes prompt strings without them, so the BOS goes into the text.
-    if chat or backend != "transformers" or tok.bos_token is None:
+    if not add_bos or chat or backend != "transformers" or tok.bos_token is None:
         return ""
     ids = tok("a")["input_ids"]
     return tok.bos_token if ids and ids[0] == tok.bos_token_id else ""

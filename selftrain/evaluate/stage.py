@@ -29,10 +29,10 @@ import pandas as pd
 from selftrain.config import EvalConfig, GenerationConfig, ModelConfig
 from selftrain.evaluate.datasets import Dataset, dataset_paths, load_datasets
 from selftrain.evaluate.prompts import bos_prefix, fit_prompt, token_counter
+from selftrain.evaluate.protocols import Protocol, ProtocolError, load_protocol
 from selftrain.evaluate.scoring import aggregate, category_of, score_dataset
 from selftrain.inference import device, generate_candidates, pick_backend
 from selftrain.io import DataError, read_jsonl, write_json, write_jsonl
-from selftrain.metrics import prepare_gold, prepare_prediction
 from selftrain.paths import resolve_path
 from selftrain.plots import plt
 from selftrain.runs import Run
@@ -52,36 +52,45 @@ def evaluate(
     backend: str,
     seed: int = 1234,
     progress: bool = True,
+    protocol: Protocol | None = None,
 ) -> tuple[list[dict[str, Any]], pd.DataFrame, dict[str, Any]]:
-    """Ask every sample of every dataset in one backend call (the model is loaded once) and score them.
+    """Ask every sample of every dataset in one backend call (the model is loaded once) and score them as the
+    protocol says (default: the config's own).
 
     Returns (per-sample prediction records, per-dataset score table, run facts: timings, prompt examples).
     """
     from transformers import AutoTokenizer
 
+    protocol = protocol or load_protocol(cfg)
     tok = AutoTokenizer.from_pretrained(folder)
     count = token_counter(tok, cfg.chat_template)
-    bos = bos_prefix(tok, backend, cfg.chat_template)
+    bos = bos_prefix(tok, backend, cfg.chat_template, protocol.add_bos)
     jobs: list[dict[str, Any]] = []
     examples: dict[str, str] = {}
+    wanted: dict[str, int] = {}
     for ds in datasets:
+        shots = protocol.few_shots(ds)
+        wanted[ds.name] = len(shots)
         for i, s in enumerate(ds.samples[: cfg.max_samples]):
-            prompt, k, fits = fit_prompt(ds, s["input"], cfg, count, model_cfg.max_model_len)
+            prompt, k, fits = fit_prompt(
+                lambda sh, ds=ds, s=s: protocol.prompt(ds, sh, s["input"]),
+                shots,
+                protocol.max_new_tokens(ds),
+                count,
+                model_cfg.max_model_len,
+                shorten=protocol.own,
+            )
             examples.setdefault(ds.name, prompt)
             jobs.append({"ds": ds, "index": i, "sample": s, "prompt": prompt, "few_shots": k, "fits": fits})
     todo = [j for j in jobs if j["fits"]]
     if backend == "transformers":
         # Batches are cut per token cap in list order: sorting by length keeps padding (wasted prefill) small.
         todo.sort(key=lambda j: (j["ds"].output_length, count(j["prompt"])))
+    caps = [protocol.max_new_tokens(j["ds"]) for j in todo]
     gen = GenerationConfig(
-        backend=backend,
-        n=1,
-        temperature=0.0,
-        top_p=1.0,
-        max_new_tokens=max([j["ds"].output_length for j in todo], default=1),
-        seed=seed,
+        backend=backend, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max(caps, default=1), seed=seed,
         batch_size=cfg.batch_size,
-    )
+    )  # fmt: skip
     t0 = time.perf_counter()
     outs: list[dict[str, Any]] = []
     if todo:
@@ -91,15 +100,9 @@ def evaluate(
             else [bos + j["prompt"] for j in todo]
         )
         outs = generate_candidates(
-            folder,
-            model_cfg,
-            gen,
-            prompts,
-            backend,
-            progress,
-            chat=cfg.chat_template,
-            max_new_tokens=[j["ds"].output_length for j in todo],
-        )
+            folder, model_cfg, gen, prompts, backend, progress, chat=cfg.chat_template, max_new_tokens=caps,
+            add_special_tokens=protocol.add_bos,
+        )  # fmt: skip
     seconds = time.perf_counter() - t0
     for j, o in zip(todo, sorted(outs, key=lambda r: r["prompt_index"]), strict=True):
         j["out"] = o
@@ -107,7 +110,7 @@ def evaluate(
     for j in jobs:
         ds, s, o = j["ds"], j["sample"], j.get("out")
         raw = o["text"] if o else ""  # a prompt too long for the model scores as an empty answer
-        pred = prepare_prediction(raw)
+        pred, gold = protocol.extract(ds, raw), protocol.gold(s["output"])
         records.append(
             {
                 "dataset": ds.name,
@@ -116,8 +119,8 @@ def evaluate(
                 "gold": s["output"],
                 "raw": raw,
                 "prediction": pred,
-                "exact": pred == prepare_gold(s["output"]),
-                "in_labels": (pred in {prepare_gold(x) for x in ds.label_list}) if ds.label_list else None,
+                "exact": pred == gold,
+                "in_labels": (pred in {protocol.gold(x) for x in ds.label_list}) if ds.label_list else None,
                 "few_shots": j["few_shots"],
                 "finish_reason": o["finish_reason"] if o else "too_long",
                 "num_tokens": o["num_tokens"] if o else 0,
@@ -126,9 +129,18 @@ def evaluate(
     rows = []
     for ds in datasets:
         recs = [r for r in records if r["dataset"] == ds.name]
-        row = {"dataset": ds.name, **score_dataset(ds, [r["raw"] for r in recs], [r["gold"] for r in recs])}
+        scored = score_dataset(
+            ds,
+            [r["prediction"] for r in recs],
+            [protocol.gold(r["gold"]) for r in recs],
+            main=protocol.main_metric(ds),
+            inputs=[r["input"] for r in recs],
+            prepared=True,
+        )
+        row = {"dataset": ds.name, **scored}
         row["few_shots"] = min(r["few_shots"] for r in recs)
-        row["shortened"] = sum(r["few_shots"] < min(cfg.num_few_shots, len(ds.few_shots)) for r in recs)
+        row["few_shots_wanted"] = wanted[ds.name]
+        row["shortened"] = sum(r["few_shots"] < wanted[ds.name] for r in recs)
         row["too_long"] = sum(r["finish_reason"] == "too_long" for r in recs)
         rows.append(row)
     facts = {
@@ -166,24 +178,36 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     ev = cfg.eval
     folder = run.model_under_test()  # M0 for baseline; refuses an unfinished training stage
     files = [p for p in dataset_paths(ev.datasets_dir, ev.datasets) if p.is_file()]
+    files += [t for p in files if (t := p.parent.parent / "train" / p.name).is_file()]  # few-shot sources
     with run.stage(STAGE, inputs=files) as info:
         t0 = time.time()
-        datasets, errors = load_datasets(ev.datasets_dir, ev.datasets)
+        protocol = load_protocol(ev)
+        datasets, errors = load_datasets(ev.datasets_dir, ev.datasets, require_metric=protocol.own)
+        bad = []
+        for ds in datasets:
+            try:
+                protocol.check_dataset(ds)
+            except ProtocolError as e:
+                bad.append(str(e))
+        if bad:  # every mismatched file at once, one line each
+            raise ProtocolError(f"{len(bad)} dataset file(s) do not match eval.protocol:\n  " + "\n  ".join(bad))
         for e in errors:
             warnings.warn(f"dataset skipped: {e['error']}", stacklevel=2)
         if not datasets:
             raise DataError("no valid benchmark dataset:\n  " + "\n  ".join(e["error"] for e in errors))
         backend = pick_backend(ev.backend)
-        records, table, facts = evaluate(folder, cfg.model, ev, datasets, backend, cfg.seed, progress)
-        agg = aggregate(table, ev.categories, ev.avg_excludes)
+        records, table, facts = evaluate(folder, cfg.model, ev, datasets, backend, cfg.seed, progress, protocol)
+        categories = protocol.category_names()
+        blocked = [r["dataset"] for r in table.to_dict(orient="records") if not r["comparable"]]
+        agg = aggregate(table, categories, protocol.avg_excludes, protocol.empty_category, blocked)
         pred_file = run.data_dir / "eval_predictions.jsonl"
         write_jsonl(pred_file, records)
-        saved = _score_columns(table, ev.categories)
+        saved = _score_columns(table, categories)
         tmp = scores_file.with_name(".eval_scores.csv.tmp")
         saved.to_csv(tmp, index=False)
         tmp.replace(scores_file)
         per_dataset = {
-            r["dataset"]: {**_no_nan(r), "category": category_of(r["dataset"], ev.categories)}
+            r["dataset"]: {**_no_nan(r), "category": category_of(r["dataset"], categories)}
             for r in table.to_dict(orient="records")
         }
         for name, row in per_dataset.items():
@@ -191,6 +215,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             row["prompt_example"] = facts["prompt_examples"].get(name)
         metrics = {
             "model_under_test": str(folder),
+            **protocol.describe(),
             "backend": backend,
             "device": device(),
             "datasets_dir": str(resolve_path(ev.datasets_dir)),
@@ -199,6 +224,10 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             "chat_template": ev.chat_template,
             "avg": agg["avg"],
             "avg_complete": agg["avg_complete"],
+            "avg_comparable": agg["avg_comparable"],
+            "not_comparable": {
+                r["dataset"]: r["not_comparable_reason"] for r in table.to_dict(orient="records") if not r["comparable"]
+            },
             "avg_categories": agg["avg_categories"],
             "avg_excludes": agg["avg_excludes"],
             "categories": agg["categories"],
@@ -213,6 +242,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         info["outputs"] = [pred_file, scores_file, run.metrics_dir / "eval.json"]
         info["metrics"] = {
             "avg": agg["avg"],
+            "protocol": protocol.name,
             "backend": backend,
             "samples": facts["samples"],
             "samples_per_second": facts["samples_per_second"],
@@ -234,6 +264,7 @@ def category_table(run: Run) -> pd.DataFrame:
             "score": v["score"],
             "datasets": ", ".join(v["datasets"]),
             "missing": ", ".join(v["missing"]),
+            "not_comparable": ", ".join(v.get("not_comparable", [])),
             "in_avg": c in m["avg_categories"],
         }
         for c, v in m["categories"].items()
@@ -244,6 +275,7 @@ def category_table(run: Run) -> pd.DataFrame:
             "score": m["avg"],
             "datasets": ", ".join(m["avg_categories"]),
             "missing": "",
+            "not_comparable": "" if m.get("avg_comparable", True) else "AVG not comparable",
             "in_avg": None,
         }
     )
