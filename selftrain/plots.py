@@ -21,7 +21,9 @@ def save_figure(fig: Any, stem: Path) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=120)
+        # No creation date in the PDF: the same figure gives the same bytes, so regenerating committed
+        # figures from unchanged results leaves git status clean.
+        fig.savefig(buf, format=ext, dpi=120, metadata={"CreationDate": None} if ext == "pdf" else None)
         paths.append(atomic_write_bytes(Path(stem).with_suffix(f".{ext}"), buf.getvalue()))
     plt.close(fig)
     return paths

@@ -11,7 +11,6 @@ from typing import Any
 import yaml
 
 from selftrain.io import DataError, atomic_write_text, read_json
-from selftrain.runs import _now
 from selftrain.schema import STAGES, criterion, read_metrics
 
 
@@ -73,7 +72,7 @@ def write_study_index(study_dir: str | Path) -> Path:
     lines = [
         f"# Study `{study_dir.name}`",
         "",
-        f"Index of every run under this folder, written {_now()} from the run folders alone "
+        "Index of every run under this folder, written from the run folders alone "
         "(`python -m selftrain index --study-dir ...` rewrites it). Figures of the whole study: `figures/` "
         "(`make figures`).",
         "",

@@ -4,6 +4,7 @@ reported (never crashed on), every figure/table file written, the CLI and the no
 from __future__ import annotations
 
 import json
+import time
 import math
 import os
 import shutil
@@ -293,3 +294,25 @@ def test_make_figures_writes_every_file(executed: nbformat.NotebookNode, tree: t
     assert "stage judge failed" in missing and "metrics/eval.json missing" in missing
     readme = (study_dir / "README.md").read_text()
     assert "tiny-150m" in readme and "[v002]" in readme  # the per-study index, every version listed
+
+
+def test_regenerating_from_unchanged_results_gives_identical_bytes(tmp_path: Path) -> None:
+    """No wall-clock time in any written file (PDF creation dates, the index): a rerun changes nothing."""
+    results, study_file = build_tree(tmp_path)
+    study_dir = results / STUDY
+
+    def snapshot() -> dict[str, bytes]:
+        return {
+            str(p.relative_to(study_dir)): p.read_bytes()
+            for p in sorted(study_dir.rglob("*"))
+            if p.is_file() and p.parent.name in ("figures", "tables", STUDY)
+        }
+
+    figures.make_figures(STUDY, results, study_file=study_file, verbose=False)
+    first = snapshot()
+    assert any(k.endswith(".pdf") for k in first) and "README.md" in first
+    time.sleep(1.1)  # timestamps have one-second resolution: a clock in any file would now differ
+    figures.make_figures(STUDY, results, study_file=study_file, verbose=False)
+    second = snapshot()
+    assert first.keys() == second.keys()
+    assert [k for k in first if first[k] != second[k]] == []
