@@ -4,11 +4,11 @@ reported (never crashed on), every figure/table file written, the CLI and the no
 from __future__ import annotations
 
 import json
-import time
 import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import nbformat
