@@ -31,13 +31,18 @@ STAGE = "generate"
 # ------------------------------------------------------------------------------------------- stage
 
 
-def generation_key(folder: Path, prompts: list[dict], gen: GenerationConfig, backend: str) -> str:
-    """Hash of what determines the samples: model, prompt conversations, sampling params, backend."""
+def generation_key(
+    folder: Path, prompts: list[dict], gen: GenerationConfig, backend: str, max_model_len: int | None = None
+) -> str:
+    """Hash of what determines the samples: model, prompt conversations, sampling params, backend, and the
+    context length (vLLM refuses, transformers truncates nothing: either way it can change what comes out)."""
     sampling = gen.model_dump()
     sampling.pop("batch_size")  # changes speed, not samples... except transformers' per-batch seeds:
     if backend == "transformers":
         sampling["batch_size"] = gen.batch_size
     sampling["backend"] = backend
+    if max_model_len is not None:
+        sampling["max_model_len"] = max_model_len
     return sha256_json(
         {
             "model": model_fingerprint(folder),
@@ -58,7 +63,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         prompts = load_prompts(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files)
         folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
         backend = pick_backend(cfg.generation.backend)
-        key = generation_key(folder, prompts, cfg.generation, backend)
+        key = generation_key(folder, prompts, cfg.generation, backend, cfg.model.max_model_len)
         cache = resolve_path(cfg.output.cache_dir) / "generations" / key
         if (cache / "_SUCCESS").is_file():
             meta = read_json(cache / "meta.json")

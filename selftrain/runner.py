@@ -126,6 +126,8 @@ def _run_cell(
     try:
         cfg = resolve_run_config(model, method, study_path, overrides, check_trainer=True)
         run = create_run(cfg, new_version=new_version)
+        if run.note:
+            log(f"[{model}/{method}] {run.note} -> {run.dir.name}")
         for stage in [s for s in cfg.stages if s in wanted]:
             if run.is_done(stage):
                 log(f"[{model}/{method}] {stage}: already done, skipped ({run.dir.name})")

@@ -85,6 +85,64 @@ def _hardware() -> dict[str, Any]:
     return hw
 
 
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _cached_sha256(path: Path) -> str:
+    """sha256 of a file, remembered while its size and mtime stay the same (is_done is asked often)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
+def input_files(cfg: RunConfig) -> list[Path]:
+    """Every file whose content shapes a run's outputs, for the stages it runs: prompt set, judge sets and
+    rubrics, eval datasets with their train splits, the rules and third-party checkouts' prompt files."""
+    from selftrain.data import prompt_files
+
+    out: list[Path] = []
+    stages = set(cfg.stages)
+    if stages & {"generate", "select", "sft", "dpo"}:
+        try:
+            out += prompt_files(cfg.prompts.path, cfg.prompts.hub_files)
+        except Exception:  # a hub set not downloaded here: stage 01 says so; it is not an input of eval alone
+            out.append(resolve_path(cfg.prompts.path))
+    if "judge" in stages:
+        j = cfg.judge
+        out += [resolve_path(j.quality_set), resolve_path(j.safety_set)]
+        out += sorted((resolve_path(j.rubric_dir) / j.language).glob("*.txt"))
+        checkout = getattr(getattr(j, "llm_jp_judge", None), "path", None)
+        if getattr(j, "protocol", "own") != "own" and checkout:
+            out += sorted((resolve_path(checkout) / "src" / "llm_jp_judge" / "config").rglob("*.yaml"))
+    if "eval" in stages:
+        ev = cfg.eval
+        folder = resolve_path(ev.datasets_dir)
+        names = [folder / f"{n}.json" for n in ev.datasets] if ev.datasets else sorted(folder.glob("*.json"))
+        out += names + [p.parent.parent / "train" / p.name for p in names]
+        if ev.protocol != "own":
+            out.append(resolve_path(ev.protocol_file) if ev.protocol_file else project_root() / "params" / "eval" /
+                       f"{ev.protocol}.yaml")  # fmt: skip
+            if ev.llm_jp_eval_dir:
+                src = resolve_path(ev.llm_jp_eval_dir)
+                out += [src / "pyproject.toml", src / "eval_configs" / "all_datasets.yaml"]
+                out += [src / "src" / "llm_jp_eval" / f for f in ("utils.py", "prompts.py", "answer_parser.py")]
+    return out
+
+
+def input_fingerprint(cfg: RunConfig) -> dict[str, str]:
+    """Path -> sha256 of every input file (absent ones recorded as 'absent'), and the model's fingerprint when
+    it is a local folder: two runs with the same params but another input never share a version."""
+    fp = {str(p): (_cached_sha256(p) if p.is_file() else "absent") for p in input_files(cfg)}
+    local = resolve_path(cfg.model.path) if ":" not in cfg.model.path else None
+    if local is not None and (local / "config.json").is_file():
+        from selftrain.models import model_fingerprint
+
+        fp[f"model:{local}"] = sha256_json(model_fingerprint(local))
+    return fp
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -95,6 +153,7 @@ class Run:
 
     dir: Path
     config: RunConfig
+    note: str = ""  # why create_run started this version rather than resuming the last one
 
     # ------------------------------------------------------------------ layout
     @property
@@ -121,7 +180,27 @@ class Run:
         return self.dir / "stages" / stage / "_SUCCESS"
 
     def is_done(self, stage: str) -> bool:
-        return self.marker(stage).is_file()
+        """Done: the marker exists and every output it recorded is there with its recorded sha256."""
+        return self.marker(stage).is_file() and not self.damaged_outputs(stage)
+
+    def damaged_outputs(self, stage: str) -> list[str]:
+        """Outputs of a finished stage that are missing or changed since it finished (empty when intact)."""
+        try:
+            outputs = self.stage_record(stage).get("outputs") or {}
+        except (OSError, ValueError):
+            return [str(self.marker(stage))]
+        bad = []
+        for rel, digest in outputs.items():
+            p = Path(rel) if Path(rel).is_absolute() else self.dir / rel
+            if not p.is_file():
+                bad.append(f"{rel} (missing)")
+            elif _cached_sha256(p) != digest:
+                bad.append(f"{rel} (changed)")
+        return bad
+
+    def intact(self) -> bool:
+        """Every stage with a marker still has its outputs: a version that can be resumed."""
+        return all(not self.damaged_outputs(s) for s in self.config.stages if self.marker(s).is_file())
 
     def is_complete(self) -> bool:
         return all(self.is_done(s) for s in self.config.stages)
@@ -179,6 +258,9 @@ class Run:
         """Raise StageNotDone unless `stage` is done in this run: the one "run X first" error of every stage."""
         if not self.is_done(stage):
             nb = NOTEBOOKS[stage].removesuffix(".ipynb")
+            if self.marker(stage).is_file():  # finished once, but its outputs are gone or edited since
+                damaged = ", ".join(self.damaged_outputs(stage))
+                raise StageNotDone(f"{self.dir}: stage '{stage}' outputs no longer match: {damaged}; rerun {nb}")
             raise StageNotDone(f"{self.dir}: stage '{stage}' is not done{why}; run {nb} first")
 
     def skipped(self, stage: str) -> str | None:
@@ -272,11 +354,27 @@ def create_run(cfg: RunConfig, new_version: bool = False) -> Run:
     parent = run_parent(cfg)
     versions = _versions_of(parent)
     resolved = dump_config(cfg)
+    inputs = input_fingerprint(cfg)
+    note = ""
     if versions and not new_version:
         last = versions[-1]
         p = last / "params.resolved.yaml"
         if p.is_file() and p.read_text() == resolved and (last / "manifest.json").is_file():
-            return Run(last, cfg)
+            run = Run(last, cfg)
+            changed = sorted(k for k in inputs.keys() | (run.manifest().get("inputs") or {}).keys()
+                             if inputs.get(k) != (run.manifest().get("inputs") or {}).get(k))  # fmt: skip
+            damaged = [f"{s}: {', '.join(run.damaged_outputs(s))}" for s in cfg.stages
+                       if run.marker(s).is_file() and run.damaged_outputs(s)]  # fmt: skip
+            if not changed and not damaged:
+                return run
+            # Never resume over changed inputs or into a version whose outputs are gone (a committed
+            # reference keeps no candidates or checkpoints): a new version says why.
+            why = (
+                f"inputs changed since {last.name}: {', '.join(changed[:3])}"
+                if changed
+                else (f"{last.name} has missing or changed outputs ({'; '.join(damaged)[:200]})")
+            )
+            note = f"new version: {why}"
     num = int(VERSION.match(versions[-1].name).group(1)) + 1 if versions else 1
     while True:
         d = parent / f"v{num:03d}"
@@ -299,10 +397,11 @@ def create_run(cfg: RunConfig, new_version: bool = False) -> Run:
         "hardware": _hardware(),
         "seeds": {"seed": cfg.seed, "generation": cfg.generation.seed},
         "params_sha256": sha256_json(cfg.model_dump(mode="json")),
+        "inputs": inputs,
         "stages": {s: {"status": "pending"} for s in cfg.stages},
     }
     write_json(d / "manifest.json", manifest)
-    return Run(d, cfg)
+    return Run(d, cfg, note)
 
 
 def scratch_run(

@@ -79,3 +79,27 @@ def test_stage_success_marker_is_written_last_and_failures_leave_none(
     assert st["status"] == "done" and st["outputs"]["data/candidates.jsonl"] and st["seconds"] >= 0
     assert written[-1] == run.marker("generate")  # the marker is the stage's last write
     assert written[-2] == run.manifest_path and run.marker("generate") not in written[:-1]
+
+
+def test_an_edited_input_or_a_lost_output_never_resumes(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name a colour.", "response": "Blue."}\n')
+    ov = [f"output.results_dir={tmp_path / 'r'}", f"prompts.path={prompts}"]
+    cfg = resolve_run_config("tiny", "central", overrides=ov)
+    a = create_run(cfg)
+    assert a.manifest()["inputs"][str(prompts)] == io.sha256_file(prompts)
+    with a.stage("generate") as info:
+        info["outputs"].append(atomic_write_text(a.data_dir / "candidates.jsonl", "x\n"))
+    assert create_run(cfg).dir == a.dir and a.is_done("generate")  # same params, same inputs: resumed
+    # An edited prompt file: the same params never reuse the old version's outputs.
+    prompts.write_text('{"prompt": "Name a fruit.", "response": "Pear."}\n')
+    b = create_run(cfg)
+    assert b.dir.name == "v002" and "inputs changed since v001" in b.note and str(prompts) in b.note
+    # A finished stage whose output is gone (a committed reference keeps no candidates): not done, not resumed.
+    with b.stage("generate") as info:
+        info["outputs"].append(atomic_write_text(b.data_dir / "candidates.jsonl", "y\n"))
+    (b.data_dir / "candidates.jsonl").unlink()
+    assert not b.is_done("generate") and b.damaged_outputs("generate") == ["data/candidates.jsonl (missing)"]
+    c = create_run(cfg)
+    assert c.dir.name == "v003" and "missing or changed outputs" in c.note
+    assert create_run(cfg).dir == c.dir  # and that one resumes

@@ -10,9 +10,10 @@ import pytest
 
 from selftrain import generate, inference, select
 from selftrain.config import EmbeddingConfig, resolve_run_config
+from selftrain.data import load_prompts
 from selftrain.inference import load_hf
 from selftrain.io import DataError, read_jsonl
-from selftrain.runs import create_run
+from selftrain.runs import StageNotDone, create_run
 
 KEYS = {"prompt_id": str, "candidate_index": int, "text": str, "finish_reason": str, "num_tokens": int, "seed": int}
 
@@ -132,10 +133,15 @@ def test_bad_candidates_file_is_named(tiny_overrides: list[str]) -> None:
     path = run.data_dir / "candidates.jsonl"
     recs = read_jsonl(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in recs[:-1]))  # one candidate missing
-    with pytest.raises(DataError, match=r"candidates.jsonl: prompt 'p5' has candidates \[0, 1\]"):
+    # An output edited after its stage finished is never consumed: the stage is no longer done.
+    with pytest.raises(StageNotDone, match=r"'generate' outputs no longer match: data/candidates.jsonl \(changed\)"):
         select.run(run, progress=False)
-    assert not run.is_done("select") and run.manifest()["stages"]["select"]["status"] == "failed"
+    assert not run.is_done("generate") and not run.is_done("select")
     assert not (run.data_dir / "sft.jsonl").exists()
+    # The file itself, malformed, is named with the prompt whose candidates are incomplete.
+    prompts = load_prompts(run.config.prompts.path)
+    with pytest.raises(DataError, match=r"candidates.jsonl: prompt 'p5' has candidates \[0, 1\]"):
+        select._candidate_matrix(prompts, read_jsonl(path), 3, path)
 
 
 def test_bad_prompt_file_fails_generate_cleanly(tiny_overrides: list[str], tmp_path: Path) -> None:

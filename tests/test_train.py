@@ -3,6 +3,7 @@ labels keep the end-of-turn token, no double BOS, resume after an interruption, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -198,6 +199,10 @@ def test_orders_baseline_and_empty_data(tiny_overrides: list[str], tmp_path: Pat
 
     empty = _selected_run(tiny_overrides, tmp_path / "e")
     (empty.data_dir / "sft.jsonl").write_text("")
+    # As if the selection had kept nothing: the select stage's record names the empty file as its output.
+    rec = empty.stage_record("select")
+    rec["outputs"]["data/sft.jsonl"] = hashlib.sha256(b"").hexdigest()
+    empty.marker("select").write_text(json.dumps(rec))
     with pytest.raises(TrainingError, match="no examples to train on"):
         train.train_stage(empty, "sft", progress=False)
     assert not empty.is_done("sft")
