@@ -42,6 +42,7 @@ def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = F
     stream=True echoes the kernel's output (progress bars included) through the `papermill` logger.
     """
     import papermill as pm
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     src = project_root() / "notebooks" / NOTEBOOKS[stage]
@@ -63,6 +64,12 @@ def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = F
         raise StageFailed(
             f"notebook {src.relative_to(project_root())} failed in cell {e.cell_index} "
             f"(executed copy: {dst}):\n  {e.ename}: {e.evalue}"
+        ) from None
+    except (DeadKernelError, CellTimeoutError, RuntimeError) as e:
+        # The kernel died (OOM killer, segfault) or a cell ran past its timeout: this stage's failure only.
+        cause = "kernel died" if isinstance(e, DeadKernelError) else type(e).__name__
+        raise StageFailed(
+            f"notebook {src.relative_to(project_root())}: {cause} (executed copy: {dst}):\n  {str(e)[:300]}"
         ) from None
     return dst
 
@@ -140,6 +147,8 @@ def _run_cell(
             done.append(stage)
     except (StageFailed, ConfigError, OSError) as e:
         log(f"[{model}/{method}] {stage}: FAILED; the other cells go on\n  {e}")
+        if run is not None and stage in run.config.stages:
+            run.mark_failed(stage, str(e))  # a dead kernel could not record it itself
         return CellResult(
             model, method, run.dir if run else None, done, skipped, round(time.time() - t0, 1), stage, str(e)
         )

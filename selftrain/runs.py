@@ -251,6 +251,19 @@ class Run:
         _set(**record)
         atomic_write_text(self.marker(name), json.dumps(record, indent=2, default=str) + "\n")
 
+    def mark_failed(self, name: str, error: str) -> None:
+        """Record a stage as failed from outside its process (its kernel died before it could)."""
+        if self.is_done(name):
+            return
+        stages = self.manifest().get("stages", {})
+        if stages.get(name, {}).get("status") == "failed":
+            return
+
+        def fn(m: dict) -> None:
+            m["stages"][name] = {**m["stages"].get(name, {}), "status": "failed", "error": error}
+
+        self._update_manifest(fn)
+
     def stage_record(self, name: str) -> dict[str, Any]:
         return json.loads(self.marker(name).read_text())
 

@@ -188,3 +188,52 @@ def test_killed_study_resumes_without_redoing_done_stages(tiny_overrides: list[s
     assert res[0].executed[-1] == "eval"
     m = json.loads((run_dir / "manifest.json").read_text())
     assert {s["status"] for s in m["stages"].values()} == {"done"}
+
+
+def test_a_dead_kernel_fails_only_its_cell(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """A kernel killed mid-stage (as the OOM killer would) is that cell's failure, recorded with its cause;
+    the other cell runs on, and the index says where the first one failed."""
+    import threading
+    import time
+
+    import psutil
+
+    study = tmp_path / "dead.yaml"
+    study.write_text(
+        "study:\n  name: dead\n  models: [tiny]\n  methods: [central, baseline]\n"
+        "  stages: [generate, select, sft, dpo]\nprompts:\n  limit: 4\n"
+    )
+    manifest = tmp_path / "results" / "dead" / "tiny" / "central" / "v001" / "manifest.json"
+    killed: list[int] = []
+
+    def sft_running() -> bool:
+        try:
+            return json.loads(manifest.read_text())["stages"]["sft"]["status"] == "running"
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def killer() -> None:
+        deadline = time.time() + 300
+        while not killed and time.time() < deadline:
+            if sft_running():  # 03_sft's kernel is training
+                for child in psutil.Process().children(recursive=True):
+                    if "ipykernel" in " ".join(child.cmdline()):
+                        child.kill()
+                        killed.append(child.pid)
+                        break
+            time.sleep(0.1)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    logs: list[str] = []
+    res = run_study(str(study), overrides=tiny_overrides, log=logs.append)
+    t.join(timeout=1)
+    central, baseline = res
+    assert killed, "no kernel was running during sft"
+    assert not central.ok and central.failed_stage == "sft" and "kernel died" in central.error
+    m = json.loads((central.run_dir / "manifest.json").read_text())
+    assert m["stages"][central.failed_stage]["status"] == "failed"
+    assert "kernel died" in m["stages"][central.failed_stage]["error"]
+    assert baseline.ok and baseline.executed == ["generate", "select", "sft", "dpo"]
+    index = (tmp_path / "results" / "dead" / "README.md").read_text()
+    assert f"failed at {central.failed_stage}" in index
