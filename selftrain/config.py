@@ -126,7 +126,48 @@ class TrainingConfig(_Section):
     dpo_attn_implementation: str | None = Field(None, description="The same for DPO.")
 
 
+class LlmJpJudgeConfig(_Section):
+    """judge.protocol=llm-jp-judge: prompts, regexes, metrics, system prompts and sampling params are read at run
+    time from the user's own llm-jp-judge checkout (v2.0.0 YAML layout); nothing of it is copied here."""
+
+    path: str | None = Field(
+        None,
+        description="Root of an llm-jp-judge checkout (v2.0.0 or later: src/llm_jp_judge/config/benchmark/"
+        "evaluate.yaml, generate.yaml, prompt/evaluate/*.yaml). Required for judge.protocol=llm-jp-judge.",
+    )
+    quality_benchmark: str = Field(
+        "quality_ja", description="Benchmark key in the checkout's evaluate.yaml / generate.yaml for the quality set."
+    )
+    safety_benchmark: str = Field(
+        "safety_ja", description="Benchmark key in the checkout's evaluate.yaml / generate.yaml for the safety set."
+    )
+    list_placeholders: bool = Field(
+        True,
+        description="Fill each prompt placeholder with a one-element Python list, so the judge prompt holds its "
+        "repr (e.g. ['question']), as llm-jp-judge v2.0.0 does; false: plain strings, as before v2.0.0.",
+    )
+    max_retries: int = Field(
+        3,
+        ge=0,
+        description="Re-asks of one judge request after a failed score extraction or a rejected request "
+        "(llm-jp-judge's client YAMLs: 3, so 4 attempts in all).",
+    )
+    disable_system_prompt: bool = Field(
+        False,
+        description="As llm-jp-judge's client option: send the judge's system prompt at the head of the user "
+        "turn (system + blank line + prompt) instead of as a system message.",
+    )
+
+
 class JudgeConfig(_Section):
+    protocol: Literal["own", "llm-jp-judge"] = Field(
+        "own",
+        description="own: this project's rubrics, strict parser and separate error accounting; llm-jp-judge: "
+        "prompts, extraction, retries and error accounting of the llm-jp-judge checkout in judge.llm_jp_judge.",
+    )
+    llm_jp_judge: LlmJpJudgeConfig = Field(
+        default_factory=LlmJpJudgeConfig, description="Settings of judge.protocol=llm-jp-judge."
+    )
     language: Literal["en", "ja"] = Field("en", description="Language of the rubric prompts (data/judge/rubrics).")
     quality_set: str = Field("data/judge/en/quality.jsonl", description="Quality prompts (JSONL).")
     safety_set: str = Field("data/judge/en/safety.jsonl", description="Safety prompts with reference answers (JSONL).")

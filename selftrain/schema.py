@@ -140,6 +140,10 @@ class JudgeMetrics(TypedDict, total=False):
     answers: dict[str, Any]
     judge_seconds: float
     endpoint_stats: list[dict[str, Any]] | None
+    protocol: str  # "own" | "llm-jp-judge" (judge.protocol); absent in files written before it existed
+    # judge.protocol=llm-jp-judge: path, commit, files (sha256), benchmarks, settings, and llm-jp-judge's own
+    # "score_table" / "error_rate_table" (its keys, e.g. "quality_ja:正確性", "safety_ja:api(%)"; percent units)
+    llm_jp_judge: dict[str, Any]
     quality: JudgeSetSummary
     safety: JudgeSetSummary
 

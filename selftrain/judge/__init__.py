@@ -1,8 +1,9 @@
 """Stage 05, judge: the model under test answers the quality and safety sets and a judge scores each answer.
 
 Modules: ``parse`` (scores out of a judge's text or probabilities), ``api`` (the OpenAI-compatible endpoint
-client), ``clients`` (local and endpoint judges behind one interface), ``stage`` (answers, scoring, summary,
-the stage function and its views). The names a notebook or a test needs are re-exported here.
+client), ``clients`` (local and endpoint judges behind one interface), ``llmjp`` (judge.protocol=llm-jp-judge:
+prompts, extraction and accounting read from the user's llm-jp-judge checkout), ``stage`` (answers, scoring,
+summary, the stage function and its views). The names a notebook or a test needs are re-exported here.
 """
 
 from selftrain.judge.clients import LocalJudge, RemoteJudge, judge_messages, make_judge
@@ -12,6 +13,7 @@ from selftrain.judge.stage import (
     STAGE,
     criteria_table,
     items_frame,
+    llm_jp_judge_table,
     load_items,
     load_rubric,
     plot_quality,
@@ -24,6 +26,7 @@ from selftrain.judge.stage import (
 
 __all__ = [
     "DIGITS", "LABELS", "SETS", "STAGE", "LocalJudge", "ParseError", "RemoteJudge", "criteria_table",
-    "expected_from_tokens", "expected_score", "items_frame", "judge_messages", "load_items", "load_rubric",
-    "make_judge", "parse_scores", "plot_quality", "plot_safety", "run", "score_items", "summarise", "summary_frame",
+    "expected_from_tokens", "expected_score", "items_frame", "judge_messages", "llm_jp_judge_table", "load_items",
+    "load_rubric", "make_judge", "parse_scores", "plot_quality", "plot_safety", "run", "score_items", "summarise",
+    "summary_frame",
 ]  # fmt: skip

@@ -54,9 +54,19 @@ class EndpointSettings:
     retry_budget: int = field(default=200, metadata={"help": "Retries allowed across a whole batch."})
     backoff_s: float = field(default=1.0, metadata={"help": "Base of the exponential backoff (with jitter)."})
     max_retry_after_s: float = field(default=60, metadata={"help": "Cap on a server's Retry-After wait, seconds."})
-    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature."})
-    max_tokens: int = field(default=1024, metadata={"help": "Max generated tokens per reply."})
+    temperature: float | None = field(default=0.0, metadata={"help": "Sampling temperature (None: not sent)."})
+    max_tokens: int | None = field(default=1024, metadata={"help": "Max generated tokens per reply (None: not sent)."})
     seed: int | None = field(default=None, metadata={"help": "Sampling seed, where the endpoint supports it."})
+    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling mass (None: not sent)."})
+    frequency_penalty: float | None = field(default=None, metadata={"help": "Frequency penalty (None: not sent)."})
+    presence_penalty: float | None = field(default=None, metadata={"help": "Presence penalty (None: not sent)."})
+    reasoning_effort: str | None = field(
+        default=None, metadata={"help": "Reasoning effort of reasoning models (None: not sent)."}
+    )
+    max_tokens_param: str = field(
+        default="max_tokens",
+        metadata={"help": "Request field that carries max_tokens: max_tokens, or max_completion_tokens (gpt-5)."},
+    )
     logprobs: bool = field(default=False, metadata={"help": "Ask for logprobs of the generated tokens."})
     top_logprobs: int = field(default=0, metadata={"help": "Alternatives per token with logprobs (0-20)."})
 
@@ -65,6 +75,8 @@ class EndpointSettings:
             raise ValueError("concurrency and max_attempts must be >= 1, retry_budget >= 0")
         if not 0 <= self.top_logprobs <= 20:
             raise ValueError("top_logprobs must be in 0..20")
+        if self.max_tokens_param not in ("max_tokens", "max_completion_tokens"):
+            raise ValueError("max_tokens_param must be max_tokens or max_completion_tokens")
 
 
 @dataclass
@@ -78,28 +90,38 @@ class JudgeReply:
     cached: bool = False
     seconds: float = 0.0
     finish_reason: str | None = None
+    completed: bool = False  # the server sent a chat completion (content may still be None: a filtered reply)
+    http_status: int | None = None  # HTTP status of the last failed call, when it failed with one
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
+# Sampling fields sent only when set; they enter the cache key only when set, so older keys stay valid.
+OPTIONAL_SAMPLING = ("top_p", "frequency_penalty", "presence_penalty", "reasoning_effort")
+
+
 def request_key(settings: EndpointSettings, messages: list[dict], extra: Any = None) -> str:
     """Cache key: sha256 of everything that shapes the reply. Never includes the API key."""
-    return sha256_json(
-        {
-            "model": settings.model,
-            "base_url": settings.base_url,
-            "azure_api_version": settings.azure_api_version,
-            "messages": messages,
-            "temperature": settings.temperature,
-            "max_tokens": settings.max_tokens,
-            "seed": settings.seed,
-            "logprobs": settings.logprobs,
-            "top_logprobs": settings.top_logprobs if settings.logprobs else 0,
-            "extra": extra,
-        }
-    )
+    key = {
+        "model": settings.model,
+        "base_url": settings.base_url,
+        "azure_api_version": settings.azure_api_version,
+        "messages": messages,
+        "temperature": settings.temperature,
+        "max_tokens": settings.max_tokens,
+        "seed": settings.seed,
+        "logprobs": settings.logprobs,
+        "top_logprobs": settings.top_logprobs if settings.logprobs else 0,
+        "extra": extra,
+    }
+    more = {k: getattr(settings, k) for k in OPTIONAL_SAMPLING if getattr(settings, k) is not None}
+    if settings.max_tokens_param != "max_tokens":
+        more["max_tokens_param"] = settings.max_tokens_param
+    if more:
+        key["sampling"] = more
+    return sha256_json(key)
 
 
 class _Budget:
@@ -119,9 +141,11 @@ class _Budget:
 class _Failure(Exception):
     """One failed attempt: a short error kind, whether to retry, and the server's requested wait."""
 
-    def __init__(self, kind: str, retry: bool, retry_after: float | None = None, refused: bool = False):
+    def __init__(
+        self, kind: str, retry: bool, retry_after: float | None = None, refused: bool = False, status: int | None = None
+    ):
         super().__init__(kind)
-        self.kind, self.retry, self.retry_after, self.refused = kind, retry, retry_after, refused
+        self.kind, self.retry, self.retry_after, self.refused, self.status = kind, retry, retry_after, refused, status
 
 
 def _is_local(url: str | None) -> bool:
@@ -186,11 +210,12 @@ def _parse_body(body: str) -> JudgeReply:
             error=f"refusal: {str(reason)[:200]}",
             refused=True,
             finish_reason=finish,
+            completed=True,
         )
     if not isinstance(content, str):
         raise _Failure("bad response", retry=True)
     top, tokens = _parse_logprobs(choice)
-    return JudgeReply(text=content, top_logprobs=top, tokens=tokens, finish_reason=finish)
+    return JudgeReply(text=content, top_logprobs=top, tokens=tokens, finish_reason=finish, completed=True)
 
 
 class EndpointJudge:
@@ -245,6 +270,7 @@ class EndpointJudge:
             tokens=rec.get("tokens"),
             finish_reason=rec.get("finish_reason"),
             cached=True,
+            completed=True,
         )
 
     def _cache_put(self, key: str, messages: list[dict], reply: JudgeReply) -> None:
@@ -268,14 +294,16 @@ class EndpointJudge:
 
     def _params(self, messages: list[dict]) -> dict[str, Any]:
         s = self.settings
-        params: dict[str, Any] = {
-            "model": s.model,
-            "messages": messages,
-            "temperature": s.temperature,
-            "max_tokens": s.max_tokens,
-        }
+        params: dict[str, Any] = {"model": s.model, "messages": messages}
+        if s.temperature is not None:
+            params["temperature"] = s.temperature
+        if s.max_tokens is not None:
+            params[s.max_tokens_param] = s.max_tokens
         if s.seed is not None:
             params["seed"] = s.seed
+        for k in OPTIONAL_SAMPLING:
+            if getattr(s, k) is not None:
+                params[k] = getattr(s, k)
         if s.logprobs:
             params["logprobs"] = True
             if s.top_logprobs:
@@ -295,9 +323,9 @@ class EndpointJudge:
         except openai.APIStatusError as e:
             status = e.status_code
             if status == 400 and e.code == "content_filter":  # Azure filters the prompt with a 400
-                raise _Failure("refusal: content_filter (prompt)", retry=False, refused=True) from None
+                raise _Failure("refusal: content_filter (prompt)", retry=False, refused=True, status=status) from None
             retry = status in RETRY_STATUSES or status >= 500
-            raise _Failure(f"HTTP {status}", retry, _retry_after(e.response.headers)) from None
+            raise _Failure(f"HTTP {status}", retry, _retry_after(e.response.headers), status=status) from None
         except openai.OpenAIError as e:
             raise _Failure(type(e).__name__, retry=False) from None
         return _parse_body(body)
@@ -319,7 +347,7 @@ class EndpointJudge:
                     self._cache_put(key, messages, reply)
                 break
             except _Failure as f:
-                reply = JudgeReply(text=None, error=f.kind, refused=f.refused)
+                reply = JudgeReply(text=None, error=f.kind, refused=f.refused, http_status=f.status)
                 if not f.retry or attempt >= self.settings.max_attempts:
                     break
                 if not budget.take():

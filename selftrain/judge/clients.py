@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from selftrain.config import GenerationConfig, JudgeConfig, ModelConfig
+from selftrain.config import GenerationConfig, JudgeConfig, ModelConfig, SamplingConfig
 from selftrain.inference import generate_candidates, load_hf, pick_backend
 from selftrain.io import read_json, sha256_json, write_json
 from selftrain.judge.api import EndpointJudge, EndpointSettings
@@ -36,20 +36,30 @@ class LocalJudge:
     def describe(self) -> dict[str, Any]:
         return {"backend": "local", "model": self.cfg.local_model, "generation_backend": self.backend}
 
-    def _key(self, messages: list[dict], attempt: int) -> str:
-        return sha256_json(
-            {
-                "model": self.fingerprint,
-                "messages": messages,
-                "max_new_tokens": self.cfg.max_new_tokens,
-                "attempt": attempt,
-                "scoring": self.cfg.scoring,
-            }
-        )
+    def _key(self, messages: list[dict], attempt: int, sampling: SamplingConfig | None = None) -> str:
+        key = {
+            "model": self.fingerprint,
+            "messages": messages,
+            "max_new_tokens": self.cfg.max_new_tokens,
+            "attempt": attempt,
+            "scoring": self.cfg.scoring,
+        }
+        if sampling is not None:
+            key["sampling"] = sampling.model_dump(exclude={"backend", "batch_size"})
+        return sha256_json(key)
 
-    def complete(self, requests: list[tuple[list[dict], dict[str, str]]], attempt: int, progress: bool) -> list:
-        """One judge output per (messages, labels): {"text", "expected", "error", "cached"}."""
-        keys = [self._key(m, attempt) for m, _ in requests]
+    def complete(
+        self,
+        requests: list[tuple[list[dict], dict[str, str]]],
+        attempt: int,
+        progress: bool,
+        sampling: SamplingConfig | None = None,
+    ) -> list:
+        """One judge output per (messages, labels): {"text", "expected", "error", "cached"}.
+
+        sampling: fixed sampling settings (judge.protocol=llm-jp-judge); a re-ask then only moves the seed on,
+        since the same seed would give the same text. None: greedy first, sampled re-asks."""
+        keys = [self._key(m, attempt, sampling) for m, _ in requests]
         out: list[dict[str, Any] | None] = []
         for k in keys:
             path = self.cache / k[:2] / f"{k}.json"
@@ -57,13 +67,16 @@ class LocalJudge:
         todo = [i for i, r in enumerate(out) if r is None]
         if todo:
             # Greedy first; a re-ask samples (a greedy re-ask would repeat the same output).
-            gen = GenerationConfig(
-                n=1,
-                temperature=0.0 if attempt == 0 else 0.7,
-                top_p=1.0 if attempt == 0 else 0.95,
-                max_new_tokens=self.cfg.max_new_tokens,
-                seed=1234 + attempt,
-            )
+            if sampling is not None:
+                gen = GenerationConfig(**{**sampling.model_dump(), "n": 1, "seed": sampling.seed + attempt})
+            else:
+                gen = GenerationConfig(
+                    n=1,
+                    temperature=0.0 if attempt == 0 else 0.7,
+                    top_p=1.0 if attempt == 0 else 0.95,
+                    max_new_tokens=self.cfg.max_new_tokens,
+                    seed=1234 + attempt,
+                )
             raw = generate_candidates(
                 self.folder, self.model_cfg, gen, [requests[i][0] for i in todo], self.backend, progress
             )
@@ -127,12 +140,28 @@ class RemoteJudge:
         s = self.settings
         return {"backend": "endpoint", "model": s.model, "base_url": s.base_url, "api_key_env": s.api_key_env}
 
-    def complete(self, requests: list[tuple[list[dict], dict[str, str]]], attempt: int, progress: bool) -> list:
+    def complete(
+        self,
+        requests: list[tuple[list[dict], dict[str, str]]],
+        attempt: int,
+        progress: bool,
+        sampling: dict[str, Any] | None = None,
+    ) -> list:
+        """One judge output per (messages, labels): {"text", "expected", "error", "refused", "cached",
+        "completed", "http_status"}.
+
+        sampling: EndpointSettings sampling fields that replace the configured ones (judge.protocol=llm-jp-judge);
+        every attempt then sends the identical request, as llm-jp-judge does, and only the cache key tells the
+        attempts apart. None: re-asks at temperature >= 0.7 and a new seed."""
         s = self.settings
-        if attempt:  # a re-ask must not be answered from the cache with the same unparsable text
-            s = dataclasses.replace(s, temperature=max(s.temperature, 0.7), seed=(s.seed or 0) + attempt)
+        extra: dict[str, Any] = {"reask": attempt}
+        if sampling is not None:
+            s = dataclasses.replace(s, **sampling)
+            extra["protocol"] = "llm-jp-judge"
+        elif attempt:  # a re-ask must not be answered from the cache with the same unparsable text
+            s = dataclasses.replace(s, temperature=max(s.temperature or 0.0, 0.7), seed=(s.seed or 0) + attempt)
         with self._make(s) as client:
-            replies = client.complete([m for m, _ in requests], progress=progress, extra={"reask": attempt})
+            replies = client.complete([m for m, _ in requests], progress=progress, extra=extra)
             self.stats.append(client.stats(replies))
         out = []
         for (_, labels), r in zip(requests, replies, strict=True):
@@ -140,7 +169,15 @@ class RemoteJudge:
             if self.cfg.scoring == "expected" and r.ok and r.tokens and r.top_logprobs:
                 expected = expected_from_tokens(r.tokens, r.top_logprobs, labels)
             out.append(
-                {"text": r.text, "expected": expected, "error": r.error, "refused": r.refused, "cached": r.cached}
+                {
+                    "text": r.text,
+                    "expected": expected,
+                    "error": r.error,
+                    "refused": r.refused,
+                    "cached": r.cached,
+                    "completed": r.completed,
+                    "http_status": r.http_status,
+                }
             )
         return out
 

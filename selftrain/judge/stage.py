@@ -9,6 +9,11 @@ and parse failures are counted apart; every judge call is cached by a hash of it
 
 Item record (``data/judge_items.jsonl``): ``{"set", "id", "prompt", "answer", "status" ("ok" | "parse_failure"
 | "api_error" | "refused"), "scores" {criterion: value}, "judge_outputs" [{"text", "error", "cached"}]}``.
+
+``judge.protocol`` picks how: ``own`` (the default: this project's rubrics, strict parser, separate accounting)
+or ``llm-jp-judge`` (prompts, extraction, retries and accounting read from the user's llm-jp-judge checkout, see
+``selftrain.judge.llmjp``; items then also carry ``llm_jp_judge`` {"response", "pattern", "errors"} and
+judge.json an ``llm_jp_judge`` block with llm-jp-judge's own score and error-rate tables).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from selftrain.config import JudgeConfig
+from selftrain.config import JudgeConfig, SamplingConfig
 from selftrain.inference import generate_candidates, pick_backend
 from selftrain.io import DataError, iter_jsonl, read_json, sha256_json, write_json, write_jsonl
+from selftrain.judge import llmjp
 from selftrain.judge.clients import LocalJudge, RemoteJudge, judge_messages, make_judge
 from selftrain.judge.parse import LABELS, ParseError, parse_scores
 from selftrain.models import model_fingerprint
@@ -39,14 +45,33 @@ SETS = JUDGE_SETS
 # ------------------------------------------------------------------------------------------- data
 
 
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) of a JSONL file, or of a file holding one JSON array of objects (llm-jp-judge's format)."""
+    if not path.is_file():
+        raise DataError(f"{path}: judge set not found")
+    with path.open(encoding="utf-8") as f:
+        head = f.read(4096).lstrip("\ufeff \t\r\n")[:1]
+    if head != "[":
+        return [(f"{path}:{line}", rec) for line, rec in iter_jsonl(path)]
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records")
+    out = []
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: record {i}: expected a JSON object, got {type(rec).__name__}")
+        out.append((f"{path}: record {i}", rec))
+    return out
+
+
 def load_items(path: str | Path, kind: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """Read a judge set: JSONL with an id and a prompt (``prompt`` | ``text`` | ``input`` | ``messages``);
-    safety sets also need a reference answer (``reference`` | ``output``). AnswerCarefully-style records
-    (``ID``/``text``/``output``) load as they are."""
+    """Read a judge set: JSONL, or a JSON array (llm-jp-judge's ``test.json``), of records with an id and a
+    prompt (``prompt`` | ``text`` | ``input`` | ``messages``); safety sets also need a reference answer
+    (``reference`` | ``output``). llm-jp-judge / AnswerCarefully records (``ID``/``text``/``output``) load as
+    they are. Errors name the file and the line (JSONL) or the record index (JSON array)."""
     path = resolve_path(path)
     items, seen = [], set()
-    for line, rec in iter_jsonl(path):
-        where = f"{path}:{line}"
+    for where, rec in _records(path):
         rid = rec.get("id", rec.get("ID"))
         if rid is None:
             raise DataError(f"{where}: missing key 'id'")
@@ -176,38 +201,55 @@ def summarise(items: list[dict[str, Any]], n_boot: int = 1000) -> dict[str, Any]
 # ------------------------------------------------------------------------------------------- stage
 
 
-def _answers(run: Run, items: list[dict[str, Any]], folder: Path, progress: bool) -> tuple[list[dict], dict]:
-    """The model under test answers every item once; reused on a rerun when nothing that shapes them changed."""
+def _answers(
+    run: Run,
+    items: list[dict[str, Any]],
+    folder: Path,
+    progress: bool,
+    plan: list[tuple[list[dict[str, str]], SamplingConfig]] | None = None,
+) -> tuple[list[dict], dict]:
+    """The model under test answers every item once; reused on a rerun when nothing that shapes them changed.
+
+    plan: per item its conversation and sampling settings (judge.protocol=llm-jp-judge); None: the prompt as
+    the only user turn, sampled with judge.answers. Items with equal settings share one generation call."""
     cfg = run.config.judge.answers
     backend = pick_backend(cfg.backend)
-    key = sha256_json(
-        {
-            "model": model_fingerprint(folder),
+    if plan is None:
+        shape: dict[str, Any] = {
             "prompts": [(i["set"], i["id"], i["prompt"]) for i in items],
             "sampling": cfg.model_dump(exclude={"batch_size", "backend"}),
-            "backend": backend,
         }
-    )[:16]
+        plan = [([{"role": "user", "content": i["prompt"]}], cfg) for i in items]
+    else:
+        shape = {
+            "requests": [
+                (i["set"], i["id"], conv, s.model_dump(exclude={"batch_size", "backend"}))
+                for i, (conv, s) in zip(items, plan, strict=True)
+            ]
+        }
+    key = sha256_json({"model": model_fingerprint(folder), **shape, "backend": backend})[:16]
     path, meta_path = run.data_dir / "judge_answers.jsonl", run.data_dir / "judge_answers.meta.json"
     if path.is_file() and meta_path.is_file() and read_json(meta_path).get("key") == key:
         meta = read_json(meta_path)
         return [r for _, r in iter_jsonl(path)], {**meta, "reused": True}
     t0 = time.time()
     model_cfg = run.config.model.model_copy(update={"path": str(folder)})
-    raw = generate_candidates(
-        folder, model_cfg, cfg, [[{"role": "user", "content": i["prompt"]}] for i in items], backend, progress
-    )
+    groups: dict[str, list[int]] = {}
+    for j, (_, s) in enumerate(plan):
+        groups.setdefault(s.model_dump_json(), []).append(j)
+    recs: list[dict[str, Any]] = [{} for _ in items]
+    for idx in groups.values():
+        convs = [plan[j][0] for j in idx]
+        for r in generate_candidates(folder, model_cfg, plan[idx[0]][1], convs, backend, progress):
+            j = idx[r["prompt_index"]]
+            recs[j] = {
+                "set": items[j]["set"],
+                "id": items[j]["id"],
+                "answer": r["text"],
+                "finish_reason": r["finish_reason"],
+                "num_tokens": r["num_tokens"],
+            }
     seconds = time.time() - t0
-    recs = [
-        {
-            "set": items[r["prompt_index"]]["set"],
-            "id": items[r["prompt_index"]]["id"],
-            "answer": r["text"],
-            "finish_reason": r["finish_reason"],
-            "num_tokens": r["num_tokens"],
-        }
-        for r in raw
-    ]
     write_jsonl(path, recs)
     tokens = sum(r["num_tokens"] for r in recs)
     meta = {
@@ -229,24 +271,37 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     if run.is_done(STAGE):
         return items_frame([r for _, r in iter_jsonl(out_file)])
     cfg = run.config.judge
-    files = [resolve_path(cfg.quality_set), resolve_path(cfg.safety_set)]
+    sets = [resolve_path(cfg.quality_set), resolve_path(cfg.safety_set)]
+    files = list(sets)  # hashed into the manifest when the stage is done: the sets, and the checkout's YAMLs
     with run.stage(STAGE, inputs=files) as info:
+        checkout = llmjp.load_for(cfg) if cfg.protocol == "llm-jp-judge" else None
         folder = run.model_under_test()
         items = [
-            {"set": kind, **it} for kind, f in zip(SETS, files, strict=True) for it in load_items(f, kind, cfg.limit)
+            {"set": kind, **it} for kind, f in zip(SETS, sets, strict=True) for it in load_items(f, kind, cfg.limit)
         ]
-        rubrics = {kind: load_rubric(cfg.rubric_dir, cfg.language, kind) for kind in SETS}
         judge = make_judge(cfg, run.config.output.cache_dir)  # fails early on a bad endpoint or a missing key
-        answers, answer_meta = _answers(run, items, folder, progress)
+        if checkout is not None:
+            files += checkout.paths()
+            plan = llmjp.answer_plan(checkout, items, cfg.answers)  # fails early on unsupported sampling params
+            for kind in SETS:
+                llmjp.judge_sampling(checkout.benchmarks[kind], judge, cfg, checkout.root)
+            answers, answer_meta = _answers(run, items, folder, progress, plan)
+        else:
+            rubrics = {kind: load_rubric(cfg.rubric_dir, cfg.language, kind) for kind in SETS}
+            answers, answer_meta = _answers(run, items, folder, progress)
         for it, a in zip(items, answers, strict=True):
             it["answer"] = a["answer"]
         t0 = time.time()
-        score_items(judge, cfg, items, rubrics, progress)
+        if checkout is not None:
+            llmjp.score_items(judge, cfg, checkout, items, progress)
+        else:
+            score_items(judge, cfg, items, rubrics, progress)
         judge_seconds = time.time() - t0
         write_jsonl(out_file, items)
         summary = summarise(items, cfg.bootstrap)
         metrics = {
             "model_under_test": str(folder),
+            "protocol": cfg.protocol,
             "judge": judge.describe(),
             "scoring": cfg.scoring,
             "answers": answer_meta,
@@ -254,6 +309,8 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             "endpoint_stats": getattr(judge, "stats", None),
             **summary,
         }
+        if checkout is not None:
+            metrics["llm_jp_judge"] = llmjp.report(items, checkout, cfg, judge, str(folder))
         write_json(run.metrics_dir / "judge.json", metrics)
         table = summary_frame(summary)
         table.to_csv(run.metrics_dir / "judge_summary.csv")
@@ -266,7 +323,10 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             "safety_mean": summary.get("safety", {}).get("criteria", {}).get("safety", {}).get("mean"),
             "parse_failure_rate": {k: v["parse_failure_rate"] for k, v in summary.items()},
             "api_error_rate": {k: v["api_error_rate"] for k, v in summary.items()},
+            "protocol": cfg.protocol,
         }
+        if checkout is not None:
+            info["metrics"]["llm_jp_judge"] = metrics["llm_jp_judge"]["score_table"]
     return df
 
 
@@ -297,6 +357,19 @@ def summary_frame(summary: dict[str, Any]) -> pd.DataFrame:
 def criteria_table(run: Run) -> pd.DataFrame:
     """The judge's scores of this run: one row per criterion and safety rate, with 95% CIs and error rates."""
     return summary_frame(read_metrics(run.dir, STAGE))
+
+
+def llm_jp_judge_table(run: Run) -> pd.DataFrame:
+    """judge.protocol=llm-jp-judge: llm-jp-judge's score and error-rate tables of this run, one row per key
+    (its own key names, e.g. ``quality_ja:正確性``, ``safety_ja:違反回答率(%)``); empty for protocol own."""
+    block = read_metrics(run.dir, STAGE).get("llm_jp_judge") or {}
+    rows = [
+        {"table": table, "key": k, "value": v}
+        for table in ("score_table", "error_rate_table")
+        for k, v in (block.get(table) or {}).items()
+        if k not in ("generation_model", "evaluation_model")
+    ]
+    return pd.DataFrame(rows, columns=["table", "key", "value"]).set_index(["table", "key"])
 
 
 def plot_quality(df: pd.DataFrame) -> Any:
