@@ -326,18 +326,30 @@ def test_v2_tree_with_patterns_and_per_file_k(
 # ------------------------------------------------------------------------------------------- the real model
 
 
-def test_v13_tree_on_the_tiny_model(tiny_overrides: list[str], tmp_path: Path) -> None:
-    """The real generation path under a protocol: k shots in every prompt, no BOS in the text."""
-    co = write_checkout(tmp_path, "1.3.0")
-    tree = write_tree(tmp_path / "data", "1.3.0", {"jamp": {}, "jsquad": {"metrics": ["char_f1"]}})
+@pytest.mark.parametrize(
+    ("protocol", "version", "v2", "bos"),
+    [("llm-jp-eval-1.3", "1.3.0", False, False), ("llm-jp-eval-1.4", "1.4.1", False, False),
+     ("llm-jp-eval-2", "2.1.2", True, True)],
+)  # fmt: skip
+def test_each_version_tree_on_the_tiny_model(
+    tiny_overrides: list[str], tmp_path: Path, protocol: str, version: str, v2: bool, bos: bool
+) -> None:
+    """The real generation path under each protocol: k shots in every prompt in the checkout's layout."""
+    co = write_checkout(tmp_path, version)
+    extra = {"language": "en", "num_few_shots": None} if v2 else {}
+    tree = write_tree(tmp_path / "data", version, {"jamp": extra, "jsquad": {**extra, "metrics": ["char_f1"]}}, v2=v2)
     run = _run(tiny_overrides, tmp_path, [
-        "eval.protocol=llm-jp-eval-1.3", f"eval.llm_jp_eval_dir={co}", f"eval.datasets_dir={tree}",
+        f"eval.protocol={protocol}", f"eval.llm_jp_eval_dir={co}", f"eval.datasets_dir={tree}",
         "eval.max_samples=2", "eval.num_few_shots=3",
     ])  # fmt: skip
     evaluate.run(run, progress=False)
     m = json.loads((run.metrics_dir / "eval.json").read_text())
+    assert m["protocol"] == protocol and m["tree_version"] == version and m["add_bos"] is bos
     assert {v["few_shots"] for v in m["datasets"].values()} == {3}
     for name, v in m["datasets"].items():
         ex = v["prompt_example"]
-        assert ex.startswith(HEAD) and ex.count("## Question:") == 4 and ex.endswith("## Answer:\n"), name
-    assert m["avg"] is not None and m["add_bos"] is False
+        if v2:
+            assert ex.startswith(f"Task: Answer the {name} question.") and ex.count("\nQ: ") == 4, name
+        else:
+            assert ex.startswith(HEAD) and ex.count("## Question:") == 4 and ex.endswith("## Answer:\n"), name
+    assert m["avg"] is not None and len(read_jsonl(run.data_dir / "eval_predictions.jsonl")) == 4
