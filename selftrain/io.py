@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,17 +17,49 @@ class DataError(ValueError):
     """A data file is malformed; the message names the file and the line."""
 
 
+# How many bad records one error message lists before it only counts the rest.
+MAX_LISTED_ERRORS = 20
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc), else set-and-restore
+    under a lock (the judge client writes cache files from several threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename over the target."""
+    """Write to a temp file in the same folder, fsync, then rename over the target.
+
+    The file gets the permissions a plain open() would give (0666 less the umask), not mkstemp's 0600, so a
+    group can share results and caches. An OS error (no space, file too large, no permission) names the file;
+    the old content, if any, stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -36,8 +70,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become null: JSON has neither, and a strict reader refuses Python's NaN token."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    """Strict JSON (allow_nan=False after NaN/inf became null), atomically."""
+    text = json.dumps(_finite(obj), indent=2, ensure_ascii=False, default=str, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
 
 
 def read_json(path: str | Path) -> Any:
@@ -49,24 +96,63 @@ def read_json(path: str | Path) -> Any:
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
-    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    lines = [json.dumps(_finite(r), ensure_ascii=False, allow_nan=False) for r in records]
     return atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record); blank lines are skipped, anything else must be a JSON object."""
+def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, error): each line decoded as UTF-8 on its own, so one bad byte names its line
+    and offset and the other lines still read."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected a JSONL file")
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield lineno, None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start} of the line)"
+
+
+def scan_jsonl(path: str | Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """Every (line number, record) of a JSONL file and every bad line's error ("file:line: why"), all at once.
+    Blank lines are skipped; anything else must be one JSON object."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    good, bad = [], []
+    for lineno, line, err in _lines(path):
+        if err is None and not line.strip():
+            continue
+        if err is None:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+                err = f"not valid JSON ({e.msg} at column {e.colno})"
+            else:
+                if isinstance(rec, dict):
+                    good.append((lineno, rec))
+                    continue
+                err = f"expected a JSON object, got {type(rec).__name__}"
+        bad.append(f"{path}:{lineno}: {err}")
+    return good, bad
+
+
+def raise_all(errors: list[str], what: str) -> None:
+    """One DataError listing every bad record (the first MAX_LISTED_ERRORS, then a count)."""
+    if not errors:
+        return
+    shown = errors[:MAX_LISTED_ERRORS]
+    more = f"\n  ... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
+    head = f"{len(errors)} bad record(s) in {what}:" if len(errors) > 1 else ""
+    raise DataError((head + "\n  " if head else "") + "\n  ".join(shown) + more)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record); blank lines are skipped, anything else must be a JSON object. Every bad
+    line of the file is reported at once (DataError), before any record is yielded."""
+    good, bad = scan_jsonl(path)
+    raise_all(bad, str(path))
+    yield from good
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

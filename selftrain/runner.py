@@ -98,6 +98,18 @@ def run_study(
     bad = [s for s in wanted if s not in STAGES]
     if bad:
         raise ConfigError(f"command line: unknown stage(s) {bad} (known: {', '.join(STAGES)})")
+    # Every cell's params before any cell runs: a typo in the last method's file is found in seconds, not after
+    # the first cells ran for an hour; each distinct problem is reported once.
+    problems: list[str] = []
+    for model in models:
+        for method in methods:
+            try:
+                resolve_run_config(model, method, study_path, overrides, check_trainer=True)
+            except ConfigError as e:
+                problems += [x for x in str(e).replace("invalid params:", "").split("\n") if x.strip()]
+    if problems:
+        unique = list(dict.fromkeys(p.strip() for p in problems))
+        raise ConfigError("invalid params (no cell was run):\n  " + "\n  ".join(unique))
     results = []
     for model in models:
         for method in methods:

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from selftrain.config import RunConfig, dump_config, load_resolved, resolve_run_config
+from selftrain.config import ConfigError, RunConfig, dump_config, load_resolved, resolve_run_config
 from selftrain.io import atomic_write_text, read_json, sha256_file, sha256_json, write_json
 from selftrain.models import resolve_model_path
 from selftrain.paths import project_root, resolve_path
@@ -347,7 +347,14 @@ def _versions_of(parent: Path) -> list[Path]:
 
 
 def run_parent(cfg: RunConfig) -> Path:
-    return resolve_path(cfg.output.results_dir) / cfg.study / cfg.model.name / cfg.method
+    """results/<study>/<model>/<method>; refuses any name that would lead outside the results folder."""
+    root = resolve_path(cfg.output.results_dir).resolve()
+    parent = (root / cfg.study / cfg.model.name / cfg.method).resolve()
+    if not parent.is_relative_to(root) or len(parent.relative_to(root).parts) != 3:
+        raise ConfigError(
+            f"study/model/method names {cfg.study!r}/{cfg.model.name!r}/{cfg.method!r} would write outside {root}"
+        )
+    return parent
 
 
 def open_run(run_dir: str | Path) -> Run:

@@ -267,7 +267,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     cand_file = run.data_dir / "candidates.jsonl"
     run.require("generate")
     with run.stage(STAGE, inputs=[cand_file]) as info:
-        prompts = load_prompts(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files)
+        prompts = load_prompts(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files, cfg.prompts.skip_blank)
         n = cfg.generation.n
         texts = _candidate_matrix(prompts, read_jsonl(cand_file), n, cand_file)
         emb = _embeddings(cfg, prompts, texts, cand_file, progress)

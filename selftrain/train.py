@@ -213,6 +213,9 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
         result = trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
         seconds = time.time() - t0
         out = _save_final(trainer, tok, base / "final")
+        if not cfg.training.keep_trainer_checkpoints:
+            # The final model is written: the resumable states (weights + optimizer, GBs) have served.
+            shutil.rmtree(trainer_dir, ignore_errors=True)
         history = [h for h in trainer.state.log_history if "loss" in h or "train_loss" in h]
         write_json(log_file, history)
         # After a resume only the remaining steps ran in `seconds`: count only their share of tokens.
@@ -226,7 +229,8 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
             "examples": n,
             "global_steps": trainer.state.global_step,
             "resumed_from": str(resume[-1]) if resume else None,
-            "train_loss": round(float(result.training_loss), 5) if result.training_loss is not None else None,
+            # From the whole log, not the Trainer's result: after a resume that averages the remaining steps only.
+            "train_loss": whole_run_loss(trainer.state.log_history, result.training_loss),
             "train_seconds": round(seconds, 1),
             "tokens_per_second": round(tokens / seconds, 1) if tokens and seconds else None,
             "batch_check": batch_report,
@@ -241,6 +245,22 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
             for k in ("model_path", "model_sha256", "global_steps", "train_loss", "tokens_per_second", "resumed_from")
         }
     return df
+
+
+def whole_run_loss(log_history: list[dict[str, Any]], fallback: float | None = None) -> float | None:
+    """Mean training loss over every step of the run, resumed sessions included: each logged loss is the mean
+    of the steps since the previous log, so it is weighted by that many steps."""
+    rows = sorted((int(h["step"]), float(h["loss"])) for h in log_history if "loss" in h and "step" in h)
+    total, steps, prev = 0.0, 0, 0
+    for step, loss in rows:
+        if step <= prev:
+            continue
+        total += loss * (step - prev)
+        steps += step - prev
+        prev = step
+    if steps:
+        return round(total / steps, 5)
+    return round(float(fallback), 5) if fallback is not None else None
 
 
 def _count_tokens(trainer: Any, kind: str) -> int:

@@ -116,3 +116,32 @@ def test_override_values_parse_scientific_notation() -> None:
     assert parse_override("training.sft.learning_rate=2e-4") == ("training.sft.learning_rate", 2e-4)
     assert parse_override("x=1.5E3") == ("x", 1500.0)
     assert parse_override('x="no"') == ("x", "no") and parse_override("x=e5") == ("x", "e5")
+
+
+def test_one_line_errors_for_overrides_files_and_names(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"command line: override 'generation.n=\[1,': the value is not valid YAML"):
+        resolve_run_config("tiny", "central", overrides=["generation.n=[1,"])
+    bad = tmp_path / "study.yaml"
+    bad.write_bytes(b"study:\n  name: x\n  models: [tiny]\n  methods: [caf\xe9]\n")
+    with pytest.raises(ConfigError, match=r"study.yaml:4: not UTF-8 \(byte 0xe9"):
+        load_study(bad)
+    for override, key in (("study=../../x", "study"), ("model.name=../../x", "model.name"), ("method=", "method")):
+        with pytest.raises(ConfigError, match=f"key '{key}'"):
+            resolve_run_config("tiny", "central", overrides=[override])
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_study(tmp_path)
+
+
+def test_yaml_numbers_are_numbers_and_yes_no_stay_strings(tmp_path: Path) -> None:
+    from selftrain.config import parse_yaml
+
+    assert parse_yaml("a: 2e-4\nb: 1E3\nc: no\nd: on\ne: true\nf: 5\ng: 0.5") == {
+        "a": 2e-4, "b": 1000.0, "c": "no", "d": "on", "e": True, "f": 5, "g": 0.5,
+    }  # fmt: skip
+    study = tmp_path / "s.yaml"
+    study.write_text(
+        "study: {name: s, models: [tiny], methods: [central]}\n"
+        "training:\n  sft: {learning_rate: 2e-4, save_strategy: no}\n"
+    )
+    cfg = resolve_run_config("tiny", "central", study, check_trainer=True)
+    assert cfg.training.sft["learning_rate"] == 2e-4 and cfg.training.sft["save_strategy"] == "no"

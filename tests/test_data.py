@@ -14,8 +14,8 @@ from selftrain.io import DataError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _write(tmp_path: Path, lines: list[str]) -> Path:
-    p = tmp_path / "set.jsonl"
+def _write(tmp_path: Path, lines: list[str], name: str = "set.jsonl") -> Path:
+    p = tmp_path / name
     p.write_text("\n".join(lines) + "\n")
     return p
 
@@ -49,7 +49,7 @@ def test_limit_and_default_ids(tmp_path: Path) -> None:
         ('{"messages": [{"role": "user", "content": "hi"}]}', "last message must be the assistant"),
         ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}', "missing field 'content'"),
         ('{"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "a"}]}', "role is 'bot'"),
-        ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}', "is empty"),
+        ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}', "is blank"),
         ('{"instruction": 3, "output": "a"}', "must be a string"),
     ],
 )
@@ -83,3 +83,40 @@ def test_demo_prompt_set() -> None:
     assert cats["unsafe"] >= 10
     assert any(r["messages"][0]["role"] == "system" for r in recs)
     assert any(sum(m["role"] == "user" for m in r["messages"]) > 1 for r in recs)
+
+
+# ------------------------------------------------------------------------------------------- many bad inputs at once
+
+
+def test_every_bad_record_is_reported_at_once(tmp_path: Path) -> None:
+    good = '{"prompt": "Name a colour.", "response": "Blue."}'
+    lines = [good, '{"prompt": "q"}', "not json", good, '{"prompt": " ", "response": "a"}', "[1]", good]
+    p = _write(tmp_path, lines)
+    with pytest.raises(DataError) as e:
+        load_prompts(p)
+    msg = str(e.value)
+    assert msg.startswith(f"4 bad record(s) in {p}:")
+    for line, why in ((2, "missing field 'response'"), (3, "not valid JSON"), (5, "the user prompt is blank"),
+                      (6, "expected a JSON object")):  # fmt: skip
+        assert f"{p}:{line}: {why}" in msg
+    many = _write(tmp_path, ["oops"] * 30, name="many.jsonl")
+    with pytest.raises(DataError, match=r"30 bad record\(s\)[\s\S]*and 10 more"):
+        load_prompts(many)
+
+
+def test_blank_records_can_be_skipped_and_are_counted(tmp_path: Path) -> None:
+    from selftrain.data import load_prompt_set
+
+    p = _write(tmp_path, ['{"prompt": "q", "response": "a"}', '{"prompt": "\\t", "response": "a"}',
+                          '{"prompt": "q2", "response": "  "}'])  # fmt: skip
+    recs, skipped = load_prompt_set(p, skip_blank=True)
+    assert [r["original"] for r in recs] == ["a"] and skipped == 2
+
+
+def test_undecodable_bytes_and_a_folder_are_named(tmp_path: Path) -> None:
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"prompt": "q", "response": "a"}\n{"prompt": "caf\xe9", "response": "a"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 \(byte 0xe9 at offset 15 of the line\)"):
+        load_prompts(p)
+    with pytest.raises(DataError, match="is a folder"):
+        load_prompts(tmp_path)

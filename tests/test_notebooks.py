@@ -10,6 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from selftrain.config import ConfigError
 from selftrain.io import read_jsonl
 from selftrain.runner import run_study
 
@@ -237,3 +238,16 @@ def test_a_dead_kernel_fails_only_its_cell(tiny_overrides: list[str], tmp_path: 
     assert baseline.ok and baseline.executed == ["generate", "select", "sft", "dpo"]
     index = (tmp_path / "results" / "dead" / "README.md").read_text()
     assert f"failed at {central.failed_stage}" in index
+
+
+def test_every_cells_params_are_checked_before_any_cell_runs(tiny_overrides: list[str], tmp_path: Path) -> None:
+    study = tmp_path / "typo.yaml"
+    study.write_text("study:\n  name: typo\n  models: [tiny]\n  methods: [central, centrl, baseline]\n")
+    with pytest.raises(ConfigError) as e:
+        run_study(str(study), overrides=[*tiny_overrides, "training.sft.learning_rat=1"])
+    msg = str(e.value)
+    assert msg.startswith("invalid params (no cell was run):")
+    assert (
+        "no method params named 'centrl'" in msg and msg.count("unknown key 'training.sft.learning_rat'") == 1
+    )  # once, not per cell
+    assert not (tmp_path / "results" / "typo").exists()

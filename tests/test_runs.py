@@ -103,3 +103,24 @@ def test_an_edited_input_or_a_lost_output_never_resumes(tmp_path: Path) -> None:
     c = create_run(cfg)
     assert c.dir.name == "v003" and "missing or changed outputs" in c.note
     assert create_run(cfg).dir == c.dir  # and that one resumes
+
+
+def test_files_honour_the_umask_and_json_is_strict(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o002)
+    try:
+        p = atomic_write_text(tmp_path / "a.txt", "x")
+        assert p.stat().st_mode & 0o777 == 0o664  # group-writable, as a shared results folder needs
+        os.umask(0o077)
+        assert atomic_write_text(tmp_path / "b.txt", "x").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    out = io.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [float("inf"), 1.0]})
+    assert json.loads(out.read_text()) == {"a": None, "b": [None, 1.0]} and "NaN" not in out.read_text()
+
+
+def test_a_write_error_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OSError, match=r"cannot write .*file/x.json"):
+        io.write_json(tmp_path / "file" / "x.json", {})

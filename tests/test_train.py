@@ -168,6 +168,15 @@ def test_resume_after_interruption(tiny_overrides: list[str], tmp_path: Path) ->
     train.train_stage(run, "sft", progress=False)
     m = json.loads((run.metrics_dir / "sft.json").read_text())
     assert m["resumed_from"].endswith("checkpoint-2") and m["global_steps"] == 6
+    # The loss covers the whole run, the steps before the kill included (each logged step weighs its steps).
+    log = [h for h in json.loads((run.metrics_dir / "sft_log.json").read_text()) if "loss" in h]
+    steps = [h["step"] for h in log]
+    assert steps[0] <= 2 and steps[-1] == 6, steps
+    weights = [b - a for a, b in zip([0, *steps[:-1]], steps, strict=True)]
+    want = sum(h["loss"] * w for h, w in zip(log, weights, strict=True)) / 6
+    assert m["train_loss"] == pytest.approx(want, abs=1e-5) and m["train_loss"] > 0
+    # Once the final model is written, the Trainer's checkpoints (optimizer state) are gone.
+    assert not trainer_dir.exists() and (train.checkpoints_dir(run, "sft") / "final" / "_SUCCESS").is_file()
 
     fresh = _selected_run(tiny_overrides, tmp_path / "fresh", extra=[*extra, "generation.seed=99"])
     train.train_stage(fresh, "sft", progress=False)
