@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.selftrain-setup
 STUDY ?= params/studies/demo.yaml
 
-.PHONY: setup demo quick figures test test-fast lint bench clean-cache
+.PHONY: setup demo quick figures test test-fast lint bench clean-cache clean-unused
 
 setup: $(STAMP)
 
@@ -57,3 +57,7 @@ bench: setup
 
 clean-cache:
 	rm -rf .cache/selftrain/generations .cache/selftrain/embeddings bench/out/results bench/out/checkpoints
+
+# Checkpoints and caches no run references (Trainer states of finished stages, runs deleted since, stale caches).
+clean-unused: setup
+	$(BIN)/python -m selftrain clean

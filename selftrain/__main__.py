@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from selftrain.config import ConfigError, validate_params_file
+from selftrain.io import DataError
 from selftrain.paths import project_root
 
 
@@ -36,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--spec", help="figures spec YAML (default: params/figures/<study>.yaml if it exists)")
     i = sub.add_parser("index", help="rewrite a study's README index from its run folders")
     i.add_argument("--study-dir", required=True, help="e.g. results/demo")
+    k = sub.add_parser("clean", help="list and free checkpoints and caches no run references")
+    k.add_argument("--results-dir", default="results")
+    k.add_argument("--checkpoints-dir", default="checkpoints")
+    k.add_argument("--cache-dir", default=".cache/selftrain")
+    k.add_argument("--dry-run", action="store_true", help="only list what would be freed")
     args = ap.parse_args(argv)
 
     try:
@@ -95,7 +101,16 @@ def main(argv: list[str] | None = None) -> int:
             if not study_dir.is_dir():
                 raise FileNotFoundError(f"{study_dir}: no such study folder")
             print(write_study_index(study_dir))
-    except (ConfigError, FileNotFoundError) as e:
+        elif args.cmd == "clean":
+            from selftrain.clean import clean, human, unreferenced
+
+            items = unreferenced(args.results_dir, args.checkpoints_dir, args.cache_dir)
+            for it in items:
+                print(f"  {human(it.bytes):>9}  {it.path}  ({it.why})")
+            freed = clean(items, args.dry_run)
+            verb = "would free" if args.dry_run else "freed"
+            print(f"{len(items)} item(s), {verb} {human(freed)}")
+    except (ConfigError, FileNotFoundError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -313,6 +313,18 @@ class Run:
 
         return save_figure(fig, self.figures_dir / name)
 
+    def checkpoints_root(self) -> Path:
+        """<checkpoints_dir>/<study>/<model>/<method>/<version>-<id>; the id (run folder + creation time) keeps a
+        recreated v001, or one under another results_dir, from resuming someone else's state."""
+        run_id = sha256_json([str(self.dir.resolve()), self.manifest().get("created")])[:8]
+        c = self.config
+        root = resolve_path(c.output.checkpoints_dir)
+        return root / c.study / c.model.name / c.method / f"{self.dir.name}-{run_id}"
+
+    def checkpoints_dir(self, stage: str) -> Path:
+        """Where a training stage keeps its Trainer checkpoints (trainer/) and its final model (final/)."""
+        return self.checkpoints_root() / stage
+
     # ------------------------------------------------------------------ the model of this run
     def final_model(self) -> Path:
         """The model later stages judge and evaluate: DPO output, else SFT output, else M0 (baseline)."""

@@ -226,8 +226,9 @@ def _candidate_matrix(prompts: list[dict], cands: list[dict], n: int, path: Path
 
 def _embeddings(
     cfg: RunConfig, prompts: list[dict], texts: list[list[str]], cand_file: Path, progress: bool
-) -> np.ndarray:
-    """(P, n+1, d) embeddings, cached by model + candidates + embedding params (shared by methods)."""
+) -> tuple[np.ndarray, str]:
+    """(P, n+1, d) embeddings and their cache key; cached by model + candidates + embedding params (shared by
+    methods)."""
     folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
     key = sha256_json(
         {
@@ -242,7 +243,7 @@ def _embeddings(
     P, K = len(prompts), len(texts[0]) + 1
     if cache.is_file():
         emb = np.load(cache)
-        return emb.reshape(P, K, -1)
+        return emb.reshape(P, K, -1), key
     model, tok = load_hf(folder, cfg.model.dtype, padding_side="right")
     convs = [p["messages"] for p in prompts for _ in range(K)]
     resps = [t for p, row in zip(prompts, texts, strict=True) for t in [*row, p["original"]]]
@@ -251,7 +252,7 @@ def _embeddings(
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, emb)
     os.replace(tmp, cache)
-    return emb.reshape(P, K, -1)
+    return emb.reshape(P, K, -1), key
 
 
 def run(run: Run, progress: bool = True) -> pd.DataFrame:
@@ -270,7 +271,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         prompts = load_prompts(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files, cfg.prompts.skip_blank)
         n = cfg.generation.n
         texts = _candidate_matrix(prompts, read_jsonl(cand_file), n, cand_file)
-        emb = _embeddings(cfg, prompts, texts, cand_file, progress)
+        emb, emb_key = _embeddings(cfg, prompts, texts, cand_file, progress)
         valid = np.array([[bool(t.strip()) for t in row] for row in texts], dtype=bool).reshape(len(prompts), n)
         sel = select(emb, valid, cfg.selection.method, cfg.selection.low_fraction, cfg.selection.tie_tolerance)
         rows, sft, dpo, identical = _records(prompts, texts, sel)
@@ -281,6 +282,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         ]
         df = pd.DataFrame(rows)
         metrics = summarise(df, cfg.selection.method, len(sft), len(dpo), identical)
+        metrics["embedding_cache"] = emb_key  # lets `selftrain clean` tell used cache entries from stale ones
         outputs.append(write_json(run.metrics_dir / "select.json", metrics))
         run.save_figure(plot_selection(df, cfg.selection.method), "select_overview")
         info["outputs"] = outputs

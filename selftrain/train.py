@@ -22,9 +22,8 @@ import pandas as pd
 from selftrain import cpu_head
 from selftrain.config import RunConfig, check_trainer_keys
 from selftrain.inference import cpu_has_bf16
-from selftrain.io import read_jsonl, sha256_file, sha256_json, write_json
+from selftrain.io import read_jsonl, sha256_file, write_json
 from selftrain.models import resolve_model_path
-from selftrain.paths import resolve_path
 from selftrain.plots import plt
 from selftrain.runs import Run
 from selftrain.schema import read_log
@@ -61,14 +60,8 @@ def _precision(block: dict[str, Any]) -> dict[str, Any]:
 
 
 def checkpoints_dir(run: Run, stage: str) -> Path:
-    """<checkpoints_dir>/<study>/<model>/<method>/<version>-<id>/<stage>; the id (run folder + creation
-    time) keeps a recreated v001, or one under another results_dir, from resuming someone else's state."""
-    m = run.manifest()
-    run_id = sha256_json([str(run.dir.resolve()), m.get("created")])[:8]
-    c = run.config
-    return (
-        resolve_path(c.output.checkpoints_dir) / c.study / c.model.name / c.method / f"{run.dir.name}-{run_id}" / stage
-    )
+    """Where a stage's trainer state and final model live (see Run.checkpoints_dir)."""
+    return run.checkpoints_dir(stage)
 
 
 def _complete_checkpoints(trainer_dir: Path) -> list[Path]:

@@ -250,3 +250,31 @@ def test_vllm_chat_prompts_get_one_bos(tiny_model: Path, tmp_path: Path) -> None
     ids = tok(fixed[0])["input_ids"]
     assert ids[0] == bos and ids[1] != bos and fixed[0] == rendered[0].removeprefix("<|endoftext|>")
     assert without_template_bos(plain, chat_prompts(plain, conv)) == chat_prompts(plain, conv)  # no BOS added
+
+
+def test_clean_frees_what_no_run_references(tiny_overrides: list[str], tmp_path: Path) -> None:
+    from selftrain.clean import clean, unreferenced
+
+    cache_dir = tmp_path / "cache"  # its own cache: cleaning must not touch the session's shared one
+    extra = ["training.order=sft", "training.keep_trainer_checkpoints=true", f"output.cache_dir={cache_dir}"]
+    run = _selected_run(tiny_overrides, tmp_path, extra=extra)
+    train.train_stage(run, "sft", progress=False)
+    ck = tmp_path / "ck"
+    trainer = run.checkpoints_dir("sft") / "trainer"
+    assert trainer.is_dir()  # kept on request
+    stray = ck / "tiny" / "tiny" / "central" / "v009-deadbeef" / "sft" / "final"
+    stray.mkdir(parents=True)
+    (stray / "model.safetensors").write_bytes(b"x" * 1000)
+    stale = cache_dir / "embeddings" / "0000000000000000.npy"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"y" * 10)
+    results = Path(run.config.output.results_dir)
+    items = {it.path: it for it in unreferenced(results, ck, cache_dir)}
+    assert trainer in items and stray.parent.parent in items and stale in items
+    assert run.checkpoints_dir("sft") / "final" not in items  # the run's final model stays
+    kept_gen = cache_dir / "generations" / json.loads((run.metrics_dir / "generate.json").read_text())["key"]
+    assert kept_gen.is_dir() and kept_gen not in items
+    assert clean(list(items.values()), dry_run=True) >= 1010 and stray.is_dir()
+    clean(list(items.values()))
+    assert not trainer.exists() and not stray.exists() and not stale.exists()
+    assert (run.checkpoints_dir("sft") / "final" / "_SUCCESS").is_file() and run.final_model().is_dir()
