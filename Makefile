@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.selftrain-setup
 STUDY ?= params/studies/demo.yaml
 
-.PHONY: setup demo quick figures test test-fast lint bench clean-cache clean-unused
+.PHONY: setup demo quick figures lab test test-fast lint bench clean-cache clean-unused
 
 setup: $(STAMP)
 
@@ -36,6 +36,12 @@ quick: setup
 # Paper figures and tables from results/ alone (no model is loaded): seconds.
 figures: setup
 	$(BIN)/python -m selftrain figures --study $(notdir $(basename $(STUDY)))
+
+# JupyterLab rooted at the repository (params/, results/ and the notebooks all in its file browser), on
+# 127.0.0.1 with a token (printed in the URL), opening the start page of the notebooks.
+lab: setup
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=$(CURDIR) --no-browser \
+		--LabApp.default_url=/lab/tree/notebooks/00_index.ipynb $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from selftrain.config import GenerationConfig
@@ -118,7 +119,11 @@ def summarise(df: pd.DataFrame) -> dict[str, Any]:
 def plot_generation(df: pd.DataFrame) -> Any:
     """Histogram of candidate lengths, split by whether the candidate stopped at EOS or hit the cap."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = max(5, min(40, int(df["num_tokens"].max()) // 4 or 5))
+    # One set of integer-aligned bins for both groups: answers capped at max_new_tokens all have the same
+    # length, and bins of their own would draw them as a zero-width bar.
+    lo, hi = int(df["num_tokens"].min()), int(df["num_tokens"].max())
+    width = max(1, -(-(hi - lo + 1) // 40))
+    bins = np.arange(lo, hi + width + 1, width) - 0.5
     for reason, color in (("stop", "tab:blue"), ("length", "tab:red")):
         sub = df[df["finish_reason"] == reason]["num_tokens"]
         if len(sub):

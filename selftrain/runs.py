@@ -85,6 +85,43 @@ def _hardware() -> dict[str, Any]:
     return hw
 
 
+# Libraries whose logs (engine configs, a warning per weight, HTTP lines) would bury a cell's output.
+QUIET_LOGGERS = (
+    "vllm", "transformers", "torch", "accelerate", "datasets", "trl", "peft", "gguf", "httpx", "openai",
+    "huggingface_hub", "filelock", "urllib3", "py.warnings",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def quiet_logs(log_file: Path, verbose: bool = False) -> Iterator[None]:
+    """Third-party logs and Python warnings go to `log_file` (created on the first record) instead of the cell;
+    progress bars and what the stage prints stay. verbose=True leaves everything as it is."""
+    if verbose:
+        yield
+        return
+    import logging
+
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM would add its own stdout handler on import
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, delay=True, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    saved = {}
+    for name in QUIET_LOGGERS:
+        lg = logging.getLogger(name)
+        saved[name] = (lg.handlers[:], lg.propagate)
+        lg.handlers = [handler]
+        lg.propagate = False
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for name, (handlers, propagate) in saved.items():
+            lg = logging.getLogger(name)
+            lg.handlers, lg.propagate = handlers, propagate
+        handler.close()
+
+
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
@@ -154,6 +191,7 @@ class Run:
     dir: Path
     config: RunConfig
     note: str = ""  # why create_run started this version rather than resuming the last one
+    verbose: bool = False  # show third-party library logs in the cell instead of logs/<stage>.log
 
     # ------------------------------------------------------------------ layout
     @property
@@ -231,8 +269,10 @@ class Run:
 
         self.marker(name).unlink(missing_ok=True)
         _set("running", started=_now())
+        log_file = self.dir / "logs" / f"{name}.log"
         try:
-            yield info
+            with quiet_logs(log_file, self.verbose):
+                yield info
         except BaseException as e:
             _set("failed", error=f"{type(e).__name__}: {e}", seconds=round(time.time() - start, 2))
             raise
@@ -250,6 +290,9 @@ class Run:
         }
         _set(**record)
         atomic_write_text(self.marker(name), json.dumps(record, indent=2, default=str) + "\n")
+        facts = ", ".join(f"{k} {v}" for k, v in info["metrics"].items() if isinstance(v, int | float | str))[:160]
+        logs = f"; library logs: {log_file.relative_to(self.dir)}" if log_file.is_file() and not self.verbose else ""
+        print(f"{name}: done in {record['seconds']:.0f} s" + (f"; {facts}" if facts else "") + logs)
 
     def mark_failed(self, name: str, error: str) -> None:
         """Record a stage as failed from outside its process (its kernel died before it could)."""
@@ -436,18 +479,45 @@ def create_run(cfg: RunConfig, new_version: bool = False) -> Run:
     return Run(d, cfg, note)
 
 
+SCRATCH = "scratch"  # the study name of interactive runs: results/scratch/..., never a study's own folders
+
+
 def scratch_run(
     model: str = "smollm2-135m",
     method: str = "central",
     study: str | None = "params/studies/demo.yaml",
     overrides: list[str] | None = None,
 ) -> Run:
-    """A run for interactive use: what a notebook opens when its `run_dir` parameter is empty."""
-    return create_run(resolve_run_config(model, method, study, overrides))
+    """A run for interactive use: what a notebook opens when its `run_dir` parameter is empty.
+
+    It takes the study file's settings but lives under results/scratch/<model>/<method>/, so exploring never
+    adds versions to (or resumes) a study's runs; the same settings resume the same scratch version."""
+    return create_run(resolve_run_config(model, method, study, [f"study={SCRATCH}", *(overrides or [])]))
 
 
-def open_or_scratch(run_dir: str, study: str, model: str, method: str, results_dir: str = "results") -> Run:
-    """What a notebook does with its parameters: the given run folder, else a scratch run."""
+def open_or_scratch(
+    run_dir: str,
+    study: str,
+    model: str,
+    method: str,
+    results_dir: str = "results",
+    overrides: list[str] | tuple[str, ...] = (),
+    verbose: bool = False,
+) -> Run:
+    """What a notebook does with its parameters: the given run folder, else a scratch run with `overrides`
+    ("section.key=value" strings, validated as `--set` is). verbose: library logs in the cell, not in
+    logs/<stage>.log."""
     if run_dir:
-        return open_run(run_dir)
-    return scratch_run(model, method, study or None, [f"output.results_dir={results_dir}"])
+        if overrides:
+            raise ConfigError(
+                f"overrides {list(overrides)} given with run_dir {run_dir!r}: a run's params are fixed; "
+                "leave run_dir empty to explore with overrides in a scratch run"
+            )
+        run = open_run(run_dir)
+        run.verbose = verbose
+        return run
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got the string {overrides!r}")
+    run = scratch_run(model, method, study or None, [f"output.results_dir={results_dir}", *overrides])
+    run.verbose = verbose
+    return run

@@ -21,7 +21,7 @@ import pandas as pd
 
 from selftrain.config import EmbeddingConfig, RunConfig
 from selftrain.data import load_prompts
-from selftrain.inference import load_hf
+from selftrain.inference import free_memory, load_hf, release_frames
 from selftrain.io import DataError, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl
 from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
@@ -158,7 +158,7 @@ def embed_responses(
     token ids, so exactly the response's tokens are pooled. Empty responses give a zero vector.
     """
     import torch
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     rendered = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     cache: dict[str, list[int]] = {}
@@ -175,6 +175,17 @@ def embed_responses(
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     backbone = getattr(model, "base_model", model)
     bar = tqdm(total=len(seqs), desc="embed", unit="seq", disable=not progress)
+    try:
+        _embed_batches(model, backbone, seqs, order, out, pad, cfg, bar, torch)
+    finally:
+        bar.close()  # on an interrupt too
+    return out
+
+
+def _embed_batches(
+    model: Any, backbone: Any, seqs: list, order: list[int], out: np.ndarray, pad: int, cfg: EmbeddingConfig,
+    bar: Any, torch: Any,
+) -> None:  # fmt: skip
     for s in range(0, len(order), cfg.batch_size):
         idx = order[s : s + cfg.batch_size]
         width = max(len(seqs[i][0]) for i in idx)
@@ -201,8 +212,6 @@ def embed_responses(
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
         out[idx] = pooled.cpu().numpy()
         bar.update(len(idx))
-    bar.close()
-    return out
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -247,7 +256,14 @@ def _embeddings(
     model, tok = load_hf(folder, cfg.model.dtype, padding_side="right")
     convs = [p["messages"] for p in prompts for _ in range(K)]
     resps = [t for p, row in zip(prompts, texts, strict=True) for t in [*row, p["original"]]]
-    emb = embed_responses(model, tok, convs, resps, cfg.embedding, progress)
+    try:
+        emb = embed_responses(model, tok, convs, resps, cfg.embedding, progress)
+    except BaseException as e:
+        release_frames(e)  # an interrupted embedding pass must not keep the model alive in the traceback
+        raise
+    finally:
+        del model
+        free_memory()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, emb)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,16 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 def test_notebooks_are_thin_and_stripped(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
+    if path.name == "00_index.ipynb":  # the start page: text and links only
+        assert not code and "07_figures.ipynb" in nb.cells[0].source
+        return
     assert "parameters" in code[0].metadata.get("tags", [])
-    for line in code[0].source.splitlines():  # plain scalars only
+    for line in code[0].source.splitlines():  # plain values only
         assert line.split("#")[0].strip() == "" or " = " in line
+    md = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    assert "What to look at" in "".join(md) or path.name == "07_figures.ipynb" and "look at" in "".join(md)
+    if path.name != "07_figures.ipynb":  # each step links the next one
+        assert re.search(r"\(0\d_\w+\.ipynb\)", md[-1]), path.name
     for c in code:
         assert not c.outputs and c.execution_count is None
         for bad in ("def ", "class ", "%cd", "!pip", "import os"):
@@ -142,10 +150,10 @@ def test_notebooks_run_with_default_parameters(tmp_path: Path) -> None:
             kernel_name="python3",
             progress_bar=False,
         )
-    run_dir = tmp_path / "tiny" / "tiny" / "central" / "v001"
+    run_dir = tmp_path / "scratch" / "tiny" / "central" / "v001"  # scratch runs never mix with a study's
     assert (run_dir / "stages" / "dpo" / "_SUCCESS").is_file()
     # 05 defaults to method baseline: M0 is judged without any training
-    assert (tmp_path / "tiny" / "tiny" / "baseline" / "v001" / "stages" / "judge" / "_SUCCESS").is_file()
+    assert (tmp_path / "scratch" / "tiny" / "baseline" / "v001" / "stages" / "judge" / "_SUCCESS").is_file()
 
 
 def test_one_failing_cell_does_not_stop_the_others(tiny_overrides: list[str], tmp_path: Path) -> None:

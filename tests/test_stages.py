@@ -151,3 +151,37 @@ def test_bad_prompt_file_fails_generate_cleanly(tiny_overrides: list[str], tmp_p
     with pytest.raises(DataError, match=r"bad.jsonl:2: missing field 'response'"):
         generate.run(run, progress=False)
     assert not run.is_done("generate") and not (run.data_dir / "candidates.jsonl").exists()
+
+
+def test_an_interrupted_generation_releases_the_model(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt deep inside generate (as Jupyter's stop button raises it) leaves no model alive, even while
+    the traceback is held (a notebook keeps the last one)."""
+    import gc
+    import weakref
+
+    from selftrain.config import GenerationConfig, ModelConfig
+
+    refs: list[weakref.ref] = []
+    real = inference.load_hf
+
+    def spy(*args, **kwargs):
+        model, tok = real(*args, **kwargs)
+        refs.append(weakref.ref(model))
+        calls = {"n": 0}
+
+        def interrupt(module, inputs):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt("stop button")
+
+        model.model.layers[0].register_forward_pre_hook(interrupt)
+        return model, tok
+
+    monkeypatch.setattr(inference, "load_hf", spy)
+    gen = GenerationConfig(n=2, max_new_tokens=50, backend="transformers")
+    with pytest.raises(KeyboardInterrupt) as held:
+        inference.generate_transformers(
+            tiny_model, ModelConfig(name="tiny", path=str(tiny_model)), gen, [[{"role": "user", "content": "hi"}]]
+        )
+    gc.collect()
+    assert held.value is not None and refs and refs[0]() is None  # freed, though the traceback is held

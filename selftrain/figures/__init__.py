@@ -10,14 +10,14 @@ from pathlib import Path
 
 from selftrain.figures.collect import StudyResults, collect
 from selftrain.figures.plots import PLOTS, plot_eval, plot_judge, plot_selection, plot_training
-from selftrain.figures.tables import main_display, to_latex, to_markdown, write_tables
+from selftrain.figures.tables import main_display, to_latex, to_markdown, views, write_tables
 from selftrain.paths import resolve_path
 from selftrain.plots import save_figure
 from selftrain.report import write_study_index
 
 __all__ = [
     "PLOTS", "StudyResults", "collect", "main_display", "make_figures", "plot_eval", "plot_judge", "plot_selection",
-    "plot_training", "to_latex", "to_markdown", "write_tables",
+    "plot_training", "to_latex", "to_markdown", "views", "write_tables",
 ]  # fmt: skip
 
 

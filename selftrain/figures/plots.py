@@ -59,11 +59,11 @@ def _legend(fig: Any, methods: list[str], line: bool = False) -> None:
 
 def plot_judge(res: StudyResults) -> Any:
     """Top: the five quality criteria; bottom: safety mean, violation and acceptable rates (95% CIs)."""
-    fig, axes = plt.subplots(2, len(QUALITY), figsize=(3.4 * len(QUALITY), 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(QUALITY), figsize=(2.8 * len(QUALITY), 5.8), squeeze=False)
     j = res.judge
     for ax, c in zip(axes[0], QUALITY, strict=True):
         _bars(ax, res, j[(j["set"] == "quality") & (j["criterion"] == c)], "mean")
-        ax.set_title(f"quality: {c}", fontsize=9)
+        ax.set_title(f"quality: {c}", fontsize=10)
         ax.set_ylim(0, 5)
     for ax, (c, title, top) in zip(
         axes[1],
@@ -72,7 +72,7 @@ def plot_judge(res: StudyResults) -> Any:
         strict=False,
     ):  # fmt: skip
         _bars(ax, res, j[(j["set"] == "safety") & (j["criterion"] == c)], "mean")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=10)
         ax.set_ylim(0, top)
     for ax in axes[1][3:]:
         ax.set_axis_off()
@@ -81,15 +81,27 @@ def plot_judge(res: StudyResults) -> Any:
     return fig
 
 
+def _grid(n: int, ncols: int = 4, w: float = 3.0, h: float = 2.8) -> tuple[Any, list[Any]]:
+    """n panels in rows of at most `ncols`, so a figure stays about 12 in wide and its text readable in a
+    notebook (a 26-in row of nine categories is scaled to half size, 4-pt text)."""
+    ncols = min(ncols, max(n, 1))
+    nrows = -(-max(n, 1) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows + 0.6), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_axis_off()
+    return fig, flat[:n]
+
+
 def plot_eval(res: StudyResults) -> Any:
-    """Benchmark AVG and each category score per model size x method."""
+    """Benchmark AVG and each category score per model size x method (rows of four panels)."""
     cols = ["eval_avg"] + [c for c in res.table.columns if c.startswith("eval_") and c != "eval_avg"]
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols) + 0.5, 3.4), squeeze=False)
-    for ax, c in zip(axes[0], cols, strict=True):
+    fig, axes = _grid(len(cols))
+    for ax, c in zip(axes, cols, strict=True):
         _bars(ax, res, res.table, c)
-        ax.set_title("AVG" if c == "eval_avg" else c[len("eval_") :], fontsize=9)
+        ax.set_title("AVG" if c == "eval_avg" else c[len("eval_") :], fontsize=10)
     _legend(fig, res.methods)
-    fig.tight_layout(rect=(0, 0, 1, 0.86))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     return fig
 
 

@@ -101,3 +101,19 @@ def write_tables(res: StudyResults, out_dir: Path | None = None) -> list[Path]:
     paths += write_table(res.selection, out_dir / "selection", caption=f"Study {res.study}: selection diagnostics")
     paths.append(atomic_write_text(out_dir / "missing.md", missing_markdown(res)))
     return paths
+
+
+def views(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The main table split into views a person can read in a notebook (each about ten columns): judge quality,
+    judge safety, benchmark categories, training data."""
+    key = ["model", "method", "version", "state"]
+    quality = ["overall", "overall_ci_low", "overall_ci_high", *(c for c in QUALITY if c != "overall")]
+    safety = ["safety", "safety_ci_low", "safety_ci_high", "violation_rate", "acceptable_rate"]
+    evals = [c for c in table.columns if c.startswith("eval_")]
+    out = {
+        "judge: quality": [*key, *quality],
+        "judge: safety": [*key, *safety],
+        "benchmark": [*key, *evals],
+        "training data": [*key, "sft_examples", "dpo_pairs"],
+    }
+    return {name: table[[c for c in cols if c in table.columns]] for name, cols in out.items()}
