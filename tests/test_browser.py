@@ -8,6 +8,7 @@ Skipped, with the reason, where Chromium (apt-get install chromium) or Playwrigh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -53,17 +54,15 @@ def _fresh_copy(dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[tuple[str, Path]]:
-    repo = _fresh_copy(tmp_path_factory.mktemp("clone"))
+@contextlib.contextmanager
+def jupyterlab(workdir: Path) -> Iterator[tuple[str, Path]]:
+    """JupyterLab on 127.0.0.1 (a free port, a token) over a fresh copy of the tree in `workdir`; yields the URL
+    template of a notebook (format it with the file name) and the copy's root."""
+    repo = _fresh_copy(workdir / "clone")
     port, token = _free_port(), secrets.token_hex(16)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "SELFTRAIN_ROOT": str(repo),
-        "JUPYTER_CONFIG_DIR": str(repo / ".jupyter"),
-    }
-    log = (tmp_path_factory.mktemp("lablog") / "lab.log").open("w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SELFTRAIN_ROOT": str(repo)}
+    env["JUPYTER_CONFIG_DIR"] = str(repo / ".jupyter")  # no user settings leak in
+    log = (workdir / "lab.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
          f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={repo}",
@@ -72,15 +71,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[t
         cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "JupyterLab did not start"
-            time.sleep(0.5)
     try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "JupyterLab did not start"
+                time.sleep(0.5)
         yield f"{base}/lab/tree/notebooks/{{}}?reset&token={token}", repo  # reset: one tab, no restored workspace
     finally:
         os.killpg(proc.pid, 15)
@@ -88,17 +87,31 @@ def lab(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[t
         log.close()
 
 
-@pytest.fixture(scope="module")
-def page(lab: tuple[str, Path]) -> Iterator[object]:
+@contextlib.contextmanager
+def chromium_page() -> Iterator[object]:
+    """A page of Debian's Chromium driven by Playwright (never a downloaded browser)."""
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=str(CHROMIUM),
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run", "--disable-quic"],
         )  # fmt: skip
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            yield browser.new_page(viewport={"width": 1400, "height": 1000})
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    with jupyterlab(tmp_path_factory.mktemp("lab")) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def page(lab: tuple[str, Path]) -> Iterator[object]:
+    with chromium_page() as pg:
         yield pg
-        browser.close()
 
 
 def _open(page: object, url: str, name: str) -> None:
