@@ -65,6 +65,19 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def hardware_label(run_dir: Path) -> str:
+    """A short name of the hardware a run used: CPU model + its native-bf16 sets, or the GPUs."""
+    try:
+        hw = read_json(run_dir / "manifest.json").get("hardware") or {}
+    except DataError:
+        return "unknown"
+    if hw.get("gpus"):
+        return f"{', '.join(hw['gpus'])} (CUDA {hw.get('cuda_version')})"
+    cpu = hw.get("cpu") or {}
+    flags = [f for f in cpu.get("flags", []) if f in ("amx_tile", "avx512_bf16")]
+    return f"{cpu.get('model') or hw.get('platform', 'unknown')}" + (f" [{', '.join(flags)}]" if flags else "")
+
+
 def write_study_index(study_dir: str | Path) -> Path:
     """Write ``<study_dir>/README.md`` from the run folders under it; returns its path."""
     study_dir = Path(study_dir)
@@ -102,5 +115,9 @@ def write_study_index(study_dir: str | Path) -> Path:
         if r["error"]:
             details.append(f"- error: `{r['error'].splitlines()[0][:300]}`")
         details += [f"- notebooks: {nbs or '-'}", f"- figures: {figs or '-'}", ""]
+    setups = sorted({hardware_label(d) for d in runs})
+    if len(setups) > 1:  # bf16 rounding differs between CPUs with and without AMX / AVX-512 BF16, GPUs, drivers
+        lines += ["", f"**Hardware differs between these runs** ({len(setups)} setups: {'; '.join(setups)}): "
+                  "differences between them may come from numerics, not from the methods."]  # fmt: skip
     text = "\n".join([*lines, "", "## Runs", "", *details])
     return atomic_write_text(study_dir / "README.md", text + "\n")

@@ -68,18 +68,58 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+# CPU features that change numbers: bf16 matmuls run natively (and round differently) with AMX or AVX-512 BF16.
+NUMERIC_CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni", "avx2", "fma")
+
+
+def _cpu() -> dict[str, Any]:
+    """The CPU model and the instruction sets that change bf16/fp32 numerics, from /proc/cpuinfo (Linux)."""
+    out: dict[str, Any] = {"model": platform.processor() or None, "flags": []}
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return out
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            out["model"] = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            out["flags"] = [f for f in NUMERIC_CPU_FLAGS if f in flags]
+            break
+    return out
+
+
 def _hardware() -> dict[str, Any]:
+    """What a number depends on besides code and data: CPU model and numeric instruction sets, torch's CPU
+    capability, GPU models, driver-visible CUDA and cuDNN versions."""
     hw: dict[str, Any] = {
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "cpu_count": os.cpu_count(),
+        "cpu": _cpu(),
     }
     try:
         import torch
 
+        hw["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        hw["bf16_native_cpu"] = any(
+            getattr(torch.cpu, n, lambda: False)() for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        )
         hw["cuda"] = torch.cuda.is_available()
         if hw["cuda"]:
             hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            hw["gpu_capability"] = [list(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+            hw["cuda_version"] = torch.version.cuda
+            hw["cudnn_version"] = torch.backends.cudnn.version()
+            try:
+                import subprocess as sp
+
+                drv = sp.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+                hw["gpu_driver"] = drv.stdout.strip().splitlines()[0] if drv.returncode == 0 else None
+            except (OSError, sp.SubprocessError, IndexError):
+                hw["gpu_driver"] = None
     except ImportError:
         hw["cuda"] = None
     return hw

@@ -47,6 +47,9 @@ def test_manifest_content(tmp_path: Path) -> None:
         assert key in m
     assert set(m["git"]) == {"sha", "dirty"}
     assert m["packages"]["torch"] and m["hardware"]["cpu_count"] >= 1
+    hw = m["hardware"]
+    assert hw["cpu"]["model"] and isinstance(hw["cpu"]["flags"], list) and hw["torch_cpu_capability"]
+    assert isinstance(hw["bf16_native_cpu"], bool) and hw["cuda"] in (True, False)
     assert m["stages"] == {s: {"status": "pending"} for s in ("generate", "select", "sft", "dpo", "judge", "eval")}
     assert (run.dir / "params.resolved.yaml").is_file()
 
@@ -124,3 +127,18 @@ def test_a_write_error_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(OSError, match=r"cannot write .*file/x.json"):
         io.write_json(tmp_path / "file" / "x.json", {})
+
+
+def test_the_study_index_says_when_runs_come_from_different_hardware(tmp_path: Path) -> None:
+    from selftrain.report import write_study_index
+
+    ov = [f"output.results_dir={tmp_path}", "study=hw"]
+    a = create_run(resolve_run_config("tiny", "central", overrides=ov))
+    b = create_run(resolve_run_config("tiny", "baseline", overrides=ov))
+    assert "Hardware differs" not in write_study_index(tmp_path / "hw").read_text()
+    m = json.loads(b.manifest_path.read_text())
+    m["hardware"]["cpu"] = {"model": "Another CPU", "flags": ["amx_tile", "avx512_bf16"]}
+    b.manifest_path.write_text(json.dumps(m))
+    text = write_study_index(tmp_path / "hw").read_text()
+    assert "Hardware differs between these runs** (2 setups" in text and "Another CPU [amx_tile, avx512_bf16]" in text
+    assert a.dir.name == "v001"
