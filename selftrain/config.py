@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from selftrain.paths import project_root, resolve_path
 from selftrain.schema import STAGES, VERSION
@@ -252,6 +252,15 @@ class JudgeConfig(_Section):
     )
     bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the 95% confidence intervals.")
 
+    @model_validator(mode="after")
+    def _protocol_needs_checkout(self) -> JudgeConfig:
+        if self.protocol == "llm-jp-judge" and not self.llm_jp_judge.path:
+            raise ValueError(
+                "judge.protocol llm-jp-judge reads its prompts from your own checkout: set judge.llm_jp_judge.path "
+                "(the root of an llm-jp-judge v2.0.0 checkout)"
+            )
+        return self
+
 
 class EvalMarkers(_Section):
     """Prompt section headers; the defaults are llm-jp-eval v1.3.0's (Japanese)."""
@@ -355,6 +364,16 @@ class EvalConfig(_Section):
         description="Category -> dataset names (llm-jp-eval's map: NLI, QA, RC, MC, EL, FA, MR, MT, HE, STS, SUM).",
     )
     avg_excludes: list[str] = Field(default_factory=list, description="Categories left out of AVG.")
+
+    @model_validator(mode="after")
+    def _protocol_needs_checkout(self) -> EvalConfig:
+        # Found when the params are read, before any cell runs, not when stage 06 starts an hour later.
+        if self.protocol != "own" and not self.llm_jp_eval_dir:
+            raise ValueError(
+                f"eval.protocol {self.protocol} reads llm-jp-eval's prompt from your own checkout: set "
+                "eval.llm_jp_eval_dir (or use eval.protocol: own)"
+            )
+        return self
 
 
 class StudyConfig(_Section):
@@ -477,6 +496,10 @@ def _validate(cls: type[BaseModel], data: dict, origin: dict[str, str]) -> BaseM
             src = _source_of(dotted, origin) or ", ".join(sorted(set(origin.values()))) or "<defaults>"
             if err["type"] == "extra_forbidden":
                 lines.append(f"{src}: unknown key '{dotted}'")
+            elif err["type"] == "value_error" and isinstance(err.get("input"), dict):
+                # A rule across a section's keys: name every source that set keys of it, not the whole input.
+                srcs = sorted({v for k, v in origin.items() if k.startswith(dotted + ".")}) or [src]
+                lines.append(f"{', '.join(srcs)}: {err['msg'].removeprefix('Value error, ')}")
             elif err["type"] == "missing":
                 lines.append(f"{src}: missing required key '{dotted}'")
             else:

@@ -145,3 +145,10 @@ def test_yaml_numbers_are_numbers_and_yes_no_stay_strings(tmp_path: Path) -> Non
     )
     cfg = resolve_run_config("tiny", "central", study, check_trainer=True)
     assert cfg.training.sft["learning_rate"] == 2e-4 and cfg.training.sft["save_strategy"] == "no"
+
+
+def test_a_protocol_without_its_checkout_is_refused_when_params_are_read() -> None:
+    with pytest.raises(ConfigError, match=r"command line \(eval.protocol=llm-jp-eval-1.3\).*set eval.llm_jp_eval_dir"):
+        resolve_run_config("tiny", "central", overrides=["eval.protocol=llm-jp-eval-1.3"])
+    with pytest.raises(ConfigError, match="set judge.llm_jp_judge.path"):
+        resolve_run_config("tiny", "central", overrides=["judge.protocol=llm-jp-judge"])

@@ -256,8 +256,10 @@ def test_answer_plan_uses_generate_yaml(checkout: Path) -> None:
 
 
 def test_config_checks() -> None:
-    with pytest.raises(ConfigError, match=r"judge.llm_jp_judge.path: required"):
-        llmjp.check_config(JudgeConfig(protocol="llm-jp-judge"))
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"set judge.llm_jp_judge.path"):  # refused when params are read
+        JudgeConfig(protocol="llm-jp-judge")
     base = {"protocol": "llm-jp-judge", "llm_jp_judge": {"path": "x"}}
     with pytest.raises(ConfigError, match=r"judge.scoring=expected"):
         llmjp.check_config(JudgeConfig(**base, scoring="expected"))

@@ -322,11 +322,8 @@ def git_commit(root: Path) -> str | None:
 
 
 def check_config(cfg: JudgeConfig) -> None:
-    """What judge.protocol=llm-jp-judge needs of the params, before any answer is generated."""
-    if not cfg.llm_jp_judge.path:
-        raise ConfigError(
-            "judge.llm_jp_judge.path: required for judge.protocol=llm-jp-judge (the root of your llm-jp-judge checkout)"
-        )
+    """What judge.protocol=llm-jp-judge needs of the params, before any answer is generated (the checkout path
+    itself is required by JudgeConfig's validation)."""
     if cfg.scoring != "text":
         raise ConfigError(
             f"judge.scoring={cfg.scoring}: judge.protocol=llm-jp-judge reads the scores from the judge's text; "
