@@ -54,7 +54,7 @@ def pairs(seed: int, numeric: bool = False) -> list[tuple[str, str]]:
 
 def protocol(name: str) -> Protocol:
     spec = load_eval_protocol(name)
-    return Protocol(name, spec, EvalConfig(protocol=name))
+    return Protocol(name, spec, EvalConfig(protocol=name, llm_jp_eval_dir="unused"))
 
 
 DS = Dataset("d", None, "x", 8, ["exact_match"], [], [{"input": "i", "output": "o"}])  # type: ignore[arg-type]
