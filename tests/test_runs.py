@@ -142,3 +142,24 @@ def test_the_study_index_says_when_runs_come_from_different_hardware(tmp_path: P
     text = write_study_index(tmp_path / "hw").read_text()
     assert "Hardware differs between these runs** (2 setups" in text and "Another CPU [amx_tile, avx512_bf16]" in text
     assert a.dir.name == "v001"
+
+
+def test_library_logs_go_to_the_run_log_and_own_warnings_stay(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import logging
+    import warnings
+
+    from selftrain.quiet import quiet_logs
+
+    log = tmp_path / "logs" / "generate.log"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_logs(log):
+            logging.getLogger("transformers.modeling_utils").warning("a dtype warning per weight")
+            warnings.warn_explicit("a library's deprecation", FutureWarning, "/x/site-packages/lib/mod.py", 3)
+            warnings.warn("dataset skipped: bad.json", UserWarning, stacklevel=1)
+        logging.getLogger("transformers.modeling_utils").warning("after the stage")
+    text = log.read_text()
+    assert "a dtype warning per weight" in text and "a library's deprecation" in text
+    assert "after the stage" not in text
+    assert [str(w.message) for w in seen] == ["dataset skipped: bad.json"]  # the project's own stays visible
+    assert "a dtype warning per weight" not in capsys.readouterr().err
