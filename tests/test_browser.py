@@ -145,10 +145,12 @@ def _wait_kernel_idle(page: object, timeout_s: float = 120) -> None:
     page.wait_for_selector("text=/Python 3 \\(ipykernel\\) \\| Idle/", timeout=timeout_s * 1000)
 
 
-def _pending(page: object) -> int:
-    """Code cells not yet run to the end: a prompt showing [ ] or [*]."""
-    prompts = page.locator(f"{PANEL} .jp-CodeCell .jp-InputPrompt").all_inner_texts()
-    return sum(1 for t in prompts if "[ ]" in t or "[*]" in t or t.strip() in ("", "[]:"))
+def _running(page: object) -> bool:
+    """A cell is queued or running ([*]) or the kernel is not idle. JupyterLab renders only the cells in view, so
+    the prompts of the others say nothing: completion is read from the saved file, not from the page."""
+    if page.locator(f"{PANEL} .jp-InputPrompt", has_text="[*]").count():
+        return True
+    return not page.locator("text=/Python 3 \\(ipykernel\\) \\| Idle/").count()
 
 
 def _run_all_and_save(page: object, path: Path, timeout_s: float = 300, params: str | None = None) -> dict:
@@ -160,17 +162,19 @@ def _run_all_and_save(page: object, path: Path, timeout_s: float = 300, params: 
             _set_parameters(page, params)
     _menu(page, "Run", "Run All Cells")
     deadline = time.time() + timeout_s
-    while _pending(page):  # every code cell shows its execution count
-        errors = page.locator(
-            ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']", has_text="Traceback"
-        )
-        if errors.count():
-            break  # a cell failed: the rest will not run; the saved file says which
+    while True:
+        time.sleep(1.0)
+        if not _running(page):
+            time.sleep(1.5)  # the next cell of the queue may just be starting
+            if not _running(page):
+                page.keyboard.press("Control+s")
+                time.sleep(2.0)
+                nb = json.loads(path.read_text())
+                code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+                failed = any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
+                if failed or all(c.get("execution_count") for c in code):
+                    return nb
         assert time.time() < deadline, f"{path.name}: Run All did not finish in {timeout_s} s"
-        time.sleep(0.5)
-    page.keyboard.press("Control+s")
-    time.sleep(2.0)
-    return json.loads(path.read_text())
 
 
 def _check(nb: dict, name: str) -> None:
