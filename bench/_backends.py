@@ -33,3 +33,12 @@ def run_backends(
     if rate_key in results.get("vllm", {}) and rate_key in results.get("transformers", {}):
         results["vllm_over_transformers"] = round(results["vllm"][rate_key] / results["transformers"][rate_key], 2)
     return results
+
+
+def save_result(root: Path, name: str, results: dict) -> Path:
+    """Print a benchmark's results and save them as bench/out/<name>.json."""
+    print(json.dumps(results, indent=2))
+    out = root / "bench" / "out" / f"{name}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return out

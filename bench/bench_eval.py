@@ -10,11 +10,10 @@ Writes bench/out/eval.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from _backends import run_backends
+from _backends import run_backends, save_result
 
 CHILD = r"""
 import json, sys, time
@@ -70,10 +69,7 @@ def main() -> None:
         )
     )
     results["load_average_1min_after"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(results, indent=2))
-    out = root / "bench" / "out" / "eval.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    save_result(root, "eval", results)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _backends import save_result
+
 CHILD = r"""
 import json, sys, time
 from selftrain.config import resolve_run_config
@@ -115,10 +117,7 @@ def main() -> None:
     results["best_seconds"] = best
     results["protocol_over_own"] = round(best["llm-jp-eval-1.3"] / best["own"], 3)
     results["load_average_1min_after"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(results, indent=2))
-    out = root / "bench" / "out" / "eval_protocol.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    save_result(root, "eval_protocol", results)
 
 
 if __name__ == "__main__":

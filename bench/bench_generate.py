@@ -8,11 +8,10 @@ Writes bench/out/generate.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from _backends import run_backends
+from _backends import run_backends, save_result
 
 CHILD = r"""
 import json, sys, time
@@ -52,10 +51,7 @@ def main() -> None:
             "tokens_per_second",
         )
     )
-    print(json.dumps(results, indent=2))
-    out = root / "bench" / "out" / "generate.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    save_result(root, "generate", results)
 
 
 if __name__ == "__main__":
