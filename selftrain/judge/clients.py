@@ -7,7 +7,14 @@ import dataclasses
 from typing import Any
 
 from selftrain.config import GenerationConfig, JudgeConfig, ModelConfig, SamplingConfig
-from selftrain.inference import generate_candidates, load_hf, pick_backend
+from selftrain.inference import (
+    generate_candidates,
+    load_hf,
+    next_token_logprobs,
+    pick_backend,
+    release_engine,
+    vllm_engine,
+)
 from selftrain.io import read_json, sha256_json, write_json
 from selftrain.judge.api import EndpointJudge, EndpointSettings
 from selftrain.judge.parse import DIGITS, _reasons, expected_from_tokens
@@ -43,6 +50,8 @@ class LocalJudge:
             "max_new_tokens": self.cfg.max_new_tokens,
             "attempt": attempt,
             "scoring": self.cfg.scoring,
+            # Expected scores are read through the generation backend (vLLM's or transformers' forward pass).
+            "expected_via": self.backend if self.cfg.scoring == "expected" else None,
         }
         if sampling is not None:
             key["sampling"] = sampling.model_dump(exclude={"backend", "batch_size"})
@@ -77,18 +86,65 @@ class LocalJudge:
                     max_new_tokens=self.cfg.max_new_tokens,
                     seed=1234 + attempt,
                 )
-            raw = generate_candidates(
-                self.folder, self.model_cfg, gen, [requests[i][0] for i in todo], self.backend, progress
-            )
-            for r in raw:
-                i = todo[r["prompt_index"]]
-                rec: dict[str, Any] = {"text": r["text"], "expected": None, "error": None}
+            # One vLLM engine writes the judge's reasons and then reads its score slots (prefix-cached prefills).
+            engine = vllm_engine(self.folder, self.model_cfg, gen.seed) if self.backend == "vllm" else None
+            try:
+                raw = generate_candidates(
+                    self.folder, self.model_cfg, gen, [requests[i][0] for i in todo], self.backend, progress,
+                    engine=engine,
+                )  # fmt: skip
+                texts = {todo[r["prompt_index"]]: r["text"] for r in raw}
+                expected: dict[int, dict[str, float]] = {}
                 if self.cfg.scoring == "expected":
-                    rec["expected"] = self._expected(requests[i][0], r["text"], requests[i][1])
+                    jobs = [(requests[i][0], texts[i], requests[i][1]) for i in todo]
+                    if engine is not None:
+                        got = self._expected_vllm(engine, jobs)
+                    else:
+                        got = [self._expected(*job) for job in jobs]
+                    expected = dict(zip(todo, got, strict=True))
+            finally:
+                if engine is not None:
+                    release_engine(engine)
+                    engine = None
+            for i in todo:
+                rec: dict[str, Any] = {"text": texts[i], "expected": expected.get(i), "error": None}
                 path = self.cache / keys[i][:2] / f"{keys[i]}.json"
                 write_json(path, rec)
                 out[i] = {**rec, "cached": False}
         return out
+
+    def _expected_vllm(self, engine: Any, jobs: list[tuple[list[dict], str, dict[str, str]]]) -> list[dict[str, float]]:
+        """`_expected` for many items on a vLLM engine: the same token pieces (the head with reasons and the
+        first ``Label: [[``, then ``n]]\nLabel: [[`` per further criterion), the probabilities of "1".."5" as
+        a softmax over their log-probabilities; one batched call per score slot."""
+        import numpy as np
+
+        tok = engine.get_tokenizer()
+        digit_ids = self._digit_ids(tok)
+        ids: list[list[int]] = [[] for _ in jobs]
+        pending, labels, out = [], [], [dict[str, float]() for _ in jobs]
+        for messages, text, lab in jobs:
+            head = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            pending.append(head + _reasons(text, lab) + "\n\n")  # tokenised with the first label, as _expected
+            labels.append(list(lab.items()))
+        for step in range(max((len(x) for x in labels), default=0)):
+            live = [j for j in range(len(jobs)) if step < len(labels[j])]
+            for j in live:
+                ids[j] = ids[j] + tok(pending[j] + f"{labels[j][step][1]}: [[", add_special_tokens=False)["input_ids"]
+            lps = next_token_logprobs(engine, [ids[j] for j in live], digit_ids)
+            for j, lp in zip(live, lps, strict=True):
+                p = np.exp(np.array(lp) - max(lp))
+                p /= p.sum()
+                out[j][labels[j][step][0]] = float((p * np.arange(1, 6)).sum())
+                pending[j] = f"{int(p.argmax()) + 1}]]\n"
+        return out
+
+    @staticmethod
+    def _digit_ids(tok: Any) -> list[int]:
+        ids = [tok.convert_tokens_to_ids(d) for d in DIGITS]
+        if any(i is None or i == tok.unk_token_id for i in ids):
+            raise RuntimeError("the judge's tokenizer has no single tokens for '1'..'5'")
+        return ids
 
     def _expected(self, messages: list[dict], text: str, labels: dict[str, str]) -> dict[str, float]:
         """Score slots filled one by one: after the judge's reasons each criterion's line is opened at ``[[``
