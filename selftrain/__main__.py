@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a param, e.g. --set generation.n=2 (repeatable)",
     )
+    r.add_argument(
+        "--seeds", nargs="+", type=int, help="replicate seeds to run (default: the study's `seeds`, else its own)"
+    )
     r.add_argument("--new-version", action="store_true", help="start a new run version even if one matches")
     r.add_argument("--quiet", action="store_true", help="do not echo the notebooks' output while they run")
     sub.add_parser("check", help="validate every YAML under params/")
@@ -35,6 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--study", required=True, help="study name: the folder under --results-dir, e.g. demo")
     f.add_argument("--results-dir", default="results", help="where the study folders are (default: results)")
     f.add_argument("--spec", help="figures spec YAML (default: params/figures/<study>.yaml if it exists)")
+    cp = sub.add_parser("compare", help="set a study's fresh runs beside a reference, within its seeds' spread")
+    cp.add_argument("--study", required=True, help="study name: the folder under --results-dir, e.g. demo")
+    cp.add_argument("--results-dir", default="results", help="where the fresh study folder is (default: results)")
+    cp.add_argument(
+        "--reference",
+        help="a study folder holding the reference runs (default: the same study folder, whose "
+        "first version of each run is the reference)",
+    )
+    cp.add_argument("--strict", action="store_true", help="exit 1 when a difference lies outside the band")
     i = sub.add_parser("index", help="rewrite a study's README index from its run folders")
     i.add_argument("--study-dir", required=True, help="e.g. results/demo")
     k = sub.add_parser("clean", help="list and free checkpoints and caches no run references")
@@ -67,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.new_version,
                 progress=False,
                 stream=not args.quiet,
+                seeds=args.seeds,
             )
             print("\nsummary:")
             for res in results:
@@ -93,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             from selftrain.figures import make_figures
 
             make_figures(args.study, args.results_dir, args.spec)
+        elif args.cmd == "compare":
+            from selftrain.figures.compare import compare
+
+            cmp = compare(args.study, args.results_dir, args.reference)
+            print(cmp.summary())
+            print(f"table: {cmp.paths[1]}")
+            if args.strict and cmp.counts().get("outside"):
+                return 1
         elif args.cmd == "index":
             from selftrain.paths import resolve_path
             from selftrain.report import write_study_index

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from selftrain.paths import project_root, resolve_path
-from selftrain.schema import STAGES, VERSION
+from selftrain.schema import REPLICATE, STAGES, VERSION
 
 
 class ConfigError(ValueError):
@@ -382,6 +382,20 @@ class StudyConfig(_Section):
     methods: list[Slug] = Field(min_length=1, description="Method params names (files under params/methods/).")
     stages: list[str] = Field(default_factory=lambda: list(STAGES), description="Stages to run, in order.")
     description: str = Field("", description="What this study is for.")
+    seeds: list[int] = Field(
+        default_factory=list,
+        description="Replicate seeds: one cell per seed and (model, method); a seed sets `seed`, `generation.seed` "
+        "and `judge.answers.seed`. Empty: the params' own seeds only. `run --seeds` picks some of them.",
+    )
+
+    @model_validator(mode="after")
+    def _replicates(self) -> StudyConfig:
+        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ValueError(f"study.seeds must be distinct seeds >= 0, got {self.seeds}")
+        clash = [m for m in self.methods if REPLICATE.match(m)]
+        if clash:
+            raise ValueError(f"study.methods {clash}: a method name cannot end in .seed<N> (a replicate's folder)")
+        return self
 
 
 class RunConfig(_Section):
@@ -390,7 +404,12 @@ class RunConfig(_Section):
     study: Slug = Field("scratch", description="Study name (a folder name: letters, digits, . _ -).")
     model: ModelConfig
     method: Slug = Field(description="Method params name (the run folder's third level).")
-    seed: int = Field(1234, description="Global seed recorded in the manifest.")
+    seed: int = Field(1234, description="Global seed: the trainers' seed, recorded in the manifest.")
+    replicate: int | None = Field(
+        None,
+        description="The replicate seed of a study with `study.seeds` (its run folder is <method>.seed<N>); None: "
+        "the params' own seeds (the plain <method> folder).",
+    )
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
@@ -400,6 +419,28 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     stages: list[str] = Field(default_factory=lambda: list(STAGES), description="Stages of this run.")
+    numerics: Literal["default", "exact"] = Field(
+        "default",
+        description="'exact': float32 everywhere (no bf16 autocast, vLLM replaced by transformers so batches are "
+        "fixed by batch_size), deterministic torch algorithms: the same bytes on the same machine kind, slower. "
+        "'default': bf16 where the hardware multiplies it natively (numbers then differ across CPU kinds).",
+    )
+
+    @model_validator(mode="after")
+    def _exact(self) -> RunConfig:
+        if self.numerics != "exact":
+            return self
+        if self.model.dtype not in ("auto", "float32"):
+            raise ValueError(f"numerics 'exact' runs float32; model.dtype is {self.model.dtype!r}")
+        for kind in ("sft", "dpo"):
+            block = getattr(self.training, kind)
+            if block.get("bf16") or block.get("fp16"):
+                raise ValueError(f"numerics 'exact' runs float32; training.{kind} sets bf16/fp16")
+            block.update({"bf16": False, "fp16": False})
+        self.model.dtype = "float32"
+        self.generation.backend = self.eval.backend = self.judge.local_backend = "transformers"
+        self.judge.answers.backend = "transformers"
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -528,7 +569,10 @@ def load_study(study_path: str | Path) -> tuple[StudyConfig, dict[str, Any], Pat
     block = data.pop("study")
     if not isinstance(block, dict):
         raise ConfigError(f"{path}: key 'study' must be a mapping")
-    study = _validate(StudyConfig, block, {k: str(path) for k in _flatten(block, "")})
+    try:
+        study = _validate(StudyConfig, block, {k: str(path) for k in _flatten(block, "")})
+    except ConfigError as e:  # name keys as they sit in the file: under `study:`
+        raise ConfigError(str(e).replace(" key '", " key 'study.")) from None
     for stage in study.stages:
         if stage not in STAGES:
             raise ConfigError(f"{path}: key 'study.stages': unknown stage '{stage}' (known: {', '.join(STAGES)})")
@@ -574,10 +618,13 @@ def resolve_run_config(
     study: str | Path | None = None,
     overrides: list[str] | None = None,
     check_trainer: bool = False,
+    replicate: int | None = None,
 ) -> RunConfig:
     """Merge base -> models/<model> -> methods/<method> -> study -> overrides and validate.
 
     check_trainer=True also checks the TRL trainer blocks against TRL (slower: imports TRL).
+    replicate: a replicate seed (study.seeds) applied over everything: `seed`, `generation.seed` and
+    `judge.answers.seed`. A seed equal to all three of the params' own is the plain run (replicate None).
     """
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -595,6 +642,14 @@ def resolve_run_config(
     for item in overrides or []:
         key, value = parse_override(item)
         _merge(merged, _nest(key, value), origin, f"command line ({item})")
+    if replicate is not None:
+        own = (merged.get("seed", 1234), (merged.get("generation") or {}).get("seed", 1234),
+               ((merged.get("judge") or {}).get("answers") or {}).get("seed", 1234))  # fmt: skip
+        if any(x != replicate for x in own):
+            src = f"replicate seed {replicate}"
+            for key in ("seed", "generation.seed", "judge.answers.seed"):
+                _merge(merged, _nest(key, replicate), origin, src)
+            merged["replicate"] = replicate
     merged.setdefault("study", study_name)
     merged.setdefault("method", method)
     merged.setdefault("stages", study_stages)

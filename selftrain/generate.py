@@ -19,7 +19,7 @@ import pandas as pd
 
 from selftrain.config import GenerationConfig
 from selftrain.data import load_prompt_set, prompt_files
-from selftrain.inference import device, generate_candidates, pick_backend
+from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend
 from selftrain.io import read_json, read_jsonl, sha256_json, write_json, write_jsonl
 from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
@@ -66,6 +66,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         )
         folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
         backend = pick_backend(cfg.generation.backend)
+        info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, backend), "backend": backend}
         key = generation_key(folder, prompts, cfg.generation, backend, cfg.model.max_model_len)
         cache = resolve_path(cfg.output.cache_dir) / "generations" / key
         if (cache / "_SUCCESS").is_file():

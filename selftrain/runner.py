@@ -13,7 +13,7 @@ from selftrain.config import ConfigError, load_study, resolve_run_config
 from selftrain.paths import project_root
 from selftrain.report import write_study_index
 from selftrain.runs import Run, create_run
-from selftrain.schema import NOTEBOOKS, STAGES
+from selftrain.schema import NOTEBOOKS, STAGES, run_folder
 
 
 class StageFailed(RuntimeError):
@@ -84,10 +84,14 @@ def run_study(
     log: Callable[[str], None] = print,
     progress: bool = False,
     stream: bool = False,
+    seeds: list[int] | None = None,
 ) -> list[CellResult]:
-    """Run the grid cell by cell. A failing stage stops only its own (model, method) cell: the other cells
-    still run, and the returned results (and the log) say which cell failed where."""
+    """Run the grid cell by cell. A failing stage stops only its own (model, method, seed) cell: the other
+    cells still run, and the returned results (and the log) say which cell failed where.
+
+    seeds: replicate seeds (some of `study.seeds`, or any); None: the study's `seeds`, or the params' own."""
     study, _, path = load_study(study_path)
+    replicates: list[int | None] = list(seeds if seeds is not None else study.seeds) or [None]
     models = models or study.models
     methods = methods or study.methods
     for name, chosen, allowed in (("model", models, study.models), ("method", methods, study.methods)):
@@ -104,16 +108,20 @@ def run_study(
     for model in models:
         for method in methods:
             try:
-                resolve_run_config(model, method, study_path, overrides, check_trainer=True)
+                for rep in replicates:
+                    resolve_run_config(model, method, study_path, overrides, check_trainer=True, replicate=rep)
             except ConfigError as e:
                 problems += [x for x in str(e).replace("invalid params:", "").split("\n") if x.strip()]
     if problems:
         unique = list(dict.fromkeys(p.strip() for p in problems))
         raise ConfigError("invalid params (no cell was run):\n  " + "\n  ".join(unique))
     results = []
-    for model in models:
-        for method in methods:
-            results.append(_run_cell(study_path, model, method, wanted, overrides, new_version, log, progress, stream))
+    for rep in replicates:  # seed-major: every method of the first seed is done before the next seed starts
+        for model in models:
+            for method in methods:
+                results.append(
+                    _run_cell(study_path, model, method, wanted, overrides, new_version, log, progress, stream, rep)
+                )
     failed = [r for r in results if not r.ok]
     if failed:
         log(f"{len(failed)} of {len(results)} cells failed:")
@@ -136,6 +144,7 @@ def _run_cell(
     log: Callable[[str], None],
     progress: bool,
     stream: bool,
+    replicate: int | None = None,
 ) -> CellResult:
     t0 = time.time()
     done: list[str] = []
@@ -143,7 +152,8 @@ def _run_cell(
     run = None
     stage = "params"
     try:
-        cfg = resolve_run_config(model, method, study_path, overrides, check_trainer=True)
+        cfg = resolve_run_config(model, method, study_path, overrides, check_trainer=True, replicate=replicate)
+        method = run_folder(method, cfg.replicate)  # the cell's name in the log and the summary
         run = create_run(cfg, new_version=new_version)
         if run.note:
             log(f"[{model}/{method}] {run.note} -> {run.dir.name}")

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from selftrain.config import ConfigError, RunConfig, dump_config, load_resolved, resolve_run_config
+from selftrain.inference import exact_numerics
 from selftrain.io import atomic_write_text, read_json, sha256_file, sha256_json, write_json
 from selftrain.models import resolve_model_path
 from selftrain.paths import resolve_path
 from selftrain.provenance import cached_sha256, git_state, hardware, input_fingerprint, package_versions
 from selftrain.quiet import quiet_logs
-from selftrain.schema import NOTEBOOKS, VERSION, read_metrics
+from selftrain.schema import NOTEBOOKS, VERSION, read_metrics, run_folder
 
 # Nested parts of a metrics file that have a view of their own (criteria, categories, datasets) or are noise
 # in a one-column summary.
@@ -122,6 +123,7 @@ class Run:
 
         self.marker(name).unlink(missing_ok=True)
         _set("running", started=_now())
+        exact_numerics(self.config.numerics == "exact")
         log_file = self.dir / "logs" / f"{name}.log"
         try:
             with quiet_logs(log_file, self.verbose):
@@ -140,6 +142,8 @@ class Run:
                 if Path(p).is_file()
             },
             "metrics": info["metrics"],
+            # What changes the numbers across machines: the dtype and backend this stage actually ran.
+            "numerics": {"mode": self.config.numerics, **info.get("numerics", {})},
         }
         _set(**record)
         atomic_write_text(self.marker(name), json.dumps(record, indent=2, default=str) + "\n")
@@ -255,9 +259,9 @@ def _versions_of(parent: Path) -> list[Path]:
 
 
 def run_parent(cfg: RunConfig) -> Path:
-    """results/<study>/<model>/<method>; refuses any name that would lead outside the results folder."""
+    """results/<study>/<model>/<method>[.seed<N>]; refuses any name that would lead outside the results folder."""
     root = resolve_path(cfg.output.results_dir).resolve()
-    parent = (root / cfg.study / cfg.model.name / cfg.method).resolve()
+    parent = (root / cfg.study / cfg.model.name / run_folder(cfg.method, cfg.replicate)).resolve()
     if not parent.is_relative_to(root) or len(parent.relative_to(root).parts) != 3:
         raise ConfigError(
             f"study/model/method names {cfg.study!r}/{cfg.model.name!r}/{cfg.method!r} would write outside {root}"
@@ -323,7 +327,12 @@ def create_run(cfg: RunConfig, new_version: bool = False) -> Run:
         "git": git_state(),
         "packages": package_versions(),
         "hardware": hardware(),
-        "seeds": {"seed": cfg.seed, "generation": cfg.generation.seed},
+        "seeds": {
+            "seed": cfg.seed,
+            "generation": cfg.generation.seed,
+            "judge_answers": cfg.judge.answers.seed,
+            "replicate": cfg.replicate,
+        },
         "params_sha256": sha256_json(cfg.model_dump(mode="json")),
         "inputs": inputs,
         "stages": {s: {"status": "pending"} for s in cfg.stages},

@@ -18,6 +18,22 @@ METHODS = ("baseline", "original", "central", "drop-low", "fallback-original")
 STAGES = ("generate", "select", "sft", "dpo", "judge", "eval")
 # A run version folder: v001, v002, ...
 VERSION = re.compile(r"^v(\d{3,})$")
+# A replicate's run folder: results/<study>/<model>/<method>.seed<N>/vNNN (study.seeds); the plain <method>
+# folder holds the run with the params' own seeds.
+REPLICATE = re.compile(r"^(?P<method>.+)\.seed(?P<seed>\d+)$")
+
+
+def run_folder(method: str, replicate: int | None) -> str:
+    """The third level of a run path: the method, with `.seed<N>` for a replicate seed."""
+    return method if replicate is None else f"{method}.seed{replicate}"
+
+
+def split_run_folder(name: str) -> tuple[str, int | None]:
+    """'central.seed2' -> ('central', 2); 'central' -> ('central', None)."""
+    m = REPLICATE.match(name)
+    return (m["method"], int(m["seed"])) if m else (name, None)
+
+
 # What stage 02 decided for each prompt.
 DECISIONS = ("central", "original", "fallback", "dropped", "no_candidates")
 # Judge sets and the criteria each one scores.

@@ -21,7 +21,7 @@ import pandas as pd
 
 from selftrain.config import EmbeddingConfig, RunConfig
 from selftrain.data import load_prompts
-from selftrain.inference import free_memory, load_hf, release_frames
+from selftrain.inference import free_memory, inference_dtype, load_hf, release_frames
 from selftrain.io import DataError, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl
 from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
@@ -288,6 +288,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         n = cfg.generation.n
         texts = _candidate_matrix(prompts, read_jsonl(cand_file), n, cand_file)
         emb, emb_key = _embeddings(cfg, prompts, texts, cand_file, progress)
+        info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, "transformers"), "backend": "transformers"}
         valid = np.array([[bool(t.strip()) for t in row] for row in texts], dtype=bool).reshape(len(prompts), n)
         sel = select(emb, valid, cfg.selection.method, cfg.selection.low_fraction, cfg.selection.tie_tolerance)
         rows, sft, dpo, identical = _records(prompts, texts, sel)

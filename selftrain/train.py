@@ -201,6 +201,13 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
             cfg, kind, start, dataset, trainer_dir, [_completion_callback(), *(callbacks or [])], progress
         )
         batch_report = check_batch(next(iter(trainer.get_train_dataloader())), tok)
+        args = trainer.args
+        info["numerics"] = {
+            # On a CPU bf16 is autocast over float32 weights; on a GPU the weights themselves are bf16.
+            "dtype": "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32",
+            "weights": str(trainer.model.dtype).removeprefix("torch."),
+            "device": str(args.device),
+        }
         resume = _complete_checkpoints(trainer_dir)
         t0 = time.time()
         result = trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)

@@ -31,7 +31,7 @@ from selftrain.evaluate.datasets import Dataset, dataset_paths, load_datasets
 from selftrain.evaluate.prompts import bos_prefix, fit_prompt, token_counter
 from selftrain.evaluate.protocols import Protocol, ProtocolError, load_protocol
 from selftrain.evaluate.scoring import aggregate, category_of, score_dataset
-from selftrain.inference import device, generate_candidates, pick_backend
+from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend
 from selftrain.io import DataError, read_jsonl, write_json, write_jsonl
 from selftrain.paths import resolve_path
 from selftrain.plots import plt
@@ -196,6 +196,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         if not datasets:
             raise DataError("no valid benchmark dataset:\n  " + "\n  ".join(e["error"] for e in errors))
         backend = pick_backend(ev.backend)
+        info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, backend), "backend": backend}
         records, table, facts = evaluate(folder, cfg.model, ev, datasets, backend, cfg.seed, progress, protocol)
         categories = protocol.category_names()
         blocked = [r["dataset"] for r in table.to_dict(orient="records") if not r["comparable"]]

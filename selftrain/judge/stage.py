@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from selftrain.config import JudgeConfig, SamplingConfig
-from selftrain.inference import generate_candidates, pick_backend
+from selftrain.inference import generate_candidates, inference_dtype, pick_backend
 from selftrain.io import DataError, iter_jsonl, read_json, sha256_json, write_json, write_jsonl
 from selftrain.judge import llmjp
 from selftrain.judge.clients import LocalJudge, RemoteJudge, judge_messages, make_judge
@@ -276,6 +276,8 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     with run.stage(STAGE, inputs=files) as info:
         checkout = llmjp.load_for(cfg) if cfg.protocol == "llm-jp-judge" else None
         folder = run.model_under_test()
+        ab = pick_backend(cfg.answers.backend)
+        info["numerics"] = {"dtype": inference_dtype(run.config.model.dtype, ab), "backend": ab}
         items = [
             {"set": kind, **it} for kind, f in zip(SETS, sets, strict=True) for it in load_items(f, kind, cfg.limit)
         ]
