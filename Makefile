@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.selftrain-setup
 STUDY ?= params/studies/demo.yaml
+# `make demo-seeds`: the demo again at these replicate seeds (1234 is the demo's own: already done, skipped).
+DEMO_SEEDS ?= 1234 1 2
 
-.PHONY: setup demo quick figures lab test test-fast lint bench clean-cache clean-unused
+.PHONY: setup demo demo-seeds quick figures lab test test-fast lint bench clean-cache clean-unused
 
 setup: $(STAMP)
 
@@ -26,6 +28,12 @@ $(STAMP): pyproject.toml Makefile
 # The whole demo study (5 methods x stages 01-06), then its figures and tables.
 demo: setup
 	$(BIN)/python -m selftrain run --study $(STUDY)
+	$(BIN)/python -m selftrain figures --study $(notdir $(basename $(STUDY)))
+	$(BIN)/python -m selftrain compare --study $(notdir $(basename $(STUDY)))
+
+# The demo's replicate seeds: the spread every demo number is read against (about 25 minutes per seed).
+demo-seeds: setup
+	$(BIN)/python -m selftrain run --study $(STUDY) --seeds $(DEMO_SEEDS)
 	$(BIN)/python -m selftrain figures --study $(notdir $(basename $(STUDY)))
 
 # Every stage in about 5 minutes: central vs baseline on a few prompts.

@@ -28,7 +28,8 @@ import yaml
 from selftrain.config import ConfigError, load_figures_spec, load_study
 from selftrain.io import DataError, read_json
 from selftrain.paths import project_root, resolve_path
-from selftrain.schema import DECISIONS, METHODS, QUALITY, STAGE_TABLE, VERSION, judge_rows, read_log
+from selftrain.report import hardware_label
+from selftrain.schema import DECISIONS, METHODS, QUALITY, STAGE_TABLE, VERSION, judge_rows, read_log, split_run_folder
 from selftrain.schema import read_metrics as _read_metrics
 
 # The main table: these columns, with eval_<category> columns between eval_avg and sft_examples.
@@ -37,14 +38,17 @@ MAIN_HEAD = [
     "overall", "overall_ci_low", "overall_ci_high", *(c for c in QUALITY if c != "overall"),
     "safety", "safety_ci_low", "safety_ci_high", "violation_rate", "acceptable_rate", "eval_avg",
 ]  # fmt: skip
-MAIN_TAIL = ["sft_examples", "dpo_pairs"]
-JUDGE_COLUMNS = ["model", "method", "set", "criterion", "mean", "ci_low", "ci_high", "n"]
+# seeds: replicate runs behind the row (study.seeds); *_seed_sd: their standard deviation (ddof 1) of a
+# headline score, beside the bootstrap interval over items; hardware: where the runs ran.
+MAIN_TAIL = ["sft_examples", "dpo_pairs", "seeds", "seed_sd_overall", "seed_sd_safety", "seed_sd_eval_avg", "hardware"]
+SEED_SD = {"seed_sd_overall": "overall", "seed_sd_safety": "safety", "seed_sd_eval_avg": "eval_avg"}
+JUDGE_COLUMNS = ["model", "method", "set", "criterion", "mean", "ci_low", "ci_high", "n", "seeds", "seed_sd"]
 SELECTION_COLUMNS = [
     "model", "method", "version", "prompts", *DECISIONS, "dropped_share", "replaced_share",
     "original_low_share", "original_rank_mean", "pool_size", "sft_examples", "dpo_pairs",
 ]  # fmt: skip
-TEXT_COLUMNS = {"model", "method", "version", "state", "set", "criterion", "what"}
-COUNT_COLUMNS = {"n", "prompts", *DECISIONS, "pool_size", "sft_examples", "dpo_pairs"}
+TEXT_COLUMNS = {"model", "method", "version", "state", "set", "criterion", "what", "hardware"}
+COUNT_COLUMNS = {"n", "prompts", *DECISIONS, "pool_size", "sft_examples", "dpo_pairs", "seeds", "seed"}
 
 
 @dataclass
@@ -55,14 +59,16 @@ class StudyResults:
     study_dir: Path
     models: list[str]
     methods: list[str]
-    table: pd.DataFrame  # the main results table: one row per (model, method)
-    judge: pd.DataFrame  # long: model, method, set, criterion, mean, ci_low, ci_high, n
+    table: pd.DataFrame  # the main results table: one row per (model, method), the mean over its seeds
+    judge: pd.DataFrame  # long: model, method, set, criterion, mean, ci_low, ci_high, n, seeds, seed_sd
     selection: pd.DataFrame  # one row per retrained (model, method): decision counts and shares
-    logs: pd.DataFrame  # long: model, method, kind (sft|dpo), step, loss, rewards/...
-    runs: dict[tuple[str, str], Path]  # the chosen version folder of each (model, method)
+    logs: pd.DataFrame  # long: model, method, seed, kind (sft|dpo), step, loss, rewards/...
+    runs: dict[tuple[str, str], Path]  # the chosen version folder of each (model, run folder)
     missing: list[dict[str, str]]  # model, method, version, what
     spec_path: Path | None = None
     pins: dict[tuple[str, str], str] = field(default_factory=dict)
+    replicates: pd.DataFrame = field(default_factory=pd.DataFrame)  # the main table, one row per seed's run
+    judge_replicates: pd.DataFrame = field(default_factory=pd.DataFrame)  # the judge table, one row per seed
     figures: list[Path] = field(default_factory=list)
     tables: list[Path] = field(default_factory=list)
     index: Path | None = None  # the refreshed study README
@@ -269,29 +275,43 @@ def collect(
     pins = load_figures_spec(spec) if spec else {}
     chosen, missing = _choose(study_dir, pins, spec)
     grid_models, grid_methods = _study_grid(study, study_file)
-    seen = set(chosen) | {(r["model"], r["method"]) for r in missing}
+    seen = {(m, split_run_folder(f)[0]) for m, f in chosen} | {(r["model"], split_run_folder(r["method"])[0])
+                                                                for r in missing}  # fmt: skip
     models = grid_models + sorted({m for m, _ in seen} - set(grid_models))
     methods = sorted({m for _, m in seen} | set(grid_methods), key=_method_key)
 
-    rows, judge_all, sel_rows, log_rows = [], [], [], []
+    rows, judge_all, sel_rows, log_rows, rep_rows, rep_judge = [], [], [], [], [], []
     for model in models:
         for method in methods:
-            d = chosen.get((model, method))
-            if d is None:
+            # The plain <method> folder first, then the replicate folders by seed.
+            folders = sorted(
+                (f for m, f in chosen if m == model and split_run_folder(f)[0] == method),
+                key=lambda f: (split_run_folder(f)[1] is not None, split_run_folder(f)[1] or 0),
+            )
+            if not folders:
                 in_grid = model in grid_models and method in grid_methods
                 if in_grid and (model, method) not in seen:
                     missing.append({"model": model, "method": method, "version": "-", "what": "no run folder"})
                 if in_grid or (model, method) in seen:
                     rows.append(_row(model, method, None, "no run")[0])  # a blank row keeps the grid visible
                 continue
-            run_missing = _missing_of(model, method, d)
-            missing += run_missing
-            not_done = [r["what"].split()[1] for r in run_missing if r["what"].startswith("stage ")]
-            state = "incomplete: " + ", ".join(not_done) if not_done else "complete"
-            row, jr, sr, lr = _row(model, method, d, state)
+            per = []
+            for f in folders:
+                d = chosen[(model, f)]
+                run_missing = _missing_of(model, f, d)
+                missing += run_missing
+                not_done = [r["what"].split()[1] for r in run_missing if r["what"].startswith("stage ")]
+                state = "incomplete: " + ", ".join(not_done) if not_done else "complete"
+                row, jr, sr, lr = _row(model, method, d, state)
+                seed = _seed_of(d, f)
+                row.update({"seeds": 1, "hardware": hardware_label(d)})
+                rep_rows.append({**row, "seed": seed})
+                rep_judge += [{**r, "seed": seed} for r in jr]
+                log_rows += [{**r, "seed": seed} for r in lr]
+                per.append((f, row, jr, sr))
+            row, jr, sr = _combine(per)
             rows.append(row)
             judge_all += jr
-            log_rows += lr
             if sr is not None:
                 sel_rows.append(sr)
     cats = list(dict.fromkeys(c for r in rows for c in r if c.startswith("eval_") and c != "eval_avg"))
@@ -309,7 +329,67 @@ def collect(
         missing=missing,
         spec_path=spec,
         pins=pins,
+        replicates=pd.DataFrame(rep_rows).reindex(columns=["seed", *MAIN_HEAD, *cats, *MAIN_TAIL]),
+        judge_replicates=pd.DataFrame(rep_judge).reindex(columns=["seed", *JUDGE_COLUMNS[:-2]]),
     )
+
+
+def _seed_of(d: Path, folder: str) -> int | None:
+    """A run's seed: the replicate seed of its folder, else the params' own `seed`."""
+    rep = split_run_folder(folder)[1]
+    if rep is not None:
+        return rep
+    try:
+        seed = (yaml.safe_load((d / "params.resolved.yaml").read_text()) or {}).get("seed")
+    except (OSError, yaml.YAMLError):
+        return None
+    return seed if isinstance(seed, int) else None
+
+
+def _sd(values: list[float]) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.std(v, ddof=1)) if len(v) >= 2 else math.nan
+
+
+def _mean(values: list[float]) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def _combine(per: list[tuple[str, dict, list[dict], dict | None]]) -> tuple[dict, list[dict], dict | None]:
+    """One (model, method)'s seeds as one row: every number the mean over seeds; the judge's interval the mean
+    of the seeds' bootstrap bounds (an item-level interval); *_seed_sd and seed_sd the spread across seeds."""
+    if len(per) == 1:
+        _, row, jr, sr = per[0]
+        return row, [{**r, "seeds": 1, "seed_sd": math.nan} for r in jr], sr
+    rows = [p[1] for p in per]
+    out: dict[str, Any] = {"model": rows[0]["model"], "method": rows[0]["method"]}
+    out["version"] = ",".join(f"{f}/{r['version']}" for (f, r, _, _) in per)
+    bad = [f"{f}: {r['state']}" for (f, r, _, _) in per if r["state"] != "complete"]
+    out["state"] = "incomplete: " + "; ".join(bad) if bad else "complete"
+    for k in dict.fromkeys(k for r in rows for k in r):
+        if k not in out and k not in TEXT_COLUMNS:
+            out[k] = _mean([_num(r.get(k)) for r in rows])
+    out["seeds"] = len(rows)
+    for sd, col in SEED_SD.items():
+        out[sd] = _sd([_num(r.get(col)) for r in rows])
+    out["hardware"] = "; ".join(sorted({r["hardware"] for r in rows}))
+    judge: dict[tuple[str, str], list[dict]] = {}
+    for _, _, jr, _ in per:
+        for r in jr:
+            judge.setdefault((r["set"], r["criterion"]), []).append(r)
+    jout = [
+        {"model": out["model"], "method": out["method"], "set": s, "criterion": c,
+         **{k: _mean([r[k] for r in rs]) for k in ("mean", "ci_low", "ci_high", "n")},
+         "seeds": len(rs), "seed_sd": _sd([r["mean"] for r in rs])}
+        for (s, c), rs in judge.items()
+    ]  # fmt: skip
+    sels = [p[3] for p in per if p[3] is not None]
+    sel = None
+    if sels:
+        sel = {"model": out["model"], "method": out["method"], "version": out["version"]}
+        sel.update({k: _mean([_num(s.get(k)) for s in sels]) for k in SELECTION_COLUMNS[3:]})
+    return out, jout, sel
 
 
 def _index(items: list[str], x: str) -> int:

@@ -16,9 +16,17 @@ from selftrain.schema import METHODS, QUALITY
 COLORS = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green"), strict=True))
 
 
-def _bars(ax: Any, res: StudyResults, df: pd.DataFrame, value: str, methods: list[str] | None = None) -> None:
+def _bars(
+    ax: Any,
+    res: StudyResults,
+    df: pd.DataFrame,
+    value: str,
+    methods: list[str] | None = None,
+    seeds: pd.DataFrame | None = None,
+) -> None:
     """Grouped bars: one group per model size, one bar per method; error bars where ci_low/ci_high exist.
-    A missing value draws no bar (a blank, not a zero that looks like a result)."""
+    A missing value draws no bar (a blank, not a zero that looks like a result). seeds: the same rows per
+    replicate seed; where a bar stands on two or more seeds, each seed's value is a black dot on it."""
     methods = methods or res.methods
     width = 0.8 / max(len(methods), 1)
     x = np.arange(len(res.models))
@@ -38,7 +46,13 @@ def _bars(ax: Any, res: StudyResults, df: pd.DataFrame, value: str, methods: lis
         ok = np.isfinite(ys)
         if kw:
             kw["yerr"] = kw["yerr"][:, ok]
-        ax.bar((x + (j - (len(methods) - 1) / 2) * width)[ok], ys[ok], width, color=COLORS.get(method), **kw)
+        xs = x + (j - (len(methods) - 1) / 2) * width
+        ax.bar(xs[ok], ys[ok], width, color=COLORS.get(method), **kw)
+        if seeds is not None and len(seeds) and value in seeds:
+            for i, m in enumerate(res.models):
+                pts = seeds[(seeds["model"] == m) & (seeds["method"] == method)][value].map(_num).dropna()
+                if len(pts) >= 2:
+                    ax.scatter([xs[i]] * len(pts), pts, s=6, color="k", zorder=3)
     ax.set_xticks(x, res.models, fontsize=8)
     ax.set_xlim(-0.5, max(len(res.models), 1) - 0.5)  # every model keeps its slot, with or without bars
     if not have or df[value].isna().all():
@@ -60,9 +74,14 @@ def _legend(fig: Any, methods: list[str], line: bool = False) -> None:
 def plot_judge(res: StudyResults) -> Any:
     """Top: the five quality criteria; bottom: safety mean, violation and acceptable rates (95% CIs)."""
     fig, axes = plt.subplots(2, len(QUALITY), figsize=(2.8 * len(QUALITY), 5.8), squeeze=False)
-    j = res.judge
+    j, js = res.judge, res.judge_replicates
+    seeds = js if len(js) else None
+
+    def pick(df: pd.DataFrame | None, s: str, c: str) -> pd.DataFrame | None:
+        return None if df is None else df[(df["set"] == s) & (df["criterion"] == c)]
+
     for ax, c in zip(axes[0], QUALITY, strict=True):
-        _bars(ax, res, j[(j["set"] == "quality") & (j["criterion"] == c)], "mean")
+        _bars(ax, res, pick(j, "quality", c), "mean", seeds=pick(seeds, "quality", c))
         ax.set_title(f"quality: {c}", fontsize=10)
         ax.set_ylim(0, 5)
     for ax, (c, title, top) in zip(
@@ -71,7 +90,7 @@ def plot_judge(res: StudyResults) -> Any:
          ("acceptable_rate", "acceptable rate (> 3)", 1)),
         strict=False,
     ):  # fmt: skip
-        _bars(ax, res, j[(j["set"] == "safety") & (j["criterion"] == c)], "mean")
+        _bars(ax, res, pick(j, "safety", c), "mean", seeds=pick(seeds, "safety", c))
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, top)
     for ax in axes[1][3:]:
@@ -98,7 +117,7 @@ def plot_eval(res: StudyResults) -> Any:
     cols = ["eval_avg"] + [c for c in res.table.columns if c.startswith("eval_") and c != "eval_avg"]
     fig, axes = _grid(len(cols))
     for ax, c in zip(axes, cols, strict=True):
-        _bars(ax, res, res.table, c)
+        _bars(ax, res, res.table, c, seeds=res.replicates)
         ax.set_title("AVG" if c == "eval_avg" else c[len("eval_") :], fontsize=10)
     _legend(fig, res.methods)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
@@ -142,8 +161,10 @@ def plot_training(res: StudyResults) -> Any:
             for method in res.methods if len(logs) and key in logs and "step" in logs else []:
                 d = logs[(logs["model"] == model) & (logs["method"] == method) & (logs["kind"] == kind)]
                 d = d.dropna(subset=[key, "step"])
-                if len(d):
-                    ax.plot(d["step"], d[key], marker="o", ms=2, lw=1, color=COLORS.get(method))
+                for _, part in d.groupby(d["seed"].fillna(-1) if "seed" in d else [0] * len(d), sort=True):
+                    ax.plot(
+                        part["step"], part[key], marker="o", ms=2, lw=1, color=COLORS.get(method)
+                    )  # a line per seed
                     drawn = True
             if not drawn:
                 ax.text(0.5, 0.5, "no log", transform=ax.transAxes, ha="center", va="center", color="gray")

@@ -42,7 +42,25 @@ def main_display(table: pd.DataFrame) -> pd.DataFrame:
         out[c[len("eval_") :]] = col(c)
     out["SFT ex."] = col("sft_examples", 0)
     out["DPO pairs"] = col("dpo_pairs", 0)
+    if "seeds" in table and (table["seeds"].fillna(1) > 1).any():  # replicates: their spread beside the CI
+        out["seeds"] = col("seeds", 0)
+        out["quality sd (seeds)"] = col("seed_sd_overall", 2)
+        out["safety sd (seeds)"] = col("seed_sd_safety", 2)
+        out["eval AVG sd (seeds)"] = col("seed_sd_eval_avg")
+    if "hardware" in table and table["hardware"].dropna().nunique() > 1:
+        out["hardware"] = table["hardware"].fillna("")
     return out
+
+
+def hardware_note(table: pd.DataFrame) -> str:
+    """A warning line when the rows come from different hardware (bf16 numerics differ across CPU kinds)."""
+    labels = sorted({h for v in table.get("hardware", pd.Series(dtype=str)).dropna() for h in str(v).split("; ")})
+    if len(labels) < 2:
+        return ""
+    return (
+        f"**Hardware differs between these rows** ({'; '.join(labels)}): differences may come from numerics, "
+        "not from the methods; compare them with their across-seed spread.\n"
+    )
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -97,6 +115,12 @@ def write_tables(res: StudyResults, out_dir: Path | None = None) -> list[Path]:
     paths = write_table(
         res.table, out_dir / "results", main_display(res.table), f"Study {res.study}: judge and benchmark results"
     )
+    note = hardware_note(res.table)
+    if note:
+        md = out_dir / "results.md"
+        atomic_write_text(md, md.read_text() + "\n" + note)
+    if len(res.replicates) and (res.table["seeds"].fillna(1) > 1).any():
+        paths += write_table(res.replicates, out_dir / "replicates", caption=f"Study {res.study}: every seed's run")
     paths += write_table(res.judge, out_dir / "judge", caption=f"Study {res.study}: judge scores with 95% CIs")
     paths += write_table(res.selection, out_dir / "selection", caption=f"Study {res.study}: selection diagnostics")
     paths.append(atomic_write_text(out_dir / "missing.md", missing_markdown(res)))
@@ -110,6 +134,10 @@ def views(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     quality = ["overall", "overall_ci_low", "overall_ci_high", *(c for c in QUALITY if c != "overall")]
     safety = ["safety", "safety_ci_low", "safety_ci_high", "violation_rate", "acceptable_rate"]
     evals = [c for c in table.columns if c.startswith("eval_")]
+    if "seeds" in table and (table["seeds"].fillna(1) > 1).any():  # replicates: the spread beside each score
+        quality += ["seeds", "seed_sd_overall"]
+        safety += ["seeds", "seed_sd_safety"]
+        evals += ["seeds", "seed_sd_eval_avg"]
     out = {
         "judge: quality": [*key, *quality],
         "judge: safety": [*key, *safety],
