@@ -268,7 +268,7 @@ def test_notebook_07_executes_and_shows_results(executed: nbformat.NotebookNode)
     text = json.dumps([c.outputs for c in code])
     assert "missing: tiny-1.8b/drop-low v001: stage judge failed" in text  # printed by make_figures
     assert "stage judge failed" in text and "metrics/eval.json missing" in text  # the missing table
-    assert text.count("image/png") == 4  # the four figures, each shown once
+    assert text.count("image/png") == 6  # the six figures, each shown once
 
 
 def test_make_figures_writes_every_file(executed: nbformat.NotebookNode, tree: tuple[Path, Path]) -> None:

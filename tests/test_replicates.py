@@ -223,3 +223,51 @@ def test_compare_flags_differences_outside_the_reference_spread(tmp_path: Path) 
     out = out[out["seed"] == 1234].set_index(["method", "metric"])
     assert out.loc[("central", "safety"), "verdict"] == "outside"
     assert out.loc[("central", "overall"), "fresh_run"] == "m/central/v002"
+
+
+# ------------------------------------------------------------------------------------------- paired, length
+
+
+def _items(d: Path, quality: list[float], lengths: list[int], exact: list[bool]) -> None:
+    rows = [{"set": "quality", "id": f"q{i}", "answer": "x" * n, "status": "ok", "scores": {"overall": q}}
+            for i, (q, n) in enumerate(zip(quality, lengths, strict=True))]  # fmt: skip
+    rows += [
+        {"set": "safety", "id": f"s{i}", "answer": "", "status": "ok", "scores": {"safety": 3.0}} for i in range(5)
+    ]
+    (d / "data" / "judge_items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preds = [{"dataset": "qa", "index": i, "exact": e} for i, e in enumerate(exact)]
+    preds.append({"dataset": "sts", "index": 0, "exact": None})  # a dataset without exact match: not paired
+    (d / "data" / "eval_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds))
+
+
+def test_paired_differences_and_length_control(tmp_path: Path) -> None:
+    """central = baseline + 0.5 on 40 shared items (plus noise): a clear paired effect, though each run's own
+    interval is wide; drop-low = baseline exactly: p = 1. Length: central's lead is pure length here."""
+    study = tmp_path / "results" / "pair"
+    rng = np.random.default_rng(0)
+    base_q = rng.uniform(1, 5, 40)
+    runs = {
+        "baseline": (base_q, [100] * 40, [True, False] * 10),
+        "central": (base_q + 0.5 + rng.normal(0, 0.1, 40), [200] * 40, [True] * 20),
+        "drop-low": (base_q, [100] * 40, [True, False] * 10),
+    }
+    for method, (q, n, e) in runs.items():
+        d = _run_folder(study, "m", method, "v001", 2.0, 3.0, 0.3)
+        _items(d, list(q), n, e)
+    res = figures.make_figures("pair", tmp_path / "results", verbose=False)
+    t = res.paired.set_index(["method", "metric"])
+    c = t.loc[("central", "quality")]
+    assert c["items"] == 40 and c["difference"] == pytest.approx(0.5, abs=0.05) and c["ci_low"] > 0.4
+    assert c["p"] < 0.001 and c["p_holm"] >= c["p"]
+    assert t.loc[("drop-low", "quality"), "difference"] == 0 and t.loc[("drop-low", "quality"), "p"] == 1.0
+    assert t.loc[("central", "eval_exact"), "items"] == 20  # the sts sample has no exact match
+    assert t.loc[("central", "eval_exact"), "difference"] == pytest.approx(0.5)
+    assert t.loc[("central", "safety"), "difference"] == 0
+    lt = res.lengths.set_index("method")
+    assert lt.loc["central", "answer_chars"] == 200 and lt.loc["baseline", "answer_chars"] == 100
+    # Every answer of central is longer, so the pooled slope takes its lead: controlled means come closer.
+    raw_gap = lt.loc["central", "quality"] - lt.loc["baseline", "quality"]
+    adj_gap = lt.loc["central", "quality_length_controlled"] - lt.loc["baseline", "quality_length_controlled"]
+    assert abs(adj_gap) < abs(raw_gap)
+    for name in ("paired", "length"):
+        assert (study / "tables" / f"{name}.csv").is_file() and (study / "figures" / f"{name}.png").is_file()

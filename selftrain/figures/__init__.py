@@ -1,7 +1,8 @@
 """Stage 07, figures: the study's figures and tables, regenerated from its run folders alone (no model is loaded).
 
 Modules: ``collect`` (run folders -> tables, with version pins and missing runs), ``plots`` (figures),
-``tables`` (CSV, Markdown, LaTeX). :func:`make_figures` runs all three and refreshes the study index.
+``tables`` (CSV, Markdown, LaTeX), ``paired`` (each method minus the baseline on shared items, answer length),
+``compare`` (fresh runs against a reference). :func:`make_figures` runs them and refreshes the study index.
 """
 
 from __future__ import annotations
@@ -9,16 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from selftrain.figures.collect import StudyResults, collect
-from selftrain.figures.plots import PLOTS, plot_eval, plot_judge, plot_selection, plot_training
+from selftrain.figures.paired import length_table, paired_table, plot_length, plot_paired
+from selftrain.figures.plots import PLOTS as _BASE_PLOTS
+from selftrain.figures.plots import plot_eval, plot_judge, plot_selection, plot_training
 from selftrain.figures.tables import main_display, to_latex, to_markdown, views, write_tables
 from selftrain.paths import resolve_path
 from selftrain.plots import save_figure
 from selftrain.report import write_study_index
 
 __all__ = [
-    "PLOTS", "StudyResults", "collect", "main_display", "make_figures", "plot_eval", "plot_judge", "plot_selection",
-    "plot_training", "to_latex", "to_markdown", "views", "write_tables",
+    "PLOTS", "StudyResults", "collect", "length_table", "main_display", "make_figures", "paired_table", "plot_eval",
+    "plot_judge", "plot_length", "plot_paired", "plot_selection", "plot_training", "to_latex", "to_markdown", "views",
+    "write_tables",
 ]  # fmt: skip
+
+PLOTS = {**_BASE_PLOTS, "paired": plot_paired, "length": plot_length}
 
 
 def make_figures(
@@ -30,6 +36,7 @@ def make_figures(
 ) -> StudyResults:
     """Collect a study's results, write every figure (PNG + PDF) and table, refresh the study README."""
     res = collect(resolve_path(results_dir) / study, spec_path, study_file)
+    res.paired, res.lengths = paired_table(res), length_table(res)
     for name, plot in PLOTS.items():
         fig = plot(res)
         res.figures += save_figure(fig, res.study_dir / "figures" / name)

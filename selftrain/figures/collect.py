@@ -47,8 +47,8 @@ SELECTION_COLUMNS = [
     "model", "method", "version", "prompts", *DECISIONS, "dropped_share", "replaced_share",
     "original_low_share", "original_rank_mean", "pool_size", "sft_examples", "dpo_pairs",
 ]  # fmt: skip
-TEXT_COLUMNS = {"model", "method", "version", "state", "set", "criterion", "what", "hardware"}
-COUNT_COLUMNS = {"n", "prompts", *DECISIONS, "pool_size", "sft_examples", "dpo_pairs", "seeds", "seed"}
+TEXT_COLUMNS = {"model", "method", "version", "state", "set", "criterion", "what", "hardware", "metric"}
+COUNT_COLUMNS = {"n", "prompts", *DECISIONS, "pool_size", "sft_examples", "dpo_pairs", "seeds", "seed", "items"}
 
 
 @dataclass
@@ -69,6 +69,8 @@ class StudyResults:
     pins: dict[tuple[str, str], str] = field(default_factory=dict)
     replicates: pd.DataFrame = field(default_factory=pd.DataFrame)  # the main table, one row per seed's run
     judge_replicates: pd.DataFrame = field(default_factory=pd.DataFrame)  # the judge table, one row per seed
+    paired: pd.DataFrame = field(default_factory=pd.DataFrame)  # method - baseline on shared items (paired.py)
+    lengths: pd.DataFrame = field(default_factory=pd.DataFrame)  # answer length and length-controlled quality
     figures: list[Path] = field(default_factory=list)
     tables: list[Path] = field(default_factory=list)
     index: Path | None = None  # the refreshed study README

@@ -123,6 +123,12 @@ def write_tables(res: StudyResults, out_dir: Path | None = None) -> list[Path]:
         paths += write_table(res.replicates, out_dir / "replicates", caption=f"Study {res.study}: every seed's run")
     paths += write_table(res.judge, out_dir / "judge", caption=f"Study {res.study}: judge scores with 95% CIs")
     paths += write_table(res.selection, out_dir / "selection", caption=f"Study {res.study}: selection diagnostics")
+    if len(res.paired):
+        cap = f"Study {res.study}: method minus baseline on shared items (paired bootstrap 95% CI, Holm-adjusted p)"
+        paths += write_table(res.paired, out_dir / "paired", caption=cap)
+    if len(res.lengths):
+        cap = f"Study {res.study}: answer length and length-controlled judge quality"
+        paths += write_table(res.lengths, out_dir / "length", caption=cap)
     paths.append(atomic_write_text(out_dir / "missing.md", missing_markdown(res)))
     return paths
 

@@ -1,0 +1,160 @@
+"""Stage 07, paired: each method minus the baseline on the same items, and answer length.
+
+Paired differences (``tables/paired.*``, ``figures/paired``): for every model, every method's run is set against
+the baseline's run of the same model (the plain run folders: the params' own seed) on the items both scored:
+judge quality (overall) and safety per judge item, and benchmark exact match per benchmark sample (datasets
+whose samples carry one). Per (model, method, metric): the mean difference, its paired bootstrap 95% interval,
+a sign-flip permutation p-value, and that p-value Holm-adjusted across the methods of the same model and
+metric. Differences inside the per-method intervals of the main table can still be told apart here, since
+what both runs share (the item's difficulty) cancels.
+
+Length (``tables/length.*``, ``figures/length``): mean characters of the answers the judge scored, the quality
+mean, and a length-controlled quality mean (``selftrain.stats.length_controlled_means``: one slope of score on
+length fitted over every method of a model, each method's mean taken at the common mean length). Judges and
+MBR selection both favour long answers; a method whose lead vanishes here won on length.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from selftrain.figures.collect import StudyResults
+from selftrain.figures.plots import COLORS
+from selftrain.io import DataError, read_jsonl
+from selftrain.plots import plt
+from selftrain.stats import holm, length_controlled_means, paired_bootstrap, permutation_p
+
+PAIRED_COLUMNS = ["model", "method", "metric", "items", "difference", "ci_low", "ci_high", "p", "p_holm"]
+LENGTH_COLUMNS = ["model", "method", "items", "answer_chars", "quality", "quality_length_controlled"]
+METRICS = ("quality", "safety", "eval_exact")
+
+
+def _items(d: Path | None, name: str) -> list[dict[str, Any]]:
+    try:
+        return read_jsonl(d / "data" / name) if d is not None and (d / "data" / name).is_file() else []
+    except DataError:
+        return []
+
+
+def item_scores(d: Path | None) -> dict[str, dict[Any, float]]:
+    """Per-item scores of one run: {metric: {item key: score}} for METRICS."""
+    out: dict[str, dict[Any, float]] = {m: {} for m in METRICS}
+    for it in _items(d, "judge_items.jsonl"):
+        key = "overall" if it.get("set") == "quality" else "safety"
+        v = (it.get("scores") or {}).get(key)
+        if isinstance(v, int | float):
+            out["quality" if key == "overall" else "safety"][it.get("id")] = float(v)
+    for r in _items(d, "eval_predictions.jsonl"):
+        if isinstance(r.get("exact"), bool):
+            out["eval_exact"][(r.get("dataset"), r.get("index"))] = float(r["exact"])
+    return out
+
+
+def paired_table(res: StudyResults, baseline: str = "baseline") -> pd.DataFrame:
+    rows = []
+    for model in res.models:
+        base = item_scores(res.runs.get((model, baseline)))
+        for metric in METRICS:
+            block = []
+            for method in res.methods:
+                d = res.runs.get((model, method))
+                if method == baseline or d is None:
+                    continue
+                other = item_scores(d)[metric]
+                keys = [k for k in base[metric] if k in other]
+                diff = np.array([other[k] - base[metric][k] for k in keys])
+                mean, lo, hi = paired_bootstrap(diff)
+                block.append({"model": model, "method": method, "metric": metric, "items": len(keys),
+                              "difference": mean, "ci_low": lo, "ci_high": hi, "p": permutation_p(diff)})  # fmt: skip
+            for r, adj in zip(block, holm([r["p"] for r in block]), strict=True):
+                r["p_holm"] = adj
+            rows += block
+    return pd.DataFrame(rows).reindex(columns=PAIRED_COLUMNS)
+
+
+def length_table(res: StudyResults) -> pd.DataFrame:
+    rows = []
+    for model in res.models:
+        s, n, g = [], [], []
+        for method in res.methods:
+            for it in _items(res.runs.get((model, method)), "judge_items.jsonl"):
+                v = (it.get("scores") or {}).get("overall")
+                if it.get("set") == "quality" and isinstance(v, int | float):
+                    s.append(float(v))
+                    n.append(len(it.get("answer") or ""))
+                    g.append(method)
+        adj = length_controlled_means(np.array(s), np.array(n), np.array(g)) if s else {}
+        for method in res.methods:
+            mine = [i for i, x in enumerate(g) if x == method]
+            rows.append({
+                "model": model, "method": method, "items": len(mine),
+                "answer_chars": float(np.mean([n[i] for i in mine])) if mine else math.nan,
+                "quality": float(np.mean([s[i] for i in mine])) if mine else math.nan,
+                "quality_length_controlled": adj.get(method, math.nan),
+            })  # fmt: skip
+    return pd.DataFrame(rows).reindex(columns=LENGTH_COLUMNS)
+
+
+def plot_paired(res: StudyResults) -> Any:
+    """A forest plot per metric: each method minus the baseline with its paired 95% interval, one row per
+    (model, method); Holm-adjusted p on the right."""
+    t = res.paired
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 0.5 + 0.45 * max(len(t) // 3, 2)),
+                             squeeze=False)  # fmt: skip
+    titles = {"quality": "judge quality (overall)", "safety": "judge safety", "eval_exact": "benchmark exact match"}
+    for ax, metric in zip(axes[0], METRICS, strict=True):
+        d = t[t["metric"] == metric] if len(t) else t
+        labels = []
+        for y, r in enumerate(d.itertuples(index=False)):
+            ok = not math.isnan(r.difference)
+            if ok:
+                ax.errorbar(r.difference, y, xerr=[[r.difference - r.ci_low], [r.ci_high - r.difference]], fmt="o",
+                            color=COLORS.get(r.method, "k"), ms=4, capsize=2)  # fmt: skip
+                ax.annotate(f"p={r.p_holm:.2g}", (1.01, y), xycoords=("axes fraction", "data"), fontsize=7, va="center")
+            labels.append(f"{r.model}: {r.method} (n={r.items})")
+        ax.axvline(0, color="k", lw=0.8, ls=":")
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_ylim(-0.7, max(len(labels), 1) - 0.3)
+        ax.invert_yaxis()
+        ax.set_title(f"{titles[metric]}: method - baseline", fontsize=9)
+        if not labels:
+            ax.text(0.5, 0.5, "no paired items", transform=ax.transAxes, ha="center", va="center", color="gray")
+    fig.tight_layout()
+    return fig
+
+
+def plot_length(res: StudyResults) -> Any:
+    """Per model: judge quality against answer length, a dot per item and method, and the pooled slope."""
+    models = res.models or ["-"]
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        xs, ys = [], []
+        for method in res.methods:
+            pts = [
+                (len(it.get("answer") or ""), it["scores"]["overall"])
+                for it in _items(res.runs.get((model, method)), "judge_items.jsonl")
+                if it.get("set") == "quality" and isinstance((it.get("scores") or {}).get("overall"), int | float)
+            ]
+            if pts:
+                x, y = zip(*pts, strict=True)
+                ax.scatter(x, y, s=8, alpha=0.7, color=COLORS.get(method), label=method)
+                xs += x
+                ys += y
+        if len(xs) >= 3 and np.std(xs) > 0:
+            b, a = np.polyfit(xs, ys, 1)
+            grid = np.linspace(min(xs), max(xs), 2)
+            ax.plot(grid, a + b * grid, color="k", lw=0.8, ls="--")
+        else:
+            ax.text(0.5, 0.5, "no scored answers", transform=ax.transAxes, ha="center", va="center", color="gray")
+        ax.set_xlabel("answer length (characters)", fontsize=8)
+        ax.set_ylabel("judge quality (overall)", fontsize=8)
+        ax.set_title(model, fontsize=9)
+    if any(ax.collections for ax in axes[0]):
+        axes[0][-1].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
