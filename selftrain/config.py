@@ -126,8 +126,18 @@ class EmbeddingConfig(_Section):
 
 
 class SelectionConfig(_Section):
-    method: Literal["baseline", "original", "central", "drop-low", "fallback-original"] = Field(
-        "central", description="Selection method (poster numbering: original=1 ... fallback-original=4)."
+    method: Literal[
+        "baseline", "original", "central", "drop-low", "fallback-original", "random", "longest", "shortest", "first"
+    ] = Field(
+        "central",
+        description="Selection method (poster numbering: original=1 ... fallback-original=4); control arms at the "
+        "same n: random (seeded by `seed`), longest, shortest, first (sample 0).",
+    )
+    n: int | None = Field(
+        None,
+        ge=1,
+        description="Use the first n candidates of each prompt (at most generation.n): i.i.d. samples, so a prefix "
+        "is a valid n-sample and one generation at n_max serves every smaller n. None: all of generation.n.",
     )
     low_fraction: float = Field(
         0.5,
@@ -425,6 +435,12 @@ class RunConfig(_Section):
         "fixed by batch_size), deterministic torch algorithms: the same bytes on the same machine kind, slower. "
         "'default': bf16 where the hardware multiplies it natively (numbers then differ across CPU kinds).",
     )
+
+    @model_validator(mode="after")
+    def _prefix(self) -> RunConfig:
+        if self.selection.n is not None and self.selection.n > self.generation.n:
+            raise ValueError(f"selection.n ({self.selection.n}) exceeds generation.n ({self.generation.n})")
+        return self
 
     @model_validator(mode="after")
     def _exact(self) -> RunConfig:

@@ -35,7 +35,9 @@ def split_run_folder(name: str) -> tuple[str, int | None]:
 
 
 # What stage 02 decided for each prompt.
-DECISIONS = ("central", "original", "fallback", "dropped", "no_candidates")
+DECISIONS = ("central", "original", "fallback", "dropped", "no_candidates", "control")
+# Control arms at the same n and budget: a pick that uses no utility (select.py documents each rejected choice).
+CONTROLS = ("random", "longest", "shortest", "first")
 # Judge sets and the criteria each one scores.
 JUDGE_SETS = ("quality", "safety")
 QUALITY = ("accuracy", "fluency", "detail", "relevance", "overall")

@@ -27,7 +27,7 @@ from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
 from selftrain.plots import plt
 from selftrain.runs import Run
-from selftrain.schema import DECISIONS
+from selftrain.schema import CONTROLS, DECISIONS
 
 STAGE = "select"
 
@@ -82,12 +82,55 @@ def _first_within(values: np.ndarray, valid: np.ndarray, tol: float, best: bool)
     return idx
 
 
+def control_pick(
+    method: str, cand_valid: np.ndarray, lengths: np.ndarray | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Target and DPO-rejected candidate of a control arm (no utility), -1 where a prompt has no candidate:
+
+    - random: a uniformly drawn valid candidate (numpy's default_rng(seed)); rejected: another drawn one;
+    - longest: the most characters (first on ties); rejected: the shortest;
+    - shortest: the fewest characters; rejected: the longest;
+    - first: the first valid sample (sample 0 unless it is empty); rejected: the last valid sample.
+    A prompt with one valid candidate gets no rejected answer (no pair)."""
+    P, n = cand_valid.shape
+    idx = np.arange(n)
+    target, rejected = np.full(P, -1), np.full(P, -1)
+    if method == "random":
+        rng = np.random.default_rng(seed)
+        keys = rng.random((P, n))  # one draw per (prompt, candidate): a random order of the pool
+        order = np.argsort(np.where(cand_valid, keys, np.inf), axis=1, kind="stable")
+        target, rejected = order[:, 0], order[:, 1] if n > 1 else np.full(P, -1)
+    elif method in ("longest", "shortest"):
+        if lengths is None:
+            raise ValueError(f"method '{method}' needs the candidates' lengths")
+        big = np.where(cand_valid, lengths, -1)
+        small = np.where(cand_valid, lengths, np.iinfo(np.int64).max)
+        longest, shortest = big.argmax(1), small.argmin(1)
+        target, rejected = (longest, shortest) if method == "longest" else (shortest, longest)
+    elif method == "first":
+        target = np.where(cand_valid, idx, n).min(1)
+        rejected = np.where(cand_valid, idx, -1).max(1)
+    else:
+        raise ValueError(f"unknown control method '{method}'")
+    n_valid = cand_valid.sum(1)
+    target = np.where(n_valid > 0, target, -1)
+    rejected = np.where((n_valid > 1) & (rejected != target), rejected, -1)
+    return target.astype(int), rejected.astype(int)
+
+
 def select(
-    emb: np.ndarray, cand_valid: np.ndarray, method: str, low_fraction: float = 0.5, tol: float = 1e-6
+    emb: np.ndarray,
+    cand_valid: np.ndarray,
+    method: str,
+    low_fraction: float = 0.5,
+    tol: float = 1e-6,
+    lengths: np.ndarray | None = None,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Vectorised decisions for P prompts.
 
-    emb: (P, n+1, d) normalised, last column = original; cand_valid: (P, n) bool (non-empty candidates).
+    emb: (P, n+1, d) normalised, last column = original; cand_valid: (P, n) bool (non-empty candidates);
+    lengths: (P, n) characters (the length controls); seed: the random control's seed.
     Returns arrays: decision (str), target (candidate index, -1 = original or none), rejected
     (candidate index or -1), original_rank (1 = most central in candidates + original), pool_size,
     centrality (P, n+1) of the pool the method uses (original column NaN for candidate-only pools).
@@ -107,7 +150,7 @@ def select(
 
     if method in ("drop-low", "fallback-original"):
         c = c_full
-    elif method in ("central", "original", "baseline"):
+    elif method in ("central", "original", "baseline", *CONTROLS):
         c = _without_original(emb, c_full, cand_valid)
     else:
         raise ValueError(f"unknown selection method '{method}'")
@@ -125,6 +168,9 @@ def select(
     elif method == "fallback-original":
         decision[low] = "fallback"
         target[low] = -1
+    if method in CONTROLS:
+        decision[:] = "control"
+        target, worst = control_pick(method, cand_valid, lengths, seed)
     none = n_valid == 0
     if method != "original":
         decision[none] = "no_candidates"
@@ -285,12 +331,20 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     run.require("generate")
     with run.stage(STAGE, inputs=[cand_file]) as info:
         prompts = load_prompts(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files, cfg.prompts.skip_blank)
-        n = cfg.generation.n
-        texts = _candidate_matrix(prompts, read_jsonl(cand_file), n, cand_file)
-        emb, emb_key = _embeddings(cfg, prompts, texts, cand_file, progress)
+        n_all = cfg.generation.n
+        texts = _candidate_matrix(prompts, read_jsonl(cand_file), n_all, cand_file)
+        emb, emb_key = _embeddings(cfg, prompts, texts, cand_file, progress)  # every candidate: shared cache
         info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, "transformers"), "backend": "transformers"}
+        # The n-prefix: candidates 0..n-1 of each prompt (i.i.d. samples), then the original's column.
+        n = cfg.selection.n or n_all
+        texts = [row[:n] for row in texts]
+        emb = emb[:, [*range(n), n_all]]
         valid = np.array([[bool(t.strip()) for t in row] for row in texts], dtype=bool).reshape(len(prompts), n)
-        sel = select(emb, valid, cfg.selection.method, cfg.selection.low_fraction, cfg.selection.tie_tolerance)
+        lengths = np.array([[len(t) for t in row] for row in texts], dtype=np.int64).reshape(len(prompts), n)
+        sel = select(
+            emb, valid, cfg.selection.method, cfg.selection.low_fraction, cfg.selection.tie_tolerance, lengths,
+            cfg.seed,
+        )  # fmt: skip
         rows, sft, dpo, identical = _records(prompts, texts, sel)
         outputs = [
             write_jsonl(table_file, rows),
@@ -312,7 +366,7 @@ def _records(prompts: list[dict], texts: list[list[str]], sel: dict[str, np.ndar
     for i, (p, cands) in enumerate(zip(prompts, texts, strict=True)):
         dec, t, r = sel["decision"][i], int(sel["target"][i]), int(sel["rejected"][i])
         target_text = None
-        if dec in ("central",):
+        if dec in ("central", "control"):
             target_text = cands[t]
         elif dec in ("original", "fallback"):
             target_text = p["original"]

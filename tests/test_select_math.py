@@ -170,3 +170,57 @@ def test_candidate_pool_derived_from_full_pool_matches_direct() -> None:
     derived = _without_original(emb, full, valid)
     np.testing.assert_array_equal(np.isnan(derived), np.isnan(direct))
     np.testing.assert_allclose(derived[~np.isnan(derived)], direct[~np.isnan(direct)], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- control arms
+
+
+def _pool(P: int = 50, n: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    emb = _norm(rng.normal(size=(P, n + 1, 8)))
+    valid = rng.random((P, n)) > 0.2
+    valid[0] = False  # a prompt without candidates
+    valid[1] = [True] + [False] * (n - 1)  # a prompt with one
+    lengths = rng.integers(10, 500, size=(P, n))
+    return emb, valid, lengths
+
+
+def test_control_arms_pick_by_their_rule_only() -> None:
+    emb, valid, lengths = _pool()
+    for method in ("random", "longest", "shortest", "first"):
+        sel = select(emb, valid, method, lengths=lengths, seed=5)
+        t, r = sel["target"], sel["rejected"]
+        assert sel["decision"][0] == "no_candidates" and t[0] == -1 and r[0] == -1
+        assert t[1] == 0 and r[1] == -1  # one candidate: a target, no pair
+        for p in range(2, len(valid)):
+            ok = np.flatnonzero(valid[p])
+            assert sel["decision"][p] == "control" and t[p] in ok and (r[p] in ok or len(ok) < 2) and r[p] != t[p]
+            if method == "longest":
+                assert lengths[p, t[p]] == lengths[p, ok].max() and lengths[p, r[p]] == lengths[p, ok].min()
+            if method == "shortest":
+                assert lengths[p, t[p]] == lengths[p, ok].min() and lengths[p, r[p]] == lengths[p, ok].max()
+            if method == "first":
+                assert t[p] == ok[0] and r[p] == ok[-1]
+        assert np.array_equal(sel["original_rank"], select(emb, valid, "central")["original_rank"])  # diagnostics
+
+
+def test_random_control_is_deterministic_under_its_seed_and_uniform() -> None:
+    emb, valid, lengths = _pool(P=400, n=4, seed=1)
+    valid[:] = True
+    a = select(emb, valid, "random", seed=7)["target"]
+    assert np.array_equal(a, select(emb, valid, "random", seed=7)["target"])
+    assert not np.array_equal(a, select(emb, valid, "random", seed=8)["target"])
+    counts = np.bincount(a, minlength=4)
+    assert counts.min() > 70  # about 100 each of 400 (binomial sd about 9)
+
+
+def test_n_prefix_is_the_selection_on_the_first_n_candidates() -> None:
+    """Selecting at n=3 from a pool generated at n=6 equals selecting on a pool that only had candidates 0..2
+    (and the original): what `selection.n` does with the shared generation."""
+    emb, valid, lengths = _pool(P=60, n=6, seed=2)
+    prefix_emb, prefix_valid = emb[:, [0, 1, 2, 6]], valid[:, :3]
+    for method in ("central", "drop-low", "fallback-original"):
+        a = select(prefix_emb, prefix_valid, method)
+        b = select(np.concatenate([emb[:, :3], emb[:, 6:]], axis=1), valid[:, :3].copy(), method)
+        assert np.array_equal(a["target"], b["target"]) and np.array_equal(a["decision"], b["decision"])
+        assert (a["target"] < 3).all()

@@ -185,3 +185,25 @@ def test_an_interrupted_generation_releases_the_model(tiny_model: Path, monkeypa
         )
     gc.collect()
     assert held.value is not None and refs and refs[0]() is None  # freed, though the traceback is held
+
+
+def test_selection_n_uses_a_prefix_of_the_generation(tiny_overrides: list[str]) -> None:
+    """generation.n=3 once; selection.n=2 selects among candidates 0 and 1 only (plus the original), reusing the
+    same candidates file and embeddings; a control arm runs on the same pool."""
+    from selftrain.config import ConfigError
+
+    full = _run(tiny_overrides, "central", ["generation.seed=31"])
+    generate.run(full, progress=False)
+    select.run(full, progress=False)
+    two = _run(tiny_overrides, "drop-low", ["generation.seed=31", "selection.n=2"])
+    generate.run(two, progress=False)
+    rows = select.run(two, progress=False)
+    assert read_jsonl(two.data_dir / "candidates.jsonl") == read_jsonl(full.data_dir / "candidates.jsonl")
+    assert all(len(c) == 3 for c in rows["centrality"])  # 2 candidates + the original
+    assert set(rows["target"].dropna()) <= {0, 1, "original"}
+    rnd = _run(tiny_overrides, "random", ["generation.seed=31", "selection.n=2"])
+    generate.run(rnd, progress=False)
+    r = select.run(rnd, progress=False)
+    assert set(r["decision"]) <= {"control", "no_candidates"} and set(r["target"].dropna()) <= {0, 1}
+    with pytest.raises(ConfigError, match=r"selection.n \(4\) exceeds generation.n \(3\)"):
+        _run(tiny_overrides, "central", ["selection.n=4"])

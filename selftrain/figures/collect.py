@@ -29,7 +29,17 @@ from selftrain.config import ConfigError, load_figures_spec, load_study
 from selftrain.io import DataError, read_json
 from selftrain.paths import project_root, resolve_path
 from selftrain.report import hardware_label
-from selftrain.schema import DECISIONS, METHODS, QUALITY, STAGE_TABLE, VERSION, judge_rows, read_log, split_run_folder
+from selftrain.schema import (
+    CONTROLS,
+    DECISIONS,
+    METHODS,
+    QUALITY,
+    STAGE_TABLE,
+    VERSION,
+    judge_rows,
+    read_log,
+    split_run_folder,
+)
 from selftrain.schema import read_metrics as _read_metrics
 
 # The main table: these columns, with eval_<category> columns between eval_avg and sft_examples.
@@ -97,7 +107,8 @@ def _study_grid(study: str, study_file: str | Path | None) -> tuple[list[str], l
 
 
 def _method_key(m: str) -> tuple[int, str]:
-    return (METHODS.index(m), "") if m in METHODS else (len(METHODS), m)
+    order = (*METHODS, *CONTROLS)
+    return (order.index(m), "") if m in order else (len(order), m)
 
 
 # ------------------------------------------------------------------------------------------- collect

@@ -10,10 +10,11 @@ import pandas as pd
 
 from selftrain.figures.collect import StudyResults, _num
 from selftrain.plots import plt
-from selftrain.schema import METHODS, QUALITY
+from selftrain.schema import CONTROLS, METHODS, QUALITY
 
-# One colour per method, fixed, so a method looks the same in every figure.
+# One colour per method, fixed, so a method looks the same in every figure (control arms in muted tones).
 COLORS = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green"), strict=True))
+COLORS.update(zip(CONTROLS, ("tab:olive", "tab:purple", "tab:pink", "tab:brown"), strict=True))
 
 
 def _bars(
