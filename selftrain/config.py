@@ -11,6 +11,7 @@ in `params/methods/drop-low.yaml` is reported there and not as a mystery in the 
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from selftrain.paths import project_root, resolve_path
-from selftrain.schema import REPLICATE, STAGES, VERSION
+from selftrain.schema import REPLICATE, STAGES, SWEEP_VALUE, VERSION
 
 
 class ConfigError(ValueError):
@@ -398,6 +399,29 @@ class StudyConfig(_Section):
         "and `judge.answers.seed`. Empty: the params' own seeds only. `run --seeds` picks some of them.",
     )
 
+    sweep: dict[str, list[int | float | bool | str]] = Field(
+        default_factory=dict,
+        description="Sweep axes: a dotted param -> its values; every combination becomes a cell (folder "
+        "<method>@<param>=<value>), e.g. {selection.n: [2, 4, 8]} over one generation at generation.n = 8.",
+    )
+
+    @model_validator(mode="after")
+    def _axes(self) -> StudyConfig:
+        for key, values in self.sweep.items():
+            if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+", key):
+                raise ValueError(f"study.sweep: {key!r} is not a dotted param name such as selection.n")
+            if not values or len({repr(v) for v in values}) != len(values):
+                raise ValueError(f"study.sweep.{key}: give distinct values, got {values}")
+            bad = [v for v in values if isinstance(v, str) and not SWEEP_VALUE.match(v)]
+            if bad:
+                raise ValueError(f"study.sweep.{key}: values {bad} cannot name a folder (letters, digits, . _ -)")
+        return self
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of the sweep axes ([{}] without a sweep), axes in sorted order."""
+        keys = sorted(self.sweep)
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(self.sweep[k] for k in keys))]
+
     @model_validator(mode="after")
     def _replicates(self) -> StudyConfig:
         if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
@@ -415,6 +439,10 @@ class RunConfig(_Section):
     model: ModelConfig
     method: Slug = Field(description="Method params name (the run folder's third level).")
     seed: int = Field(1234, description="Global seed: the trainers' seed, recorded in the manifest.")
+    sweep: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The sweep point of this cell (study.sweep), already applied to the params above; {}: none.",
+    )
     replicate: int | None = Field(
         None,
         description="The replicate seed of a study with `study.seeds` (its run folder is <method>.seed<N>); None: "
@@ -635,12 +663,14 @@ def resolve_run_config(
     overrides: list[str] | None = None,
     check_trainer: bool = False,
     replicate: int | None = None,
+    point: dict[str, Any] | None = None,
 ) -> RunConfig:
     """Merge base -> models/<model> -> methods/<method> -> study -> overrides and validate.
 
     check_trainer=True also checks the TRL trainer blocks against TRL (slower: imports TRL).
     replicate: a replicate seed (study.seeds) applied over everything: `seed`, `generation.seed` and
     `judge.answers.seed`. A seed equal to all three of the params' own is the plain run (replicate None).
+    point: a sweep point (study.sweep) {dotted param: value}, applied after the command line: it is the cell.
     """
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -658,6 +688,10 @@ def resolve_run_config(
     for item in overrides or []:
         key, value = parse_override(item)
         _merge(merged, _nest(key, value), origin, f"command line ({item})")
+    for key, value in (point or {}).items():
+        _merge(merged, _nest(key, value), origin, f"sweep point ({key}={value})")
+    if point:
+        merged["sweep"] = dict(point)
     if replicate is not None:
         own = (merged.get("seed", 1234), (merged.get("generation") or {}).get("seed", 1234),
                ((merged.get("judge") or {}).get("answers") or {}).get("seed", 1234))  # fmt: skip

@@ -92,6 +92,7 @@ def run_study(
     seeds: replicate seeds (some of `study.seeds`, or any); None: the study's `seeds`, or the params' own."""
     study, _, path = load_study(study_path)
     replicates: list[int | None] = list(seeds if seeds is not None else study.seeds) or [None]
+    points = study.points()
     models = models or study.models
     methods = methods or study.methods
     for name, chosen, allowed in (("model", models, study.models), ("method", methods, study.methods)):
@@ -109,7 +110,8 @@ def run_study(
         for method in methods:
             try:
                 for rep in replicates:
-                    resolve_run_config(model, method, study_path, overrides, check_trainer=True, replicate=rep)
+                    for pt in points:
+                        resolve_run_config(model, method, study_path, overrides, True, replicate=rep, point=pt)
             except ConfigError as e:
                 problems += [x for x in str(e).replace("invalid params:", "").split("\n") if x.strip()]
     if problems:
@@ -119,9 +121,12 @@ def run_study(
     for rep in replicates:  # seed-major: every method of the first seed is done before the next seed starts
         for model in models:
             for method in methods:
-                results.append(
-                    _run_cell(study_path, model, method, wanted, overrides, new_version, log, progress, stream, rep)
-                )
+                for pt in points:
+                    results.append(
+                        _run_cell(
+                            study_path, model, method, wanted, overrides, new_version, log, progress, stream, rep, pt
+                        )
+                    )
     failed = [r for r in results if not r.ok]
     if failed:
         log(f"{len(failed)} of {len(results)} cells failed:")
@@ -145,6 +150,7 @@ def _run_cell(
     progress: bool,
     stream: bool,
     replicate: int | None = None,
+    point: dict | None = None,
 ) -> CellResult:
     t0 = time.time()
     done: list[str] = []
@@ -152,8 +158,8 @@ def _run_cell(
     run = None
     stage = "params"
     try:
-        cfg = resolve_run_config(model, method, study_path, overrides, check_trainer=True, replicate=replicate)
-        method = run_folder(method, cfg.replicate)  # the cell's name in the log and the summary
+        cfg = resolve_run_config(model, method, study_path, overrides, True, replicate=replicate, point=point)
+        method = run_folder(method, cfg.replicate, cfg.sweep)  # the cell's name in the log and the summary
         run = create_run(cfg, new_version=new_version)
         if run.note:
             log(f"[{model}/{method}] {run.note} -> {run.dir.name}")

@@ -261,7 +261,7 @@ def _versions_of(parent: Path) -> list[Path]:
 def run_parent(cfg: RunConfig) -> Path:
     """results/<study>/<model>/<method>[.seed<N>]; refuses any name that would lead outside the results folder."""
     root = resolve_path(cfg.output.results_dir).resolve()
-    parent = (root / cfg.study / cfg.model.name / run_folder(cfg.method, cfg.replicate)).resolve()
+    parent = (root / cfg.study / cfg.model.name / run_folder(cfg.method, cfg.replicate, cfg.sweep)).resolve()
     if not parent.is_relative_to(root) or len(parent.relative_to(root).parts) != 3:
         raise ConfigError(
             f"study/model/method names {cfg.study!r}/{cfg.model.name!r}/{cfg.method!r} would write outside {root}"

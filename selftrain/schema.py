@@ -23,15 +23,38 @@ VERSION = re.compile(r"^v(\d{3,})$")
 REPLICATE = re.compile(r"^(?P<method>.+)\.seed(?P<seed>\d+)$")
 
 
-def run_folder(method: str, replicate: int | None) -> str:
-    """The third level of a run path: the method, with `.seed<N>` for a replicate seed."""
-    return method if replicate is None else f"{method}.seed{replicate}"
+# A sweep point's run folder adds `@<param>=<value>` per axis (study.sweep), e.g. central@selection.n=2.seed1;
+# '@' and '=' are in no method name (names are slugs), so the folder name parses back unambiguously.
+SWEEP_VALUE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def sweep_label(point: dict[str, Any] | None) -> str:
+    """{'selection.n': 2} -> 'selection.n=2' (axes sorted, joined with '@'); '' for no sweep."""
+    return "@".join(f"{k}={_value(v)}" for k, v in sorted((point or {}).items()))
+
+
+def _value(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def run_folder(method: str, replicate: int | None, sweep: dict[str, Any] | None = None) -> str:
+    """The third level of a run path: the method, `@param=value` per sweep axis, `.seed<N>` for a replicate."""
+    name = method + (f"@{sweep_label(sweep)}" if sweep else "")
+    return name if replicate is None else f"{name}.seed{replicate}"
 
 
 def split_run_folder(name: str) -> tuple[str, int | None]:
-    """'central.seed2' -> ('central', 2); 'central' -> ('central', None)."""
+    """'central.seed2' -> ('central', 2); 'central@selection.n=2' -> ('central', None): method and seed."""
     m = REPLICATE.match(name)
-    return (m["method"], int(m["seed"])) if m else (name, None)
+    method, seed = (m["method"], int(m["seed"])) if m else (name, None)
+    return method.split("@")[0], seed
+
+
+def folder_sweep(name: str) -> str:
+    """The sweep label of a run folder name: 'central@selection.n=2.seed1' -> 'selection.n=2'; '' without."""
+    m = REPLICATE.match(name)
+    base = m["method"] if m else name
+    return base.split("@", 1)[1] if "@" in base else ""
 
 
 # What stage 02 decided for each prompt.

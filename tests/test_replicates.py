@@ -45,6 +45,9 @@ def test_replicate_seed_sets_every_seed_and_names_the_folder() -> None:
 @pytest.mark.parametrize(
     ("block", "needle"),
     [
+        ({"sweep": {"n": [1, 2]}}, "not a dotted param name"),
+        ({"sweep": {"selection.n": []}}, "distinct values"),
+        ({"sweep": {"selection.method": ["a/b"]}}, "cannot name a folder"),
         ({"seeds": [1, 1]}, "distinct"),
         ({"seeds": [-3]}, "distinct"),
         ({"seeds": "x"}, "study.seeds"),
@@ -62,24 +65,37 @@ def test_bad_seeds_are_named(tmp_path: Path, block: dict, needle: str) -> None:
 # ------------------------------------------------------------------------------------------- running
 
 
-def test_a_study_with_two_seeds_runs_two_cells(tiny_overrides: list[str], tmp_path: Path) -> None:
+def test_a_study_with_two_seeds_and_a_sweep_runs_four_cells(tiny_overrides: list[str], tmp_path: Path) -> None:
     study = tmp_path / "seeds.yaml"
     body = {"name": "seeds", "models": ["tiny"], "methods": ["central"], "stages": ["generate", "select"]}
-    study.write_text(yaml.safe_dump({"study": {**body, "seeds": [1234, 7]}, "prompts": {"limit": 4}}))
+    body |= {"seeds": [1234, 7], "sweep": {"selection.n": [1, 3]}}
+    study.write_text(yaml.safe_dump({"study": body, "prompts": {"limit": 4}}))
     res = run_study(str(study), overrides=tiny_overrides, log=lambda _: None)
-    assert [r.ok for r in res] == [True, True], [r.error for r in res]
-    assert [r.run_dir.parent.name for r in res] == ["central", "central.seed7"]
-    a, b = (read_jsonl(r.run_dir / "data" / "candidates.jsonl") for r in res)
+    assert [r.ok for r in res] == [True] * 4, [r.error for r in res]
+    names = [
+        "central@selection.n=1",
+        "central@selection.n=3",
+        "central@selection.n=1.seed7",
+        "central@selection.n=3.seed7",
+    ]
+    assert [r.run_dir.parent.name for r in res] == names
+    a, b = (read_jsonl(res[i].run_dir / "data" / "candidates.jsonl") for i in (1, 3))
     assert [x["seed"] for x in b] == [7] * len(b) and [x["text"] for x in a] != [x["text"] for x in b]
+    assert read_jsonl(res[0].run_dir / "data" / "candidates.jsonl") == a  # one generation serves every n
+    one = read_jsonl(res[0].run_dir / "data" / "selection.jsonl")
+    assert all(len(r["centrality"]) == 2 for r in one)  # n=1: one candidate + the original
+    cfg = yaml.safe_load((res[2].run_dir / "params.resolved.yaml").read_text())
+    assert cfg["sweep"] == {"selection.n": 1} and cfg["selection"]["n"] == 1 and cfg["replicate"] == 7
+    res = [res[1], res[3]]
     m = json.loads((res[1].run_dir / "manifest.json").read_text())
     assert m["seeds"] == {"seed": 7, "generation": 7, "judge_answers": 7, "replicate": 7}
     for stage in ("generate", "select"):  # what changes numbers across machines, per stage
         num = m["stages"][stage]["numerics"]
         assert num["mode"] == "default" and num["backend"] == "transformers"
         assert num["dtype"] == inference_dtype("float32", "transformers") == "float32"  # tiny pins float32
-    # --seeds picks a subset: only the seed-7 cell, already done.
+    # --seeds picks a subset: only the seed-7 cells, already done.
     again = run_study(str(study), overrides=tiny_overrides, seeds=[7], log=lambda _: None)
-    assert len(again) == 1 and again[0].run_dir == res[1].run_dir and again[0].executed == []
+    assert len(again) == 2 and again[1].run_dir == res[1].run_dir and again[1].executed == []
 
 
 # ------------------------------------------------------------------------------------------- numerics
@@ -271,3 +287,22 @@ def test_paired_differences_and_length_control(tmp_path: Path) -> None:
     assert abs(adj_gap) < abs(raw_gap)
     for name in ("paired", "length"):
         assert (study / "tables" / f"{name}.csv").is_file() and (study / "figures" / f"{name}.png").is_file()
+
+
+def test_sweep_points_become_rows_and_a_figure(tmp_path: Path) -> None:
+    study = tmp_path / "results" / "sw"
+    values = {1: (2.0, 2.2), 2: (2.5, 2.7), 4: (3.0, 3.2)}  # n -> quality of seeds 1234 and 1
+    for n, (q0, q1) in values.items():
+        _run_folder(study, "m", f"central@selection.n={n}", "v001", q0, 3.0, 0.3)
+        _run_folder(study, "m", f"central@selection.n={n}.seed1", "v001", q1, 3.0, 0.3)
+    _run_folder(study, "m", "baseline", "v001", 1.5, 3.0, 0.2)
+    res = figures.make_figures("sw", tmp_path / "results", verbose=False)
+    c = res.table[res.table["method"] == "central"]
+    assert list(c["sweep"]) == ["selection.n=1", "selection.n=2", "selection.n=4"]  # numeric order
+    assert list(c["overall"]) == pytest.approx([2.1, 2.6, 3.1]) and list(c["seeds"]) == [2, 2, 2]
+    assert (study / "figures" / "sweep.png").is_file()
+    fig = figures.plot_sweep(res)
+    line = fig.axes[0].lines[0]
+    assert list(line.get_xdata()) == [1.0, 2.0, 4.0] and list(line.get_ydata()) == pytest.approx([2.1, 2.6, 3.1])
+    # The bar figures show the plain runs: the baseline, and for central (sweep only) its first point.
+    assert figures.plot_sweep(figures.collect(_seeded_study(tmp_path / "other"))) is None

@@ -12,7 +12,7 @@ from pathlib import Path
 from selftrain.figures.collect import StudyResults, collect
 from selftrain.figures.paired import length_table, paired_table, plot_length, plot_paired
 from selftrain.figures.plots import PLOTS as _BASE_PLOTS
-from selftrain.figures.plots import plot_eval, plot_judge, plot_selection, plot_training
+from selftrain.figures.plots import plot_eval, plot_judge, plot_selection, plot_sweep, plot_training
 from selftrain.figures.tables import main_display, to_latex, to_markdown, views, write_tables
 from selftrain.paths import resolve_path
 from selftrain.plots import save_figure
@@ -20,8 +20,8 @@ from selftrain.report import write_study_index
 
 __all__ = [
     "PLOTS", "StudyResults", "collect", "length_table", "main_display", "make_figures", "paired_table", "plot_eval",
-    "plot_judge", "plot_length", "plot_paired", "plot_selection", "plot_training", "to_latex", "to_markdown", "views",
-    "write_tables",
+    "plot_judge", "plot_length", "plot_paired", "plot_selection", "plot_sweep", "plot_training", "to_latex",
+    "to_markdown", "views", "write_tables",
 ]  # fmt: skip
 
 PLOTS = {**_BASE_PLOTS, "paired": plot_paired, "length": plot_length}
@@ -39,7 +39,8 @@ def make_figures(
     res.paired, res.lengths = paired_table(res), length_table(res)
     for name, plot in PLOTS.items():
         fig = plot(res)
-        res.figures += save_figure(fig, res.study_dir / "figures" / name)
+        if fig is not None:  # the sweep figure exists only for a study with sweep axes
+            res.figures += save_figure(fig, res.study_dir / "figures" / name)
     res.tables = write_tables(res)
     res.index = write_study_index(res.study_dir)
     if verbose:

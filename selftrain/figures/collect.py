@@ -36,6 +36,7 @@ from selftrain.schema import (
     QUALITY,
     STAGE_TABLE,
     VERSION,
+    folder_sweep,
     judge_rows,
     read_log,
     split_run_folder,
@@ -50,14 +51,16 @@ MAIN_HEAD = [
 ]  # fmt: skip
 # seeds: replicate runs behind the row (study.seeds); *_seed_sd: their standard deviation (ddof 1) of a
 # headline score, beside the bootstrap interval over items; hardware: where the runs ran.
-MAIN_TAIL = ["sft_examples", "dpo_pairs", "seeds", "seed_sd_overall", "seed_sd_safety", "seed_sd_eval_avg", "hardware"]
+MAIN_TAIL = [
+    "sft_examples", "dpo_pairs", "sweep", "seeds", "seed_sd_overall", "seed_sd_safety", "seed_sd_eval_avg", "hardware",
+]  # fmt: skip
 SEED_SD = {"seed_sd_overall": "overall", "seed_sd_safety": "safety", "seed_sd_eval_avg": "eval_avg"}
-JUDGE_COLUMNS = ["model", "method", "set", "criterion", "mean", "ci_low", "ci_high", "n", "seeds", "seed_sd"]
+JUDGE_COLUMNS = ["model", "method", "set", "criterion", "mean", "ci_low", "ci_high", "n", "sweep", "seeds", "seed_sd"]
 SELECTION_COLUMNS = [
     "model", "method", "version", "prompts", *DECISIONS, "dropped_share", "replaced_share",
     "original_low_share", "original_rank_mean", "pool_size", "sft_examples", "dpo_pairs",
 ]  # fmt: skip
-TEXT_COLUMNS = {"model", "method", "version", "state", "set", "criterion", "what", "hardware", "metric"}
+TEXT_COLUMNS = {"model", "method", "version", "state", "set", "criterion", "what", "hardware", "metric", "sweep"}
 COUNT_COLUMNS = {"n", "prompts", *DECISIONS, "pool_size", "sft_examples", "dpo_pairs", "seeds", "seed", "items"}
 
 
@@ -308,25 +311,30 @@ def collect(
                 if in_grid or (model, method) in seen:
                     rows.append(_row(model, method, None, "no run")[0])  # a blank row keeps the grid visible
                 continue
-            per = []
+            groups: dict[str, list[str]] = {}  # sweep point -> its seeds' folders (a study without sweep: one)
             for f in folders:
-                d = chosen[(model, f)]
-                run_missing = _missing_of(model, f, d)
-                missing += run_missing
-                not_done = [r["what"].split()[1] for r in run_missing if r["what"].startswith("stage ")]
-                state = "incomplete: " + ", ".join(not_done) if not_done else "complete"
-                row, jr, sr, lr = _row(model, method, d, state)
-                seed = _seed_of(d, f)
-                row.update({"seeds": 1, "hardware": hardware_label(d)})
-                rep_rows.append({**row, "seed": seed})
-                rep_judge += [{**r, "seed": seed} for r in jr]
-                log_rows += [{**r, "seed": seed} for r in lr]
-                per.append((f, row, jr, sr))
-            row, jr, sr = _combine(per)
-            rows.append(row)
-            judge_all += jr
-            if sr is not None:
-                sel_rows.append(sr)
+                groups.setdefault(folder_sweep(f), []).append(f)
+            for label in sorted(groups, key=_sweep_key):
+                per = []
+                for f in groups[label]:
+                    d = chosen[(model, f)]
+                    run_missing = _missing_of(model, f, d)
+                    missing += run_missing
+                    not_done = [r["what"].split()[1] for r in run_missing if r["what"].startswith("stage ")]
+                    state = "incomplete: " + ", ".join(not_done) if not_done else "complete"
+                    row, jr, sr, lr = _row(model, method, d, state)
+                    seed = _seed_of(d, f)
+                    row.update({"seeds": 1, "hardware": hardware_label(d), "sweep": label})
+                    rep_rows.append({**row, "seed": seed})
+                    rep_judge += [{**r, "seed": seed, "sweep": label} for r in jr]
+                    log_rows += [{**r, "seed": seed, "sweep": label} for r in lr]
+                    per.append((f, row, jr, sr))
+                row, jr, sr = _combine(per)
+                row["sweep"] = label
+                rows.append(row)
+                judge_all += [{**r, "sweep": label} for r in jr]
+                if sr is not None and not label:
+                    sel_rows.append(sr)
     cats = list(dict.fromkeys(c for r in rows for c in r if c.startswith("eval_") and c != "eval_avg"))
     missing.sort(key=lambda r: (_index(models, r["model"]), _method_key(r["method"])))  # stable: stage order kept
     return StudyResults(
@@ -345,6 +353,28 @@ def collect(
         replicates=pd.DataFrame(rep_rows).reindex(columns=["seed", *MAIN_HEAD, *cats, *MAIN_TAIL]),
         judge_replicates=pd.DataFrame(rep_judge).reindex(columns=["seed", *JUDGE_COLUMNS[:-2]]),
     )
+
+
+def _sweep_key(label: str) -> tuple:
+    """The plain run first, then sweep points by their values (numbers numerically)."""
+
+    def num(v: str) -> tuple[int, float | str]:
+        try:
+            return (0, float(v))
+        except ValueError:
+            return (1, v)
+
+    return (bool(label), *(num(p.split("=", 1)[-1]) for p in label.split("@")))
+
+
+def plain_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows the bar figures show: the runs without a sweep point, or, in a study that only sweeps, its first
+    point (the sweep figure shows the others)."""
+    if "sweep" not in df or not len(df):
+        return df
+    label = df["sweep"].fillna("")
+    first = "" if (label == "").any() else sorted(set(label), key=_sweep_key)[0]
+    return df[label == first]
 
 
 def _seed_of(d: Path, folder: str) -> int | None:

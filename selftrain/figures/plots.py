@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from selftrain.figures.collect import StudyResults, _num
+from selftrain.figures.collect import StudyResults, _num, _sweep_key, plain_rows
 from selftrain.plots import plt
 from selftrain.schema import CONTROLS, METHODS, QUALITY
 
@@ -75,7 +75,7 @@ def _legend(fig: Any, methods: list[str], line: bool = False) -> None:
 def plot_judge(res: StudyResults) -> Any:
     """Top: the five quality criteria; bottom: safety mean, violation and acceptable rates (95% CIs)."""
     fig, axes = plt.subplots(2, len(QUALITY), figsize=(2.8 * len(QUALITY), 5.8), squeeze=False)
-    j, js = res.judge, res.judge_replicates
+    j, js = plain_rows(res.judge), plain_rows(res.judge_replicates)
     seeds = js if len(js) else None
 
     def pick(df: pd.DataFrame | None, s: str, c: str) -> pd.DataFrame | None:
@@ -118,7 +118,7 @@ def plot_eval(res: StudyResults) -> Any:
     cols = ["eval_avg"] + [c for c in res.table.columns if c.startswith("eval_") and c != "eval_avg"]
     fig, axes = _grid(len(cols))
     for ax, c in zip(axes, cols, strict=True):
-        _bars(ax, res, res.table, c, seeds=res.replicates)
+        _bars(ax, res, plain_rows(res.table), c, seeds=plain_rows(res.replicates))
         ax.set_title("AVG" if c == "eval_avg" else c[len("eval_") :], fontsize=10)
     _legend(fig, res.methods)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
@@ -155,7 +155,7 @@ def plot_training(res: StudyResults) -> Any:
     models = res.models or ["-"]
     fig, axes = plt.subplots(len(models), len(panels), figsize=(3.6 * len(panels), 2.7 * len(models) + 0.6),
                              squeeze=False)  # fmt: skip
-    logs = res.logs
+    logs = plain_rows(res.logs)
     for i, model in enumerate(models):
         for ax, (kind, key) in zip(axes[i], panels, strict=True):
             drawn = False
@@ -176,4 +176,45 @@ def plot_training(res: StudyResults) -> Any:
     return fig
 
 
-PLOTS = {"judge": plot_judge, "eval": plot_eval, "selection": plot_selection, "training": plot_training}
+def plot_sweep(res: StudyResults) -> Any:
+    """Score against each sweep axis (study.sweep, e.g. selection.n): judge quality, safety and benchmark AVG per
+    point, a line per (model, method); error bars: the across-seed sd where a point has seeds, else the judge's
+    95% interval. None for a study without a sweep."""
+    t = res.table[res.table["sweep"].fillna("") != ""] if "sweep" in res.table else res.table.iloc[:0]
+    if not len(t):
+        return None
+    axes_keys = sorted({p.split("=", 1)[0] for label in t["sweep"] for p in label.split("@")})
+    panels = (("overall", "seed_sd_overall", "judge quality (overall)"), ("safety", "seed_sd_safety", "judge safety"),
+              ("eval_avg", "seed_sd_eval_avg", "benchmark AVG"))  # fmt: skip
+    fig, axes = plt.subplots(len(axes_keys), len(panels), figsize=(4.0 * len(panels), 3.2 * len(axes_keys)),
+                             squeeze=False)  # fmt: skip
+    for i, key in enumerate(axes_keys):
+        for ax, (col, sd, title) in zip(axes[i], panels, strict=True):
+            for (model, method), d in t.groupby(["model", "method"], sort=False):
+                pts = sorted(
+                    ((dict(p.split("=", 1) for p in r["sweep"].split("@")).get(key), r) for _, r in d.iterrows()),
+                    key=lambda x: _sweep_key(f"{key}={x[0]}"),
+                )
+                pts = [(v, r) for v, r in pts if v is not None]
+                if not pts:
+                    continue
+                xs = [float(v) if _sweep_key(f"k={v}")[1][0] == 0 else v for v, _ in pts]
+                ys = [_num(r[col]) for _, r in pts]
+                err = [_num(r[sd]) if _num(r.get("seeds", 1)) > 1 else math.nan for _, r in pts]
+                label = f"{model}: {method}" if len(res.models) > 1 else method
+                ax.errorbar(xs, ys, yerr=np.nan_to_num(err), marker="o", ms=3, lw=1, capsize=2,
+                            color=COLORS.get(method), label=label)  # fmt: skip
+            ax.set_xlabel(key, fontsize=8)
+            ax.set_title(title, fontsize=9)
+    axes[0][-1].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+PLOTS = {
+    "judge": plot_judge,
+    "eval": plot_eval,
+    "selection": plot_selection,
+    "training": plot_training,
+    "sweep": plot_sweep,
+}
