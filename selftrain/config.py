@@ -124,6 +124,11 @@ class EmbeddingConfig(_Section):
     pooling: Literal["mean", "last"] = Field("mean", description="Pooling over the response tokens.")
     batch_size: int = Field(16, ge=1, description="Sequences per forward pass.")
     max_length: int = Field(1024, ge=8, description="Longest prompt + response embedded (prompt cut first).")
+    center: Literal["none", "pool", "corpus"] = Field(
+        "none",
+        description="Centre the embeddings before the cosines (selection.utility self-embedding): subtract each "
+        "prompt's pool mean ('pool') or the corpus mean ('corpus'), then normalise again; against anisotropy.",
+    )
 
 
 class SelectionConfig(_Section):
@@ -133,6 +138,11 @@ class SelectionConfig(_Section):
         "central",
         description="Selection method (poster numbering: original=1 ... fallback-original=4); control arms at the "
         "same n: random (seeded by `seed`), longest, shortest, first (sample 0).",
+    )
+    utility: Literal["self-embedding", "chrf"] = Field(
+        "self-embedding",
+        description="The pairwise utility MBR selection averages over a pool: 'self-embedding' (cosine of the "
+        "model's own pooled states, `embedding.*`), 'chrf' (sentence chrF, character 1-6-grams: lexical MBR).",
     )
     n: int | None = Field(
         None,

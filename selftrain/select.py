@@ -28,6 +28,7 @@ from selftrain.paths import resolve_path
 from selftrain.plots import plt
 from selftrain.runs import Run
 from selftrain.schema import CONTROLS, DECISIONS
+from selftrain.similarity import centre, chrf_sim
 
 STAGE = "select"
 
@@ -57,12 +58,27 @@ def centrality(emb: np.ndarray, mask: np.ndarray, chunk: int = 8192) -> np.ndarr
     return out
 
 
-def _without_original(emb: np.ndarray, c_full: np.ndarray, cand_valid: np.ndarray) -> np.ndarray:
+def centrality_from_sim(sim: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`centrality` for a given pairwise utility sim (P, K, K): member j's mean of sim[j, k] over the other pool
+    members k (NaN outside the pool, 0.0 for a pool of one)."""
+    s = sim.astype(np.float32, copy=True) * mask[:, None, :]
+    idx = np.arange(s.shape[1])
+    s[:, idx, idx] = 0.0
+    others = mask.sum(1, keepdims=True).astype(np.float32) - 1.0
+    c = s.sum(2) / np.maximum(others, 1.0)
+    c[others[:, 0] <= 0] = 0.0
+    return np.where(mask, c, np.nan).astype(np.float32)
+
+
+def _without_original(
+    emb: np.ndarray | None, c_full: np.ndarray, cand_valid: np.ndarray, to_orig: np.ndarray | None = None
+) -> np.ndarray:
     """Centrality in the candidates-only pool, derived from the candidates + original pool without a
-    second batched matmul: remove each candidate's cosine to the original from its sum."""
+    second batched matmul: remove each candidate's utility against the original from its sum."""
     n = cand_valid.shape[1]
     n_valid = cand_valid.sum(1, keepdims=True).astype(np.float32)
-    to_orig = np.einsum("pkd,pd->pk", emb[:, :n].astype(np.float32, copy=False), emb[:, n].astype(np.float32))
+    if to_orig is None:
+        to_orig = np.einsum("pkd,pd->pk", emb[:, :n].astype(np.float32, copy=False), emb[:, n].astype(np.float32))
     c = (c_full[:, :n] * n_valid - to_orig) / np.maximum(n_valid - 1.0, 1.0)
     c = np.where(n_valid > 1, c, 0.0)  # a pool of one has nobody to compare with
     out = np.full_like(c_full, np.nan)
@@ -126,21 +142,23 @@ def select(
     tol: float = 1e-6,
     lengths: np.ndarray | None = None,
     seed: int = 0,
+    sim: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Vectorised decisions for P prompts.
 
     emb: (P, n+1, d) normalised, last column = original; cand_valid: (P, n) bool (non-empty candidates);
-    lengths: (P, n) characters (the length controls); seed: the random control's seed.
+    lengths: (P, n) characters (the length controls); seed: the random control's seed; sim: (P, n+1, n+1)
+    pairwise utilities (selftrain.similarity) used instead of the embeddings' cosines (emb may then be None).
     Returns arrays: decision (str), target (candidate index, -1 = original or none), rejected
     (candidate index or -1), original_rank (1 = most central in candidates + original), pool_size,
     centrality (P, n+1) of the pool the method uses (original column NaN for candidate-only pools).
     """
-    P, K, _ = emb.shape
+    P, K = (sim if sim is not None else emb).shape[:2]
     n = K - 1
     if cand_valid.shape != (P, n):
         raise ValueError(f"cand_valid has shape {cand_valid.shape}, expected {(P, n)}")
     with_orig = np.concatenate([cand_valid, np.ones((P, 1), bool)], axis=1)
-    c_full = centrality(emb, with_orig)
+    c_full = centrality(emb, with_orig) if sim is None else centrality_from_sim(sim, with_orig)
     # The original's rank among candidates + original is a diagnostic for every method.
     n_valid = cand_valid.sum(1)
     higher = (np.where(cand_valid, c_full[:, :n], -np.inf) > c_full[:, n : n + 1] + tol).sum(1)
@@ -151,7 +169,7 @@ def select(
     if method in ("drop-low", "fallback-original"):
         c = c_full
     elif method in ("central", "original", "baseline", *CONTROLS):
-        c = _without_original(emb, c_full, cand_valid)
+        c = _without_original(emb, c_full, cand_valid, None if sim is None else sim[:, :n, n])
     else:
         raise ValueError(f"unknown selection method '{method}'")
     best = _first_within(c[:, :n], cand_valid, tol, best=True)
@@ -290,7 +308,7 @@ def _embeddings(
             "model": model_fingerprint(folder),
             "candidates": sha256_file(cand_file),
             "prompts": [(p["id"], p["messages"], p["original"]) for p in prompts],
-            "embedding": cfg.embedding.model_dump(),
+            "embedding": cfg.embedding.model_dump(exclude={"center"}),  # centring happens after the cache
             "dtype": cfg.model.dtype,
         }
     )[:16]
@@ -333,17 +351,23 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         prompts = load_prompts(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files, cfg.prompts.skip_blank)
         n_all = cfg.generation.n
         texts = _candidate_matrix(prompts, read_jsonl(cand_file), n_all, cand_file)
-        emb, emb_key = _embeddings(cfg, prompts, texts, cand_file, progress)  # every candidate: shared cache
-        info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, "transformers"), "backend": "transformers"}
         # The n-prefix: candidates 0..n-1 of each prompt (i.i.d. samples), then the original's column.
         n = cfg.selection.n or n_all
+        valid = np.array([[bool(t.strip()) for t in row[:n]] for row in texts], dtype=bool).reshape(len(prompts), n)
+        pool_valid = np.concatenate([valid, np.ones((len(prompts), 1), bool)], axis=1)
+        emb, emb_key, sim = None, None, None
+        if cfg.selection.utility == "chrf":
+            sim = chrf_sim([[*row[:n], p["original"]] for p, row in zip(prompts, texts, strict=True)], progress)
+            info["numerics"] = {"utility": "chrf"}
+        else:
+            emb, emb_key = _embeddings(cfg, prompts, texts, cand_file, progress)  # every candidate: shared cache
+            emb = centre(emb[:, [*range(n), n_all]], pool_valid, cfg.embedding.center)
+            info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, "transformers"), "backend": "transformers"}
         texts = [row[:n] for row in texts]
-        emb = emb[:, [*range(n), n_all]]
-        valid = np.array([[bool(t.strip()) for t in row] for row in texts], dtype=bool).reshape(len(prompts), n)
         lengths = np.array([[len(t) for t in row] for row in texts], dtype=np.int64).reshape(len(prompts), n)
         sel = select(
             emb, valid, cfg.selection.method, cfg.selection.low_fraction, cfg.selection.tie_tolerance, lengths,
-            cfg.seed,
+            cfg.seed, sim,
         )  # fmt: skip
         rows, sft, dpo, identical = _records(prompts, texts, sel)
         outputs = [
@@ -354,6 +378,8 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         df = pd.DataFrame(rows)
         metrics = summarise(df, cfg.selection.method, len(sft), len(dpo), identical)
         metrics["embedding_cache"] = emb_key  # lets `selftrain clean` tell used cache entries from stale ones
+        metrics["utility"] = cfg.selection.utility
+        metrics["pool_candidates"] = n
         outputs.append(write_json(run.metrics_dir / "select.json", metrics))
         run.save_figure(plot_selection(df, cfg.selection.method), "select_overview")
         info["outputs"] = outputs

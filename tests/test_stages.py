@@ -207,3 +207,25 @@ def test_selection_n_uses_a_prefix_of_the_generation(tiny_overrides: list[str]) 
     assert set(r["decision"]) <= {"control", "no_candidates"} and set(r["target"].dropna()) <= {0, 1}
     with pytest.raises(ConfigError, match=r"selection.n \(4\) exceeds generation.n \(3\)"):
         _run(tiny_overrides, "central", ["selection.n=4"])
+
+
+def test_chrf_utility_selects_without_loading_the_model(tiny_overrides: list[str]) -> None:
+    from sacrebleu.metrics import CHRF
+
+    run = _run(tiny_overrides, "central", ["generation.seed=32", "selection.utility=chrf"])
+    generate.run(run, progress=False)
+    rows = select.run(run, progress=False)
+    m = json.loads((run.metrics_dir / "select.json").read_text())
+    assert m["utility"] == "chrf" and m["embedding_cache"] is None
+    assert run.manifest()["stages"]["select"]["numerics"]["utility"] == "chrf"
+    cands: dict[str, list[str]] = {}
+    for r in sorted(read_jsonl(run.data_dir / "candidates.jsonl"), key=lambda r: r["candidate_index"]):
+        cands.setdefault(r["prompt_id"], []).append(r["text"])
+    chrf = CHRF()
+    for r in rows.itertuples(index=False):
+        texts = cands[r.id]
+        pool = [k for k, t in enumerate(texts) if t.strip()]
+        if len(pool) < 2:
+            continue
+        means = [np.mean([chrf.sentence_score(texts[j], [texts[k]]).score for k in pool if k != j]) for j in pool]
+        assert r.target in [pool[i] for i, v in enumerate(means) if abs(v - max(means)) < 1e-4]
