@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from selftrain.config import ConfigError, load_study, resolve_run_config, validate_params_file
 from selftrain.schema import METHODS
@@ -46,7 +47,9 @@ def test_merge_order_base_model_method_study_cli() -> None:
     base = resolve_run_config("tiny", "central")
     assert base.generation.n == 3  # tiny.yaml overrides base's 4
     demo = resolve_run_config("smollm2-135m", "drop-low", "params/studies/demo.yaml")
-    assert demo.prompts.limit == 100 and demo.selection.method == "drop-low"
+    study_limit = yaml.safe_load((ROOT / "params" / "studies" / "demo.yaml").read_text())["prompts"]["limit"]
+    assert base.prompts.limit is None and demo.prompts.limit == study_limit  # the study's value, not base's
+    assert demo.selection.method == "drop-low"
     cli = resolve_run_config(
         "smollm2-135m", "drop-low", "params/studies/demo.yaml", ["generation.n=2", "selection.low_fraction=0.25"]
     )

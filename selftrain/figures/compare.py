@@ -58,7 +58,10 @@ class Comparison:
             )
         if len(self.table) and not self.table["same_hardware"].all():
             lines.append("  note: fresh and reference runs come from different hardware (bf16 numerics differ)")
-        lines += [f"  {n}" for n in self.notes]
+        alone = [n for n in self.notes if n.endswith("(nothing fresh to compare)")]
+        if len(alone) > 3:  # the reference's replicate folders, typically: one line, not one per folder
+            lines.append(f"  {len(alone)} run folders have only their reference version (nothing fresh to compare)")
+        lines += [f"  {n}" for n in self.notes if n not in alone or len(alone) <= 3]
         return "\n".join(lines)
 
 
