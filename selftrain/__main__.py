@@ -47,6 +47,18 @@ def main(argv: list[str] | None = None) -> int:
         "first version of each run is the reference)",
     )
     cp.add_argument("--strict", action="store_true", help="exit 1 when a difference lies outside the band")
+    pl = sub.add_parser("plan", help="estimate SFT / DPO memory per GPU for each multi-GPU preset")
+    pl.add_argument("--model", required=True, help="a params model name (params/models/), a folder or a hub id")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs (default 1)")
+    pl.add_argument("--gpu-mem", type=float, default=80, help="GB per GPU (default 80)")
+    pl.add_argument("--micro-batch", type=int, default=1, help="rows per GPU per step (DPO: pairs; default 1)")
+    pl.add_argument("--seq-len", type=int, default=4096, help="tokens per row (default 4096)")
+    pl.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
+    pl.add_argument("--precompute-ref", action="store_true", help="DPO with precompute_ref_log_probs: true")
+    pl.add_argument(
+        "--precision", choices=["bf16", "mixed"], default="bf16",
+        help="bf16: the project's GPU path (8 bytes/param); mixed: float32 master weights (16)",
+    )  # fmt: skip
     i = sub.add_parser("index", help="rewrite a study's README index from its run folders")
     i.add_argument("--study-dir", required=True, help="e.g. results/demo")
     k = sub.add_parser("clean", help="list and free checkpoints and caches no run references")
@@ -114,6 +126,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"table: {cmp.paths[1]}")
             if args.strict and cmp.counts().get("outside"):
                 return 1
+        elif args.cmd == "plan":
+            from selftrain.plan import format_plan, model_shape, plan
+
+            path = args.model
+            if (project_root() / "params" / "models" / f"{args.model}.yaml").is_file():
+                from selftrain.config import resolve_run_config
+
+                path = resolve_run_config(args.model, "central").model.path
+            shape = model_shape(path)
+            rows = plan(shape, args.gpus, args.gpu_mem, args.micro_batch, args.seq_len, not args.no_checkpointing,
+                        args.precompute_ref, args.precision)  # fmt: skip
+            print(format_plan(rows, shape, args.gpus, args.gpu_mem))
         elif args.cmd == "index":
             from selftrain.paths import resolve_path
             from selftrain.report import write_study_index
