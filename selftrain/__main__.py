@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         "--precision", choices=["bf16", "mixed"], default="bf16",
         help="bf16: the project's GPU path (8 bytes/param); mixed: float32 master weights (16)",
     )  # fmt: skip
+    sl = sub.add_parser("slurm", help="write sbatch scripts for a study: generation first, then one task per cell")
+    sl.add_argument("--study", required=True, help="study YAML, e.g. params/studies/poster.yaml")
+    sl.add_argument("--gpus-per-node", type=int, default=1)
+    sl.add_argument("--nodes", type=int, default=1, help="nodes per cell (only 1 for now)")
+    sl.add_argument("--time", default="24:00:00", help="time limit per task")
+    sl.add_argument("--partition", help="Slurm partition")
+    sl.add_argument("--dry-run", action="store_true", help="print the scripts instead of writing them")
     i = sub.add_parser("index", help="rewrite a study's README index from its run folders")
     i.add_argument("--study-dir", required=True, help="e.g. results/demo")
     k = sub.add_parser("clean", help="list and free checkpoints and caches no run references")
@@ -138,6 +145,16 @@ def main(argv: list[str] | None = None) -> int:
             rows = plan(shape, args.gpus, args.gpu_mem, args.micro_batch, args.seq_len, not args.no_checkpointing,
                         args.precompute_ref, args.precision)  # fmt: skip
             print(format_plan(rows, shape, args.gpus, args.gpu_mem))
+        elif args.cmd == "slurm":
+            from selftrain.slurm import render, write
+
+            files = render(args.study, args.gpus_per_node, args.nodes, args.time, args.partition)
+            if args.dry_run:
+                for name, text in files.items():
+                    print(f"# ---- {name}\n{text}")
+            else:
+                out = write(args.study, files)
+                print(f"wrote {', '.join(files)} to {out}; submit with: bash {out / 'submit.sh'}")
         elif args.cmd == "index":
             from selftrain.paths import resolve_path
             from selftrain.report import write_study_index

@@ -1,0 +1,97 @@
+"""Slurm scripts for a study: `python -m selftrain slurm --study params/studies/poster.yaml [--dry-run]`.
+
+Writes three files into ``results/<study>/slurm/`` (or prints them with --dry-run):
+
+- ``generate.sbatch``: an array with one task per (model, seed) running stage 01 only, so every later cell finds
+  the generation cache filled instead of generating the same candidates several times at once;
+- ``cells.sbatch``: an array with one task per (model, method, seed) cell running every stage of that cell
+  (`selftrain run --models M --methods X --seeds S`; done stages are skipped, so a resubmitted array resumes);
+- ``submit.sh``: submits the first, then the second with ``--dependency=afterok`` on it.
+
+One node and ``--gpus-per-node`` GPUs per task. Multi-node cells need training through accelerate across
+nodes (`training.launch`), which is not built yet: ``--nodes`` above 1 is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from selftrain.config import ConfigError, load_study
+from selftrain.paths import project_root, resolve_path
+
+
+def _array(lines: list[str]) -> str:
+    return "(\n" + "".join(f"  {shlex.quote(x)}\n" for x in lines) + ")"
+
+
+def render(
+    study_path: str,
+    gpus_per_node: int = 1,
+    nodes: int = 1,
+    time: str = "24:00:00",
+    partition: str | None = None,
+    python: str = "python",
+) -> dict[str, str]:
+    """The three files' text, keyed by file name."""
+    if nodes != 1:
+        raise ConfigError(
+            f"--nodes {nodes}: multi-node cells need training through accelerate across nodes (training.launch), "
+            "which is not built yet; run one node per cell"
+        )
+    if gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
+    study, _, path = load_study(study_path)
+    seeds = [str(s) for s in study.seeds] or [""]
+    rel = path.relative_to(project_root()) if path.is_relative_to(project_root()) else path
+    head = [
+        "#!/bin/bash",
+        f"#SBATCH --nodes=1 --gpus-per-node={gpus_per_node} --time={time}",
+        *([f"#SBATCH --partition={partition}"] if partition else []),
+        f"#SBATCH --output=results/{study.name}/slurm/%x-%A_%a.out",
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(project_root()))}",
+    ]
+    gen_cells = [(m, s) for s in seeds for m in study.models]
+    cells = [(m, x, s) for s in seeds for m in study.models for x in study.methods]
+    seed_arg = '${seed:+--seeds "$seed"}'
+    generate = [
+        *head[:2], f"#SBATCH --job-name={study.name}-generate --array=0-{len(gen_cells) - 1}", *head[2:],
+        f"models={_array([m for m, _ in gen_cells])}",
+        f"seeds={_array([s for _, s in gen_cells])}",
+        'model="${models[$SLURM_ARRAY_TASK_ID]}"; seed="${seeds[$SLURM_ARRAY_TASK_ID]}"',
+        f"{python} -m selftrain run --study {shlex.quote(str(rel))} --models \"$model\" "
+        f"--methods {shlex.quote(study.methods[0])} --stages generate {seed_arg}",
+    ]  # fmt: skip
+    run = [
+        *head[:2], f"#SBATCH --job-name={study.name}-cells --array=0-{len(cells) - 1}", *head[2:],
+        f"models={_array([m for m, _, _ in cells])}",
+        f"methods={_array([x for _, x, _ in cells])}",
+        f"seeds={_array([s for _, _, s in cells])}",
+        'i=$SLURM_ARRAY_TASK_ID; model="${models[$i]}"; method="${methods[$i]}"; seed="${seeds[$i]}"',
+        f"{python} -m selftrain run --study {shlex.quote(str(rel))} --models \"$model\" --methods \"$method\" "
+        f"{seed_arg}",
+    ]  # fmt: skip
+    submit = [
+        "#!/bin/bash",
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(project_root()))}",
+        f"mkdir -p results/{study.name}/slurm",
+        f"gen=$(sbatch --parsable results/{study.name}/slurm/generate.sbatch)",
+        f'sbatch --dependency=afterok:"$gen" results/{study.name}/slurm/cells.sbatch',
+    ]
+    return {
+        "generate.sbatch": "\n".join(generate) + "\n",
+        "cells.sbatch": "\n".join(run) + "\n",
+        "submit.sh": "\n".join(submit) + "\n",
+    }
+
+
+def write(study_path: str, files: dict[str, str], results_dir: str = "results") -> Path:
+    study, _, _ = load_study(study_path)
+    out = resolve_path(results_dir) / study.name / "slurm"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text)
+        (out / name).chmod(0o755 if name.endswith(".sh") else 0o644)
+    return out
