@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cmp = compare(args.study, args.results_dir, args.reference)
             print(cmp.summary())
-            print(f"table: {cmp.paths[1]}")
+            if cmp.paths:
+                print(f"table: {cmp.paths[1]}")
             if args.strict and cmp.counts().get("outside"):
                 return 1
         elif args.cmd == "plan":

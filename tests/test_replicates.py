@@ -229,6 +229,9 @@ def test_compare_flags_differences_outside_the_reference_spread(tmp_path: Path) 
     assert any("central.seed1: only v001, the reference itself" in n for n in cmp.notes)
     assert "outside: m/central seed 1234 safety" in cmp.summary()
     assert (study / "tables" / "compare.md").is_file()
+    alone = tmp_path / "alone" / "rep"
+    _run_folder(alone, "m", "central", "v001", 2.0, 3.0, 0.3)
+    assert compare("rep", tmp_path / "alone").paths == [] and not (alone / "tables").exists()
     assert main(["compare", "--study", "rep", "--results-dir", str(tmp_path / "results")]) == 0
     assert main(["compare", "--study", "rep", "--results-dir", str(tmp_path / "results"), "--strict"]) == 1
     # A separate reference folder: its newest is irrelevant, its first complete version is the reference.

@@ -47,6 +47,8 @@ class Comparison:
         c = self.counts()
         judged = c.get("inside", 0) + c.get("outside", 0)
         head = f"compare: {c.get('inside', 0)} of {judged} differences inside the reference's across-seed band"
+        if not len(self.table):
+            head = "compare: no fresh run to set beside the reference yet (a run folder needs a newer version)"
         if c.get("no spread"):
             head += f"; {c['no spread']} without a spread (the reference has one seed)"
         lines = [head]
@@ -78,7 +80,8 @@ def _metrics(row: dict) -> dict[str, float]:
 
 def compare(study: str, results_dir: str | Path = "results", reference: str | Path | None = None) -> Comparison:
     """Fresh runs of `study` under `results_dir` beside the reference folder (default: the same study folder).
-    Writes ``tables/compare.{csv,md,tex}`` into the study folder; returns the table, notes and paths."""
+    Writes ``tables/compare.{csv,md,tex}`` into the study folder when anything was compared; returns the table,
+    notes and paths."""
     fresh_dir = resolve_path(results_dir) / study
     ref_dir = resolve_path(reference) if reference else fresh_dir
     for d, what in ((fresh_dir, "study"), (ref_dir, "reference")):
@@ -134,5 +137,7 @@ def compare(study: str, results_dir: str | Path = "results", reference: str | Pa
                 "fresh_run": str(fresh.relative_to(fresh_dir)), "same_hardware": same_hw,
             })  # fmt: skip
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    paths = write_table(table, fresh_dir / "tables" / "compare", caption=f"Study {study}: fresh runs vs reference")
+    paths = []  # nothing compared (a reference alone): no empty tables in the study folder
+    if len(table):
+        paths = write_table(table, fresh_dir / "tables" / "compare", caption=f"Study {study}: fresh runs vs reference")
     return Comparison(table, notes, paths)
