@@ -329,12 +329,6 @@ def next_token_logprobs(engine: Any, token_ids: list[list[int]], candidates: lis
     return result
 
 
-def release_engine(engine: Any) -> None:
-    """Drop an engine from `vllm_engine` and hand its memory back."""
-    del engine
-    free_memory()
-
-
 def generate_candidates(
     folder: Path,
     model_cfg: ModelConfig,

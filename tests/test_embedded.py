@@ -71,7 +71,7 @@ def test_judge_expected_scores_on_vllm_match_the_transformers_pass() -> None:
     pieces and the same softmax over "1".."5" as the transformers pass (both bf16 here: close, not equal)."""
     pytest.importorskip("vllm")
     from selftrain.config import JudgeConfig
-    from selftrain.inference import release_engine, vllm_engine
+    from selftrain.inference import free_memory, vllm_engine
     from selftrain.judge.clients import LocalJudge
 
     j = LocalJudge(JudgeConfig(scoring="expected", local_backend="vllm"), ".cache/selftrain")
@@ -86,7 +86,8 @@ def test_judge_expected_scores_on_vllm_match_the_transformers_pass() -> None:
     try:
         got = j._expected_vllm(engine, jobs)
     finally:
-        release_engine(engine)
+        del engine
+        free_memory()
     for a, b in zip(ref, got, strict=True):
         assert set(a) == set(b) == set(labels)
         assert all(1 <= b[k] <= 5 and abs(a[k] - b[k]) < 0.2 for k in labels), (a, b)

@@ -8,11 +8,11 @@ from typing import Any
 
 from selftrain.config import GenerationConfig, JudgeConfig, ModelConfig, SamplingConfig
 from selftrain.inference import (
+    free_memory,
     generate_candidates,
     load_hf,
     next_token_logprobs,
     pick_backend,
-    release_engine,
     vllm_engine,
 )
 from selftrain.io import read_json, sha256_json, write_json
@@ -104,8 +104,8 @@ class LocalJudge:
                     expected = dict(zip(todo, got, strict=True))
             finally:
                 if engine is not None:
-                    release_engine(engine)
-                    engine = None
+                    engine = None  # the last reference: collected by free_memory
+                    free_memory()
             for i in todo:
                 rec: dict[str, Any] = {"text": texts[i], "expected": expected.get(i), "error": None}
                 path = self.cache / keys[i][:2] / f"{keys[i]}.json"
@@ -139,11 +139,10 @@ class LocalJudge:
                 pending[j] = f"{int(p.argmax()) + 1}]]\n"
         return out
 
-    @staticmethod
-    def _digit_ids(tok: Any) -> list[int]:
+    def _digit_ids(self, tok: Any) -> list[int]:
         ids = [tok.convert_tokens_to_ids(d) for d in DIGITS]
         if any(i is None or i == tok.unk_token_id for i in ids):
-            raise RuntimeError("the judge's tokenizer has no single tokens for '1'..'5'")
+            raise RuntimeError(f"{self.folder}: the judge's tokenizer has no single tokens for '1'..'5'")
         return ids
 
     def _expected(self, messages: list[dict], text: str, labels: dict[str, str]) -> dict[str, float]:
@@ -155,9 +154,7 @@ class LocalJudge:
         if self._hf is None:
             self._hf = load_hf(self.folder, "auto", padding_side="left")
         model, tok = self._hf
-        digit_ids = [tok.convert_tokens_to_ids(d) for d in DIGITS]
-        if any(i is None or i == tok.unk_token_id for i in digit_ids):
-            raise RuntimeError(f"{self.folder}: the judge's tokenizer has no single tokens for '1'..'5'")
+        digit_ids = self._digit_ids(tok)
         head = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         piece = head + _reasons(text, labels) + "\n\n"
         past, out = None, {}
