@@ -188,6 +188,7 @@ def test_tables_and_figures_show_the_mean_and_spread_over_seeds(tmp_path: Path) 
     assert row["seeds"] == 3 and row["overall"] == pytest.approx(np.mean(qs))
     assert row["seed_sd_overall"] == pytest.approx(np.std(qs, ddof=1))
     assert row["seed_sd_eval_avg"] == pytest.approx(np.std([v[2] for v in SEEDS.values()], ddof=1))
+    assert row["seed_sd_eval_QA"] == pytest.approx(row["seed_sd_eval_avg"])  # QA = avg in this tree
     assert res.table.set_index("method").loc["baseline", "seeds"] == 1
     assert math.isnan(res.table.set_index("method").loc["baseline", "seed_sd_overall"])
     j = res.judge[(res.judge["method"] == "central") & (res.judge["criterion"] == "safety")].iloc[0]

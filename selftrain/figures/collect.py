@@ -336,13 +336,14 @@ def collect(
                 if sr is not None and not label:
                     sel_rows.append(sr)
     cats = list(dict.fromkeys(c for r in rows for c in r if c.startswith("eval_") and c != "eval_avg"))
+    sd_cats = [f"seed_sd_{c}" for c in cats] if any(r.get("seeds", 1) > 1 for r in rows) else []
     missing.sort(key=lambda r: (_index(models, r["model"]), _method_key(r["method"])))  # stable: stage order kept
     return StudyResults(
         study=study,
         study_dir=study_dir,
         models=models,
         methods=methods,
-        table=pd.DataFrame(rows).reindex(columns=[*MAIN_HEAD, *cats, *MAIN_TAIL]),
+        table=pd.DataFrame(rows).reindex(columns=[*MAIN_HEAD, *cats, *MAIN_TAIL, *sd_cats]),
         judge=pd.DataFrame(judge_all).reindex(columns=JUDGE_COLUMNS),
         selection=pd.DataFrame(sel_rows).reindex(columns=SELECTION_COLUMNS),
         logs=pd.DataFrame(log_rows),
@@ -416,6 +417,8 @@ def _combine(per: list[tuple[str, dict, list[dict], dict | None]]) -> tuple[dict
     out["seeds"] = len(rows)
     for sd, col in SEED_SD.items():
         out[sd] = _sd([_num(r.get(col)) for r in rows])
+    for col in [k for k in out if k.startswith("eval_") and k != "eval_avg"]:  # every benchmark category too
+        out[f"seed_sd_{col}"] = _sd([_num(r.get(col)) for r in rows])
     out["hardware"] = "; ".join(sorted({r["hardware"] for r in rows}))
     judge: dict[tuple[str, str], list[dict]] = {}
     for _, _, jr, _ in per:

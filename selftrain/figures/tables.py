@@ -143,7 +143,7 @@ def views(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     if "seeds" in table and (table["seeds"].fillna(1) > 1).any():  # replicates: the spread beside each score
         quality += ["seeds", "seed_sd_overall"]
         safety += ["seeds", "seed_sd_safety"]
-        evals += ["seeds", "seed_sd_eval_avg"]
+        evals += ["seeds", *(c for c in table.columns if c.startswith("seed_sd_eval"))]
     out = {
         "judge: quality": [*key, *quality],
         "judge: safety": [*key, *safety],
