@@ -592,8 +592,11 @@ def _validate(cls: type[BaseModel], data: dict, origin: dict[str, str]) -> BaseM
             if err["type"] == "extra_forbidden":
                 lines.append(f"{src}: unknown key '{dotted}'")
             elif err["type"] == "value_error" and isinstance(err.get("input"), dict):
-                # A rule across a section's keys: name every source that set keys of it, not the whole input.
-                srcs = sorted({v for k, v in origin.items() if k.startswith(dotted + ".")}) or [src]
+                # A rule across a section's keys: name every source that set keys of it, not the whole input; a
+                # rule across sections names the sources of the keys its message mentions (selection.n, ...).
+                named = {_source_of(k, origin) for k in re.findall(r"\b[a-z_]+(?:\.[a-z_]+)+\b", err["msg"])}
+                srcs = sorted(named - {None}) if not dotted else []
+                srcs = srcs or sorted({v for k, v in origin.items() if k.startswith(dotted + ".")}) or [src]
                 lines.append(f"{', '.join(srcs)}: {err['msg'].removeprefix('Value error, ')}")
             elif err["type"] == "missing":
                 lines.append(f"{src}: missing required key '{dotted}'")

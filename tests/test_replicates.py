@@ -310,3 +310,11 @@ def test_sweep_points_become_rows_and_a_figure(tmp_path: Path) -> None:
     assert list(line.get_xdata()) == [1.0, 2.0, 4.0] and list(line.get_ydata()) == pytest.approx([2.1, 2.6, 3.1])
     # The bar figures show the plain runs: the baseline, and for central (sweep only) its first point.
     assert figures.plot_sweep(figures.collect(_seeded_study(tmp_path / "other"))) is None
+
+
+def test_a_rule_across_sections_names_the_sources_of_its_keys() -> None:
+    with pytest.raises(ConfigError) as e:
+        resolve_run_config("smollm2-135m", "central", "params/studies/demo.yaml", ["selection.n=9"])
+    msg = str(e.value)
+    assert "command line (selection.n=9)" in msg and "demo.yaml" in msg  # generation.n comes from the study
+    assert "base.yaml" not in msg and "methods/central.yaml" not in msg
