@@ -356,16 +356,18 @@ def collect(
     )
 
 
+def sweep_value(v: str) -> float | str:
+    """A sweep value from a folder label: a number where it reads as one, else the text."""
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def _sweep_key(label: str) -> tuple:
-    """The plain run first, then sweep points by their values (numbers numerically)."""
-
-    def num(v: str) -> tuple[int, float | str]:
-        try:
-            return (0, float(v))
-        except ValueError:
-            return (1, v)
-
-    return (bool(label), *(num(p.split("=", 1)[-1]) for p in label.split("@")))
+    """The plain run first, then sweep points by their values (numbers numerically, before text)."""
+    vals = [sweep_value(p.split("=", 1)[-1]) for p in label.split("@")]
+    return (bool(label), *((isinstance(v, str), v) for v in vals))
 
 
 def plain_rows(df: pd.DataFrame) -> pd.DataFrame:

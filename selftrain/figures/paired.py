@@ -77,17 +77,25 @@ def paired_table(res: StudyResults, baseline: str = "baseline") -> pd.DataFrame:
     return pd.DataFrame(rows).reindex(columns=PAIRED_COLUMNS)
 
 
+def quality_points(d: Path | None) -> list[tuple[int, float]]:
+    """(answer characters, judge quality overall) of every scored quality item of one run."""
+    out = []
+    for it in _items(d, "judge_items.jsonl"):
+        v = (it.get("scores") or {}).get("overall")
+        if it.get("set") == "quality" and isinstance(v, int | float):
+            out.append((len(it.get("answer") or ""), float(v)))
+    return out
+
+
 def length_table(res: StudyResults) -> pd.DataFrame:
     rows = []
     for model in res.models:
         s, n, g = [], [], []
         for method in res.methods:
-            for it in _items(res.runs.get((model, method)), "judge_items.jsonl"):
-                v = (it.get("scores") or {}).get("overall")
-                if it.get("set") == "quality" and isinstance(v, int | float):
-                    s.append(float(v))
-                    n.append(len(it.get("answer") or ""))
-                    g.append(method)
+            for chars, score in quality_points(res.runs.get((model, method))):
+                s.append(score)
+                n.append(chars)
+                g.append(method)
         adj = length_controlled_means(np.array(s), np.array(n), np.array(g)) if s else {}
         for method in res.methods:
             mine = [i for i, x in enumerate(g) if x == method]
@@ -135,11 +143,7 @@ def plot_length(res: StudyResults) -> Any:
     for ax, model in zip(axes[0], models, strict=True):
         xs, ys = [], []
         for method in res.methods:
-            pts = [
-                (len(it.get("answer") or ""), it["scores"]["overall"])
-                for it in _items(res.runs.get((model, method)), "judge_items.jsonl")
-                if it.get("set") == "quality" and isinstance((it.get("scores") or {}).get("overall"), int | float)
-            ]
+            pts = quality_points(res.runs.get((model, method)))
             if pts:
                 x, y = zip(*pts, strict=True)
                 ax.scatter(x, y, s=8, alpha=0.7, color=COLORS.get(method), label=method)

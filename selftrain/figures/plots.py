@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from selftrain.figures.collect import StudyResults, _num, _sweep_key, plain_rows
+from selftrain.figures.collect import StudyResults, _num, _sweep_key, plain_rows, sweep_value
 from selftrain.plots import plt
 from selftrain.schema import CONTROLS, METHODS, QUALITY
 
@@ -198,7 +198,7 @@ def plot_sweep(res: StudyResults) -> Any:
                 pts = [(v, r) for v, r in pts if v is not None]
                 if not pts:
                     continue
-                xs = [float(v) if _sweep_key(f"k={v}")[1][0] == 0 else v for v, _ in pts]
+                xs = [sweep_value(v) for v, _ in pts]
                 ys = [_num(r[col]) for _, r in pts]
                 err = [_num(r[sd]) if _num(r.get("seeds", 1)) > 1 else math.nan for _, r in pts]
                 label = f"{model}: {method}" if len(res.models) > 1 else method
