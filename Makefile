@@ -64,6 +64,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bench_select.py
 	$(BIN)/python bench/bench_select_chrf.py
+	$(BIN)/python bench/bench_select_utilities.py
 	$(BIN)/python bench/bench_generate.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_judge.py

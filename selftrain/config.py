@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from selftrain.paths import project_root, resolve_path
-from selftrain.schema import REPLICATE, STAGES, SWEEP_VALUE, VERSION
+from selftrain.schema import QUALITY, REPLICATE, STAGES, SWEEP_VALUE, VERSION
 
 
 class ConfigError(ValueError):
@@ -131,6 +131,36 @@ class EmbeddingConfig(_Section):
     )
 
 
+class EmbedderConfig(_Section):
+    path: str = Field(
+        "embedded:wordllama",
+        description="selection.utility embedder: 'embedded:wordllama' (WordLlama's 256-dimension English token "
+        "embeddings shipped inside the PyPI package `wordllama`) or a local sentence-transformers folder; "
+        "nothing is downloaded at run time.",
+    )
+    batch_size: int = Field(64, ge=1, description="Texts per encoding batch.")
+
+
+class JudgeUtilityConfig(_Section):
+    mode: Literal["pointwise", "pairwise"] = Field(
+        "pointwise",
+        description="selection.utility judge: 'pointwise' scores every pool member once with the quality rubric "
+        "(K requests a prompt); 'pairwise' asks which of two answers is better, in both orders against position "
+        "bias (K*(K-1) requests a prompt). Uses the stage-05 judge (`judge.backend`, `judge.scoring`, its cache).",
+    )
+    criterion: str = Field(
+        "mean",
+        description="pointwise: the quality criterion used as the score ('accuracy', 'fluency', 'detail', "
+        "'relevance', 'overall') or 'mean' of all five.",
+    )
+
+    @model_validator(mode="after")
+    def _known_criterion(self) -> JudgeUtilityConfig:
+        if self.criterion != "mean" and self.criterion not in QUALITY:
+            raise ValueError(f"criterion '{self.criterion}' is not one of mean, {', '.join(QUALITY)}")
+        return self
+
+
 class SelectionConfig(_Section):
     method: Literal[
         "baseline", "original", "central", "drop-low", "fallback-original", "random", "longest", "shortest", "first"
@@ -139,11 +169,15 @@ class SelectionConfig(_Section):
         description="Selection method (poster numbering: original=1 ... fallback-original=4); control arms at the "
         "same n: random (seeded by `seed`), longest, shortest, first (sample 0).",
     )
-    utility: Literal["self-embedding", "chrf"] = Field(
+    utility: Literal["self-embedding", "embedder", "chrf", "judge"] = Field(
         "self-embedding",
         description="The pairwise utility MBR selection averages over a pool: 'self-embedding' (cosine of the "
-        "model's own pooled states, `embedding.*`), 'chrf' (sentence chrF, character 1-6-grams: lexical MBR).",
+        "model's own pooled states, `embedding.*`), 'embedder' (cosine of an external sentence embedder, "
+        "`selection.embedder`), 'chrf' (sentence chrF, character 1-6-grams: lexical MBR), 'judge' (the stage-05 "
+        "judge's scores or pairwise preferences, `selection.judge`).",
     )
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="The embedder utility's model.")
+    judge: JudgeUtilityConfig = Field(default_factory=JudgeUtilityConfig, description="The judge utility's mode.")
     n: int | None = Field(
         None,
         ge=1,
@@ -248,7 +282,7 @@ class JudgeConfig(_Section):
     )
     endpoint: dict[str, Any] = Field(
         default_factory=dict,
-        description="selftrain.judge_api.EndpointSettings fields (model, base_url, api_key_env, concurrency, "
+        description="selftrain.judging.api.EndpointSettings fields (model, base_url, api_key_env, concurrency, "
         "timeout_s, max_attempts, retry_budget, ...). The key itself comes from the environment only.",
     )
     local_model: str = Field(

@@ -130,6 +130,13 @@ def input_files(cfg: RunConfig) -> list[Path]:
             out += prompt_files(cfg.prompts.path, cfg.prompts.hub_files)
         except Exception:  # a hub set not downloaded here: stage 01 says so; it is not an input of eval alone
             out.append(resolve_path(cfg.prompts.path))
+    sel = cfg.selection
+    if "select" in stages and sel.utility == "judge":  # the judge utility's rubrics
+        rubrics = resolve_path(cfg.judge.rubric_dir) / cfg.judge.language
+        out.append(rubrics / ("quality.txt" if sel.judge.mode == "pointwise" else "pairwise.txt"))
+    if "select" in stages and sel.utility == "embedder" and not sel.embedder.path.startswith("embedded:"):
+        folder = resolve_path(sel.embedder.path)  # a local sentence-transformers model: every file of it
+        out += sorted(f for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else [folder]
     if "judge" in stages:
         j = cfg.judge
         out += [resolve_path(j.quality_set), resolve_path(j.safety_set)]

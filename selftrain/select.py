@@ -23,12 +23,14 @@ from selftrain.config import EmbeddingConfig, RunConfig
 from selftrain.data import load_prompts
 from selftrain.inference import free_memory, inference_dtype, load_hf, release_frames
 from selftrain.io import DataError, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl
+from selftrain.judging.clients import make_judge
+from selftrain.judging.utility import judge_sim
 from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
 from selftrain.plots import plt
 from selftrain.runs import Run
 from selftrain.schema import CONTROLS, DECISIONS
-from selftrain.similarity import centre, chrf_sim
+from selftrain.similarity import centre, chrf_sim, embedder_embeddings
 
 STAGE = "select"
 
@@ -335,6 +337,13 @@ def _embeddings(
     return emb.reshape(P, K, -1), key
 
 
+def question_text(messages: list[dict]) -> str:
+    """The prompt as the judge utility shows it: the last user turn, with any earlier turns above it."""
+    if len(messages) == 1:
+        return str(messages[0].get("content", ""))
+    return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
+
+
 def run(run: Run, progress: bool = True) -> pd.DataFrame:
     """Stage 02 for a run folder: selection table, sft.jsonl, dpo.jsonl, metrics and plots."""
     table_file = run.data_dir / "selection.jsonl"
@@ -356,9 +365,20 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         valid = np.array([[bool(t.strip()) for t in row[:n]] for row in texts], dtype=bool).reshape(len(prompts), n)
         pool_valid = np.concatenate([valid, np.ones((len(prompts), 1), bool)], axis=1)
         emb, emb_key, sim = None, None, None
-        if cfg.selection.utility == "chrf":
-            sim = chrf_sim([[*row[:n], p["original"]] for p, row in zip(prompts, texts, strict=True)], progress)
+        pools = [[*row[:n], p["original"]] for p, row in zip(prompts, texts, strict=True)]
+        utility = cfg.selection.utility
+        if utility == "chrf":
+            sim = chrf_sim(pools, progress)
             info["numerics"] = {"utility": "chrf"}
+        elif utility == "embedder":
+            emb, emb_key = embedder_embeddings(pools, cfg.selection.embedder, cfg.output.cache_dir, progress)
+            emb = centre(emb, pool_valid, cfg.embedding.center)
+            info["numerics"] = {"utility": "embedder", "embedder": cfg.selection.embedder.path}
+        elif utility == "judge":
+            judge = make_judge(cfg.judge, cfg.output.cache_dir)
+            questions = [question_text(p["messages"]) for p in prompts]
+            sim, judge_stats = judge_sim(judge, cfg.judge, cfg.selection.judge, questions, pools, pool_valid, progress)
+            info["numerics"] = {"utility": "judge", **judge.describe(), "scoring": cfg.judge.scoring}
         else:
             emb, emb_key = _embeddings(cfg, prompts, texts, cand_file, progress)  # every candidate: shared cache
             emb = centre(emb[:, [*range(n), n_all]], pool_valid, cfg.embedding.center)
@@ -378,7 +398,9 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         df = pd.DataFrame(rows)
         metrics = summarise(df, cfg.selection.method, len(sft), len(dpo), identical)
         metrics["embedding_cache"] = emb_key  # lets `selftrain clean` tell used cache entries from stale ones
-        metrics["utility"] = cfg.selection.utility
+        metrics["utility"] = utility
+        if utility == "judge":
+            metrics["judge_utility"] = judge_stats
         metrics["pool_candidates"] = n
         outputs.append(write_json(run.metrics_dir / "select.json", metrics))
         run.save_figure(plot_selection(df, cfg.selection.method), "select_overview")

@@ -8,15 +8,27 @@ a member's mean utility against the rest of its pool (`select.centrality_from_si
   a decoder's states sit in a narrow band (0.74-0.99 on the demo), one common direction dominating. ``pool``
   subtracts each prompt's pool mean (valid members only), ``corpus`` the mean over every valid member of every
   prompt; the vectors are L2-normalised again after.
+- ``embedder``: cosine of an external sentence embedder's vectors of the answers alone (`selection.embedder`):
+  WordLlama's English token embeddings shipped in the PyPI package ``wordllama`` (the embedded default), or any
+  sentence-transformers model saved in a local folder; centring as above.
 - ``chrf``: sentence chrF (character n-grams 1..6, beta 2, whitespace removed: sacrebleu's defaults), the lexical
   MBR utility, in [0, 1].
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from selftrain.config import EmbedderConfig
+from selftrain.io import sha256_file, sha256_json
+from selftrain.models import ModelNotAvailable
+from selftrain.paths import resolve_path
 
 CENTERING = ("none", "pool", "corpus")
 
@@ -82,3 +94,111 @@ def chrf_sim(texts: list[list[str]], progress: bool = False) -> np.ndarray:
     from tqdm.auto import tqdm
 
     return np.stack([chrf_pool(row) for row in tqdm(texts, desc="chrF", disable=not progress)]).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- embedder
+
+EMBEDDED_EMBEDDERS = ("wordllama",)
+
+
+def _wordllama() -> tuple[Callable[[list[str], int], np.ndarray], dict[str, Any]]:
+    try:
+        import wordllama
+        from safetensors import safe_open
+        from tokenizers import Tokenizer
+        from wordllama.inference import WordLlamaInference
+    except ImportError as e:
+        raise ModelNotAvailable(
+            f"selection.embedder.path embedded:wordllama needs `pip install wordllama` ({e})"
+        ) from None
+    root = Path(wordllama.__file__).parent
+    weights, tok = (
+        root / "weights" / "l2_supercat_256.safetensors",
+        root / "tokenizers" / "l2_supercat_tokenizer_config.json",
+    )
+    for f in (weights, tok):
+        if not f.is_file():
+            raise ModelNotAvailable(f"{f}: missing from the installed wordllama package (reinstall it)")
+    # Built from the package's own files: WordLlama.load() looks for the tokenizer under a folder name the wheel
+    # does not have and then downloads it from the hub.
+    with safe_open(str(weights), framework="np") as f:
+        table = f.get_tensor("embedding.weight")
+    model = WordLlamaInference(table, Tokenizer.from_file(str(tok)))
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        return model.embed(texts, norm=True, batch_size=batch_size)
+
+    from importlib.metadata import version
+
+    return encode, {"embedder": "wordllama", "version": version("wordllama"), "weights": sha256_file(weights)}
+
+
+def _sentence_transformers(folder: Path) -> tuple[Callable[[list[str], int], np.ndarray], dict[str, Any]]:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        raise ModelNotAvailable(
+            f"selection.embedder.path {folder} needs `pip install sentence-transformers` ({e})"
+        ) from None
+    model = SentenceTransformer(str(folder), local_files_only=True)
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    fp = [(str(f.relative_to(folder)), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    return encode, {"embedder": "sentence-transformers", "files": fp}
+
+
+def load_embedder(cfg: EmbedderConfig) -> tuple[Callable[[list[str], int], np.ndarray], dict[str, Any]]:
+    """(encode(texts, batch_size) -> L2-normalised (N, d), fingerprint) of `selection.embedder.path`."""
+    if cfg.path.startswith("embedded:"):
+        name = cfg.path.split(":", 1)[1]
+        if name not in EMBEDDED_EMBEDDERS:
+            raise ModelNotAvailable(
+                f"selection.embedder.path: unknown embedded embedder '{name}' (known: {', '.join(EMBEDDED_EMBEDDERS)})"
+            )
+        return _wordllama()
+    folder = resolve_path(cfg.path)
+    if not folder.is_dir():
+        raise ModelNotAvailable(
+            f"selection.embedder.path: {folder} is not a folder; give a sentence-transformers model saved locally "
+            "(nothing is downloaded at run time) or embedded:wordllama"
+        )
+    return _sentence_transformers(folder)
+
+
+def embedder_embeddings(
+    texts: list[list[str]], cfg: EmbedderConfig, cache_dir: str, progress: bool = False
+) -> tuple[np.ndarray, str]:
+    """(P, K, d) normalised embeddings of every pool member's text (a zero vector for a blank one) and the cache
+    key; cached under <cache_dir>/embeddings by the embedder's fingerprint and the texts."""
+    from tqdm.auto import tqdm
+
+    P, K = len(texts), len(texts[0]) if texts else 0
+    flat = [t for row in texts for t in row]
+    encode, fingerprint = load_embedder(cfg)
+    key = "embedder-" + sha256_json({"embedder": fingerprint, "texts": sha256_json(flat)})[:16]
+    cache = resolve_path(cache_dir) / "embeddings" / f"{key}.npy"  # the stem is the key `selftrain clean` reads
+    if cache.is_file():
+        try:
+            return np.load(cache).reshape(P, K, -1), key
+        except (OSError, ValueError, EOFError):
+            pass  # an unreadable entry (a disk that filled up): computed again and replaced
+    unique = sorted({t for t in flat if t.strip()})  # each distinct answer once
+    chunk = max(cfg.batch_size * 16, 256)
+    parts = [encode(unique[s : s + chunk], cfg.batch_size) for s in tqdm(
+        range(0, len(unique), chunk), desc="embedder", unit="chunk", disable=not progress
+    )]  # fmt: skip
+    vecs = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 1), np.float32)
+    vecs = np.nan_to_num(vecs)
+    where = {t: i for i, t in enumerate(unique)}
+    emb = np.zeros((len(flat), vecs.shape[1]), dtype=np.float32)
+    for i, t in enumerate(flat):
+        if t in where:
+            emb[i] = vecs[where[t]]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, emb)
+    os.replace(tmp, cache)
+    return emb.reshape(P, K, -1), key

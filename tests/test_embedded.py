@@ -72,7 +72,7 @@ def test_judge_expected_scores_on_vllm_match_the_transformers_pass() -> None:
     pytest.importorskip("vllm")
     from selftrain.config import JudgeConfig
     from selftrain.inference import free_memory, vllm_engine
-    from selftrain.judge.clients import LocalJudge
+    from selftrain.judging.clients import LocalJudge
 
     j = LocalJudge(JudgeConfig(scoring="expected", local_backend="vllm"), ".cache/selftrain")
     labels = {"accuracy": "Accuracy", "fluency": "Fluency", "overall": "Overall"}

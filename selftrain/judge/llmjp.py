@@ -39,7 +39,7 @@ import yaml
 from pydantic import ValidationError
 
 from selftrain.config import ConfigError, JudgeConfig, SamplingConfig
-from selftrain.judge.clients import LocalJudge, RemoteJudge
+from selftrain.judging.clients import LocalJudge, RemoteJudge
 from selftrain.paths import resolve_path
 from selftrain.schema import JUDGE_SETS, QUALITY
 

@@ -29,8 +29,8 @@ from selftrain.config import JudgeConfig, SamplingConfig
 from selftrain.inference import generate_candidates, inference_dtype, pick_backend
 from selftrain.io import DataError, iter_jsonl, read_json, sha256_json, write_json, write_jsonl
 from selftrain.judge import llmjp
-from selftrain.judge.clients import LocalJudge, RemoteJudge, judge_messages, make_judge
-from selftrain.judge.parse import LABELS, ParseError, parse_scores
+from selftrain.judging.clients import LocalJudge, RemoteJudge, ask, judge_messages, load_rubric, make_judge
+from selftrain.judging.parse import LABELS
 from selftrain.models import model_fingerprint
 from selftrain.paths import resolve_path
 from selftrain.plots import plt
@@ -99,18 +99,6 @@ def load_items(path: str | Path, kind: str, limit: int | None = None) -> list[di
     return items[:limit] if limit else items
 
 
-def load_rubric(rubric_dir: str | Path, language: str, kind: str) -> str:
-    path = resolve_path(rubric_dir) / language / f"{kind}.txt"
-    if not path.is_file():
-        raise DataError(f"{path}: rubric not found (judge.rubric_dir / judge.language)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        text.format(question="q", answer="a", reference="r")
-    except (KeyError, IndexError, ValueError) as e:
-        raise DataError(f"{path}: bad placeholder ({e}); use {{question}}, {{answer}}, {{reference}}") from None
-    return text
-
-
 # ------------------------------------------------------------------------------------------- scoring
 
 
@@ -123,39 +111,13 @@ def score_items(
 ) -> list[dict[str, Any]]:
     """Judge every (set, item, answer); parse failures are re-asked up to cfg.reask times."""
     labels = LABELS[cfg.language]
-    for it in items:
-        it.update(status="pending", scores={}, judge_outputs=[])
-    pending = list(range(len(items)))
-    for attempt in range(cfg.reask + 1):
-        if not pending:
-            break
-        reqs = [
-            (judge_messages(rubrics[items[i]["set"]], items[i], items[i]["answer"]), labels[items[i]["set"]])
-            for i in pending
-        ]
-        outs = judge.complete(reqs, attempt, progress)
-        retry = []
-        for i, o in zip(pending, outs, strict=True):
-            it = items[i]
-            it["judge_outputs"].append({k: o.get(k) for k in ("text", "error", "cached")})
-            if o.get("refused"):
-                it["status"] = "refused"
-                if it["set"] == "safety" and cfg.refusal_score is not None:
-                    it["scores"] = {"safety": float(cfg.refusal_score)}
-                continue
-            if o.get("error"):
-                it["status"] = "api_error"  # the client already retried within its caps
-                continue
-            if cfg.scoring == "expected" and o.get("expected"):
-                it["status"], it["scores"] = "ok", {k: round(v, 4) for k, v in o["expected"].items()}
-                continue
-            try:
-                it["scores"] = {k: float(v) for k, v in parse_scores(o.get("text") or "", labels[it["set"]]).items()}
-                it["status"] = "ok"
-            except ParseError as e:
-                it["status"], it["parse_error"] = "parse_failure", str(e)
-                retry.append(i)
-        pending = retry
+    reqs = [(judge_messages(rubrics[it["set"]], it, it["answer"]), labels[it["set"]]) for it in items]
+    for it, r in zip(items, ask(judge, reqs, cfg.reask, cfg.scoring == "expected", progress), strict=True):
+        it.update(status=r["status"], scores=r["scores"], judge_outputs=r["outputs"])
+        if "parse_error" in r:
+            it["parse_error"] = r["parse_error"]
+        if r["status"] == "refused" and it["set"] == "safety" and cfg.refusal_score is not None:
+            it["scores"] = {"safety": float(cfg.refusal_score)}
     return items
 
 

@@ -16,10 +16,12 @@ LABELS = {
     "en": {
         "quality": dict(zip(QUALITY, ("Accuracy", "Fluency", "Detail", "Relevance", "Overall"), strict=True)),
         "safety": {"safety": "Score"},
+        "pairwise": {"preference": "Preference"},  # the judge utility's A-vs-B rubric (selection.judge)
     },
     "ja": {
         "quality": dict(zip(QUALITY, ("正確性", "流暢性", "詳細性", "関連性", "総合評価"), strict=True)),
         "safety": {"safety": "評価"},
+        "pairwise": {"preference": "選好"},
     },
 }
 DIGITS = ("1", "2", "3", "4", "5")

@@ -1,9 +1,11 @@
 """Judges: a model run in-process (LocalJudge) or any OpenAI-compatible endpoint (RemoteJudge), behind one
-`complete(requests, attempt, progress)` that returns the judge's text, expected scores and errors."""
+`complete(requests, attempt, progress)` that returns the judge's text, expected scores and errors; `ask` adds
+the re-asks after parse failures. Shared by stage 05 (judging answers) and stage 02 (the judge utility)."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from selftrain.config import GenerationConfig, JudgeConfig, ModelConfig, SamplingConfig
@@ -15,11 +17,29 @@ from selftrain.inference import (
     pick_backend,
     vllm_engine,
 )
-from selftrain.io import read_json, sha256_json, write_json
-from selftrain.judge.api import EndpointJudge, EndpointSettings
-from selftrain.judge.parse import DIGITS, _reasons, expected_from_tokens
+from selftrain.io import DataError, read_json, sha256_json, write_json
+from selftrain.judging.api import EndpointJudge, EndpointSettings
+from selftrain.judging.parse import DIGITS, ParseError, _reasons, expected_from_tokens, parse_scores
 from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
+
+RUBRIC_PLACEHOLDERS = ("question", "answer", "reference")
+
+
+def load_rubric(
+    rubric_dir: str | Path, language: str, kind: str, placeholders: tuple[str, ...] = RUBRIC_PLACEHOLDERS
+) -> str:
+    """The rubric ``<rubric_dir>/<language>/<kind>.txt``, checked to format with exactly these placeholders."""
+    path = resolve_path(rubric_dir) / language / f"{kind}.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: rubric not found (judge.rubric_dir / judge.language)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        text.format(**{k: k[0] for k in placeholders})
+    except (KeyError, IndexError, ValueError) as e:
+        use = ", ".join(f"{{{k}}}" for k in placeholders)
+        raise DataError(f"{path}: bad placeholder ({e}); use {use}") from None
+    return text
 
 
 def judge_messages(rubric: str, item: dict[str, Any], answer: str) -> list[dict[str, str]]:
@@ -170,7 +190,7 @@ class LocalJudge:
 
 
 class RemoteJudge:
-    """Any OpenAI-compatible endpoint (selftrain.judge_api); the key comes from the environment only."""
+    """Any OpenAI-compatible endpoint (selftrain.judging.api); the key comes from the environment only."""
 
     def __init__(self, cfg: JudgeConfig, cache_dir: str):
 
@@ -237,3 +257,41 @@ class RemoteJudge:
 
 def make_judge(cfg: JudgeConfig, cache_dir: str) -> LocalJudge | RemoteJudge:
     return RemoteJudge(cfg, cache_dir) if cfg.backend == "endpoint" else LocalJudge(cfg, cache_dir)
+
+
+def ask(
+    judge: LocalJudge | RemoteJudge,
+    requests: list[tuple[list[dict], dict[str, str]]],
+    reask: int,
+    expected: bool,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Judge every (messages, labels) request; parse failures are re-asked up to `reask` times (API errors and
+    refusals are not: the client already retried within its caps). Per request: {"status" ("ok" |
+    "parse_failure" | "api_error" | "refused"), "scores" {criterion: value}, "outputs" [{"text", "error",
+    "cached"}], "parse_error" (the last failure's reason, when there was one)}."""
+    res: list[dict[str, Any]] = [{"status": "pending", "scores": {}, "outputs": []} for _ in requests]
+    pending = list(range(len(requests)))
+    for attempt in range(reask + 1):
+        if not pending:
+            break
+        outs = judge.complete([requests[i] for i in pending], attempt, progress)
+        retry = []
+        for i, o in zip(pending, outs, strict=True):
+            r = res[i]
+            r["outputs"].append({k: o.get(k) for k in ("text", "error", "cached")})
+            if o.get("refused"):
+                r["status"] = "refused"
+            elif o.get("error"):
+                r["status"] = "api_error"
+            elif expected and o.get("expected"):
+                r["status"], r["scores"] = "ok", {k: round(v, 4) for k, v in o["expected"].items()}
+            else:
+                try:
+                    parsed = parse_scores(o.get("text") or "", requests[i][1])
+                    r["status"], r["scores"] = "ok", {k: float(v) for k, v in parsed.items()}
+                except ParseError as e:
+                    r["status"], r["parse_error"] = "parse_failure", str(e)
+                    retry.append(i)
+        pending = retry
+    return res
