@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     sl = sub.add_parser("slurm", help="write sbatch scripts for a study: generation first, then one task per cell")
     sl.add_argument("--study", required=True, help="study YAML, e.g. params/studies/poster.yaml")
     sl.add_argument("--gpus-per-node", type=int, default=1)
-    sl.add_argument("--nodes", type=int, default=1, help="nodes per cell (only 1 for now)")
+    sl.add_argument(
+        "--nodes", type=int, default=1, help="nodes per cell; above 1 training spans them (training.launch)"
+    )
     sl.add_argument("--time", default="24:00:00", help="time limit per task")
     sl.add_argument("--partition", help="Slurm partition")
     sl.add_argument("--dry-run", action="store_true", help="print the scripts instead of writing them")

@@ -222,6 +222,32 @@ class TrainingConfig(_Section):
         "keeps transformers' default. Packed (padding-free) batches need one that skips the masked blocks.",
     )
     dpo_attn_implementation: str | None = Field(None, description="The same for DPO.")
+    launch: str | None = Field(
+        None,
+        description="Train in a child process group started by `accelerate launch` with this accelerate config: a "
+        "preset of params/accelerate/ (single, ddp, fsdp, zero3) or a path to an accelerate config YAML. None: in "
+        "the notebook kernel (the default for a CPU and one GPU).",
+    )
+    launch_processes: int | None = Field(
+        None,
+        ge=1,
+        description="Training processes per machine (one per GPU); None: the GPUs visible here, or 1 without one "
+        "(on a CPU-only machine set it, e.g. 2, for DDP over gloo).",
+    )
+    launch_nodes: int | None = Field(
+        None,
+        ge=1,
+        description="Machines to train on; above 1 the stage runs accelerate on every node of the Slurm allocation "
+        "through `srun`, each with its machine rank and the first node as the main address. None: the "
+        "allocation's node count (SLURM_JOB_NUM_NODES), or 1 outside Slurm.",
+    )
+    launch_port: int = Field(29500, ge=1024, le=65535, description="Main process port of a multi-node launch.")
+
+    @model_validator(mode="after")
+    def _launch_config_exists(self) -> TrainingConfig:
+        if self.launch is not None:
+            accelerate_config(self.launch)
+        return self
 
 
 class LlmJpJudgeConfig(_Section):
@@ -643,6 +669,24 @@ def params_dir() -> Path:
     return project_root() / "params"
 
 
+def accelerate_presets() -> list[str]:
+    return sorted(p.stem for p in (params_dir() / "accelerate").glob("*.yaml"))
+
+
+def accelerate_config(launch: str) -> Path:
+    """training.launch -> the accelerate config file: a preset name under params/accelerate/ or a file path."""
+    preset = params_dir() / "accelerate" / f"{launch}.yaml"
+    if preset.is_file():
+        return preset
+    path = resolve_path(launch)
+    if path.is_file():
+        return path
+    raise ValueError(
+        f"training.launch '{launch}' is neither a preset ({', '.join(accelerate_presets())}) nor an accelerate "
+        "config file"
+    )
+
+
 def _named_file(kind: str, name: str) -> Path:
     path = params_dir() / kind / f"{name}.yaml"
     if not path.is_file():
@@ -777,6 +821,14 @@ def validate_params_file(path: str | Path) -> None:
         return
     if path.parent.name == "eval":  # params/eval/<protocol>.yaml: an llm-jp-eval version's rules
         load_eval_protocol(path.stem, path)
+        return
+    if path.parent.name == "accelerate":  # params/accelerate/<preset>.yaml: accelerate's own config format
+        from accelerate.commands.config.config_args import ClusterConfig
+
+        try:
+            ClusterConfig.from_yaml_file(str(path))
+        except (TypeError, ValueError, KeyError) as e:
+            raise ConfigError(f"{path}: not an accelerate config ({e})") from None
         return
     data = load_yaml(path)
     origin = {k: str(path) for k in _flatten(data, "")}

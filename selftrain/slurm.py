@@ -8,8 +8,10 @@ Writes three files into ``results/<study>/slurm/`` (or prints them with --dry-ru
   (`selftrain run --models M --methods X --seeds S`; done stages are skipped, so a resubmitted array resumes);
 - ``submit.sh``: submits the first, then the second with ``--dependency=afterok`` on it.
 
-One node and ``--gpus-per-node`` GPUs per task. Multi-node cells need training through accelerate across
-nodes (`training.launch`), which is not built yet: ``--nodes`` above 1 is refused with that reason.
+``--gpus-per-node`` GPUs per task. With ``--nodes N`` above 1 each cell gets N nodes (one task a node): the cell's
+stages run on the first node, and its training stages start accelerate on all N through ``srun`` with each node's
+machine rank and the first node as the main address (selftrain.launch; `training.launch` must name an accelerate
+config for every trained cell, or the extra nodes would idle). Generation stays one node per task.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from selftrain.config import ConfigError, load_study
+from selftrain.config import ConfigError, load_study, resolve_run_config
 from selftrain.paths import project_root, resolve_path
 
 
@@ -34,19 +36,24 @@ def render(
     python: str = "python",
 ) -> dict[str, str]:
     """The three files' text, keyed by file name."""
-    if nodes != 1:
-        raise ConfigError(
-            f"--nodes {nodes}: multi-node cells need training through accelerate across nodes (training.launch), "
-            "which is not built yet; run one node per cell"
-        )
+    if nodes < 1:
+        raise ConfigError(f"--nodes must be at least 1, got {nodes}")
     if gpus_per_node < 1:
         raise ConfigError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
     study, _, path = load_study(study_path)
+    if nodes > 1:
+        idle = [f"{m}/{x}" for m in study.models for x in study.methods
+                if x != "baseline" and not resolve_run_config(m, x, study=path).training.launch]  # fmt: skip
+        if idle:
+            raise ConfigError(
+                f"--nodes {nodes}: cells {', '.join(idle[:5])} train in one process (training.launch is not set); "
+                "set training.launch (e.g. ddp, fsdp, zero3) in the study so their training spans the nodes"
+            )
     seeds = [str(s) for s in study.seeds] or [""]
     rel = path.relative_to(project_root()) if path.is_relative_to(project_root()) else path
     head = [
         "#!/bin/bash",
-        f"#SBATCH --nodes=1 --gpus-per-node={gpus_per_node} --time={time}",
+        f"#SBATCH --nodes=1 --ntasks-per-node=1 --gpus-per-node={gpus_per_node} --time={time}",
         *([f"#SBATCH --partition={partition}"] if partition else []),
         f"#SBATCH --output=results/{study.name}/slurm/%x-%A_%a.out",
         "set -euo pipefail",
@@ -63,8 +70,9 @@ def render(
         f"{python} -m selftrain run --study {shlex.quote(str(rel))} --models \"$model\" "
         f"--methods {shlex.quote(study.methods[0])} --stages generate {seed_arg}",
     ]  # fmt: skip
+    cell_head = head[1].replace("--nodes=1", f"--nodes={nodes}")
     run = [
-        *head[:2], f"#SBATCH --job-name={study.name}-cells --array=0-{len(cells) - 1}", *head[2:],
+        head[0], cell_head, f"#SBATCH --job-name={study.name}-cells --array=0-{len(cells) - 1}", *head[2:],
         f"models={_array([m for m, _, _ in cells])}",
         f"methods={_array([x for _, x, _ in cells])}",
         f"seeds={_array([s for _, _, s in cells])}",

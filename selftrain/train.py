@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from selftrain import cpu_head
+from selftrain import cpu_head, launch
 from selftrain.config import RunConfig, check_trainer_keys
 from selftrain.inference import cpu_has_bf16
 from selftrain.io import read_jsonl, sha256_file, write_json
@@ -44,13 +44,13 @@ def _precision(block: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    if "bf16" in block or "fp16" in block:
-        return {"use_cpu": True} if block.get("bf16") and not torch.cuda.is_available() else {}
     if torch.cuda.is_available():
-        return {"bf16": torch.cuda.is_bf16_supported(), "fp16": False}
-    out: dict[str, Any] = {"bf16": cpu_has_bf16(), "fp16": False}
-    if out["bf16"]:
-        out["use_cpu"] = True  # transformers refuses bf16 on a machine without a GPU unless told it is a CPU run
+        return {} if "bf16" in block or "fp16" in block else {"bf16": torch.cuda.is_bf16_supported(), "fp16": False}
+    # A CPU run says so: transformers refuses bf16 without a GPU otherwise, and accelerate's launched processes
+    # then form a gloo group (MULTI_CPU) instead of looking for NCCL.
+    out: dict[str, Any] = {"use_cpu": True}
+    if "bf16" not in block and "fp16" not in block:
+        out.update(bf16=cpu_has_bf16(), fp16=False)
     if "dataloader_pin_memory" not in block:
         out["dataloader_pin_memory"] = False  # nothing to pin to on a CPU-only machine
     return out
@@ -152,23 +152,38 @@ def _peft_config(cfg: RunConfig) -> Any:
 
 
 def _save_final(trainer: Any, tok: Any, out: Path) -> Path:
-    """Save merged weights (LoRA merged in) + tokenizer + chat template, atomically via rename."""
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    """Save merged weights (LoRA merged in) + tokenizer + chat template, atomically via rename.
+
+    Under several processes only rank 0 writes; a sharded model (FSDP, ZeRO-3) is first gathered whole by every
+    rank through the Trainer's own save_model."""
     tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "_SUCCESS").write_text("ok\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    main = trainer.args.process_index == 0
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    if sharded:
+        trainer.save_model(str(tmp))  # every rank takes part in the gather; rank 0 writes
+    elif main:
+        model = trainer.model
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
+    if main:
+        tok.save_pretrained(tmp)
+        (tmp / "_SUCCESS").write_text("ok\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    trainer.accelerator.wait_for_everyone()
     return out
 
 
 def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progress: bool = True) -> pd.DataFrame:
-    """Run SFT (kind='sft') or DPO (kind='dpo') for a run folder; returns the trainer's log history."""
+    """Run SFT (kind='sft') or DPO (kind='dpo') for a run folder; returns the trainer's log history.
+
+    In the kernel by default; with `training.launch` in a child process group started by `accelerate launch`
+    (selftrain.launch), whose rank 0 hands back the same result; only this process writes the run folder."""
     stage = kind
     log_file = run.metrics_dir / f"{kind}_log.json"
     cfg = run.config
@@ -187,7 +202,7 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
     check_trainer_keys(cfg, default_source=str(run.dir / "params.resolved.yaml"))
 
     with run.stage(stage, inputs=[data_file]) as info:
-        dataset, n = _load_dataset(data_file, kind)
+        n = len(read_jsonl(data_file))
         if n == 0:
             raise TrainingError(
                 f"{data_file}: no {'examples' if kind == 'sft' else 'preference pairs'} to train on "
@@ -195,46 +210,34 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
             )
         start = run.final_model() if kind == "dpo" else resolve_model_path(cfg.model.path, cfg.output.cache_dir)
         base = checkpoints_dir(run, stage)
-        trainer_dir = base / "trainer"
-        trainer_dir.mkdir(parents=True, exist_ok=True)
-        trainer, tok = _build_trainer(
-            cfg, kind, start, dataset, trainer_dir, [_completion_callback(), *(callbacks or [])], progress
-        )
-        batch_report = check_batch(next(iter(trainer.get_train_dataloader())), tok)
-        args = trainer.args
-        info["numerics"] = {
-            # On a CPU bf16 is autocast over float32 weights; on a GPU the weights themselves are bf16.
-            "dtype": "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32",
-            "weights": str(trainer.model.dtype).removeprefix("torch."),
-            "device": str(args.device),
-        }
-        resume = _complete_checkpoints(trainer_dir)
-        t0 = time.time()
-        result = trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
-        seconds = time.time() - t0
-        out = _save_final(trainer, tok, base / "final")
+        if cfg.training.launch:
+            if callbacks:
+                raise TrainingError("callbacks cannot cross into processes started by accelerate (training.launch)")
+            res = launch.launch(run, kind, start, base, progress)
+        else:
+            res = train_in_process(cfg, kind, start, data_file, base, callbacks, progress)
+        out = base / "final"
         if not cfg.training.keep_trainer_checkpoints:
             # The final model is written: the resumable states (weights + optimizer, GBs) have served.
-            shutil.rmtree(trainer_dir, ignore_errors=True)
-        history = [h for h in trainer.state.log_history if "loss" in h or "train_loss" in h]
+            shutil.rmtree(base / "trainer", ignore_errors=True)
+        history = [h for h in res["log_history"] if "loss" in h or "train_loss" in h]
         write_json(log_file, history)
-        # After a resume only the remaining steps ran in `seconds`: count only their share of tokens.
-        done_before = int(resume[-1].name.split("-")[1]) if resume else 0
-        share = (trainer.state.global_step - done_before) / max(trainer.state.global_step, 1)
-        tokens = _count_tokens(trainer, kind) * share
+        info["numerics"] = res["numerics"]
+        seconds, tokens = res["seconds"], res["tokens"]
         metrics = {
             "model_path": str(out),
             "model_sha256": sha256_file(out / "model.safetensors"),
             "started_from": str(start),
             "examples": n,
-            "global_steps": trainer.state.global_step,
-            "resumed_from": str(resume[-1]) if resume else None,
+            "global_steps": res["global_step"],
+            "resumed_from": res["resumed_from"],
             # From the whole log, not the Trainer's result: after a resume that averages the remaining steps only.
-            "train_loss": whole_run_loss(trainer.state.log_history, result.training_loss),
+            "train_loss": whole_run_loss(res["log_history"], res["training_loss"]),
             "train_seconds": round(seconds, 1),
             "tokens_per_second": round(tokens / seconds, 1) if tokens and seconds else None,
-            "batch_check": batch_report,
+            "batch_check": res["batch_check"],
             "lora": cfg.training.use_lora,
+            "processes": res["numerics"].get("processes", 1),
         }
         write_json(run.metrics_dir / f"{kind}.json", metrics)
         df = pd.DataFrame(history)
@@ -245,6 +248,50 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
             for k in ("model_path", "model_sha256", "global_steps", "train_loss", "tokens_per_second", "resumed_from")
         }
     return df
+
+
+def train_in_process(
+    cfg: RunConfig, kind: str, start: Path, data_file: Path, base: Path, callbacks: list[Any] | None, progress: bool
+) -> dict[str, Any]:
+    """Build the trainer, resume from the last complete checkpoint, train, save the final model whole under
+    ``base/final``. The same in the kernel and in every process accelerate starts (each rank runs it; rank 0
+    saves, or all ranks gather a sharded model). Returns what the stage records."""
+    dataset, _ = _load_dataset(data_file, kind)
+    trainer_dir = base / "trainer"
+    trainer_dir.mkdir(parents=True, exist_ok=True)
+    trainer, tok = _build_trainer(
+        cfg, kind, start, dataset, trainer_dir, [_completion_callback(), *(callbacks or [])], progress
+    )
+    batch_report = check_batch(next(iter(trainer.get_train_dataloader())), tok)
+    args = trainer.args
+    numerics = {
+        # On a CPU bf16 is autocast over float32 weights; on a GPU the weights themselves are bf16.
+        "dtype": "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32",
+        "weights": str(trainer.model.dtype).removeprefix("torch."),
+        "device": str(args.device),
+        "processes": args.world_size,
+        "launch": cfg.training.launch,
+        "sharding": "fsdp" if getattr(trainer, "is_fsdp_enabled", False)
+        else "deepspeed" if getattr(trainer, "is_deepspeed_enabled", False) else None,
+    }  # fmt: skip
+    resume = _complete_checkpoints(trainer_dir)
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
+    seconds = time.time() - t0
+    _save_final(trainer, tok, base / "final")
+    # After a resume only the remaining steps ran in `seconds`: count only their share of tokens.
+    done_before = int(resume[-1].name.split("-")[1]) if resume else 0
+    share = (trainer.state.global_step - done_before) / max(trainer.state.global_step, 1)
+    return {
+        "log_history": trainer.state.log_history,
+        "training_loss": result.training_loss,
+        "global_step": trainer.state.global_step,
+        "seconds": seconds,
+        "tokens": _count_tokens(trainer, kind) * share,
+        "numerics": numerics,
+        "batch_check": batch_report,
+        "resumed_from": str(resume[-1]) if resume else None,
+    }
 
 
 def whole_run_loss(log_history: list[dict[str, Any]], fallback: float | None = None) -> float | None:
@@ -377,3 +424,38 @@ def completion_logprobs(model_dir: Path, prompts: list[list[dict]], completions:
         lp = torch.log_softmax(logits.float(), -1).gather(1, ids[0, 1:, None])[:, 0]
         out.append(float(lp[len(p_ids) - 1 :].mean()))
     return out
+
+
+# ------------------------------------------------------------------------------------------- launched worker
+
+
+def _worker(argv: list[str]) -> None:
+    """One rank of a stage started by accelerate (selftrain.launch): ``python -m selftrain.train --worker RUN_DIR
+    KIND START RESULT``. It reads the run folder and writes nothing there; rank 0 writes RESULT, a failing rank
+    ``error-rank<N>.txt`` beside it."""
+    import traceback
+
+    from selftrain.runs import open_run
+
+    run_dir, kind, start, result = argv
+    rank = int(os.environ.get("RANK", "0"))
+    result_path = Path(result)
+    launch.watch_parent()
+    try:
+        run = open_run(run_dir)
+        data_file = run.data_dir / ("sft.jsonl" if kind == "sft" else "dpo.jsonl")
+        res = train_in_process(run.config, kind, Path(start), data_file, checkpoints_dir(run, kind), None, True)
+        if rank == 0:
+            launch.worker_result(result_path, res)
+    except BaseException as e:
+        err = result_path.parent / f"error-rank{rank}.txt"
+        err.write_text(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n\n{traceback.format_exc()}")
+        raise
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["--worker"] or len(sys.argv) != 6:
+        sys.exit("usage: python -m selftrain.train --worker RUN_DIR KIND START RESULT (started by selftrain.launch)")
+    _worker(sys.argv[2:])

@@ -40,8 +40,19 @@ def test_scripts_cover_every_cell_and_parse(tmp_path: Path, seeds: list[int]) ->
     assert got[:2] == ["smollm2-135m", "central"] and got[2:] == ([] if not seeds else ["1"])
 
 
-def test_multi_node_is_refused_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(ConfigError, match="multi-node cells need training through accelerate"):
+def test_multi_node_cells_need_launch_and_render(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ConfigError, match=r"--nodes 2: cells tiny/central, .* train in one process"):
         render(str(_study(tmp_path, [])), nodes=2)
-    assert main(["slurm", "--study", str(_study(tmp_path, [])), "--dry-run"]) == 0
+    f = tmp_path / "multi.yaml"
+    body = {"name": "multi", "models": ["tiny"], "methods": ["baseline", "central"]}
+    f.write_text(yaml.safe_dump({"study": body, "training": {"launch": "ddp"}}))
+    for nodes in (1, 2):
+        files = render(str(f), gpus_per_node=8, nodes=nodes)
+        assert f"#SBATCH --nodes={nodes} --ntasks-per-node=1 --gpus-per-node=8" in files["cells.sbatch"]
+        assert "#SBATCH --nodes=1 " in files["generate.sbatch"]  # generation: one node per task
+        for name, text in files.items():
+            p = tmp_path / f"{nodes}-{name}"
+            p.write_text(text)
+            assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0, name
+    assert main(["slurm", "--study", str(f), "--nodes", "2", "--dry-run"]) == 0
     assert "# ---- cells.sbatch" in capsys.readouterr().out
