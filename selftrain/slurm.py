@@ -3,7 +3,8 @@
 Writes three files into ``results/<study>/slurm/`` (or prints them with --dry-run):
 
 - ``generate.sbatch``: an array with one task per (model, seed) running stage 01 only, so every later cell finds
-  the generation cache filled instead of generating the same candidates several times at once;
+  the generation cache filled instead of generating the same candidates several times at once; where
+  `generation.shards` splits the prompt set, one task per shard (`selftrain shard`), merged by the cells' stage 01;
 - ``cells.sbatch``: an array with one task per (model, method, seed) cell running every stage of that cell
   (`selftrain run --models M --methods X --seeds S`; done stages are skipped, so a resubmitted array resumes);
 - ``submit.sh``: submits the first, then the second with ``--dependency=afterok`` on it.
@@ -59,16 +60,24 @@ def render(
         "set -euo pipefail",
         f"cd {shlex.quote(str(project_root()))}",
     ]
-    gen_cells = [(m, s) for s in seeds for m in study.models]
+    # One task per (model, seed), or per (model, seed, shard) where generation.shards splits the prompt set.
+    shards = {m: resolve_run_config(m, study.methods[0], study=path).generation.shards for m in study.models}
+    gen_cells = [(m, s, str(k) if shards[m] > 1 else "") for s in seeds for m in study.models for k in range(shards[m])]
     cells = [(m, x, s) for s in seeds for m in study.models for x in study.methods]
     seed_arg = '${seed:+--seeds "$seed"}'
     generate = [
         *head[:2], f"#SBATCH --job-name={study.name}-generate --array=0-{len(gen_cells) - 1}", *head[2:],
-        f"models={_array([m for m, _ in gen_cells])}",
-        f"seeds={_array([s for _, s in gen_cells])}",
-        'model="${models[$SLURM_ARRAY_TASK_ID]}"; seed="${seeds[$SLURM_ARRAY_TASK_ID]}"',
-        f"{python} -m selftrain run --study {shlex.quote(str(rel))} --models \"$model\" "
+        f"models={_array([m for m, _, _ in gen_cells])}",
+        f"seeds={_array([s for _, s, _ in gen_cells])}",
+        f"shards={_array([k for _, _, k in gen_cells])}",
+        'i=$SLURM_ARRAY_TASK_ID; model="${models[$i]}"; seed="${seeds[$i]}"; shard="${shards[$i]}"',
+        'if [ -n "$shard" ]; then',
+        f"  {python} -m selftrain shard --study {shlex.quote(str(rel))} --model \"$model\" --shard \"$shard\" "
+        '${seed:+--seed "$seed"}',
+        "else",
+        f"  {python} -m selftrain run --study {shlex.quote(str(rel))} --models \"$model\" "
         f"--methods {shlex.quote(study.methods[0])} --stages generate {seed_arg}",
+        "fi",
     ]  # fmt: skip
     cell_head = head[1].replace("--nodes=1", f"--nodes={nodes}")
     run = [

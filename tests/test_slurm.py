@@ -56,3 +56,20 @@ def test_multi_node_cells_need_launch_and_render(tmp_path: Path, capsys: pytest.
             assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0, name
     assert main(["slurm", "--study", str(f), "--nodes", "2", "--dry-run"]) == 0
     assert "# ---- cells.sbatch" in capsys.readouterr().out
+
+
+def test_sharded_generation_gets_one_task_per_shard(tmp_path: Path) -> None:
+    f = tmp_path / "sharded.yaml"
+    body = {"name": "sharded", "models": ["tiny", "smollm2-135m"], "methods": ["central"], "seeds": [1, 2]}
+    f.write_text(yaml.safe_dump({"study": body, "generation": {"shards": 3}}))
+    files = render(str(f))
+    assert "--array=0-11" in files["generate.sbatch"]  # 2 models x 2 seeds x 3 shards
+    p = tmp_path / "generate.sbatch"
+    p.write_text(files["generate.sbatch"])
+    assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0
+    body_text = files["generate.sbatch"].split("i=$SLURM_ARRAY_TASK_ID")[0].split("set -euo pipefail")[1]
+    body_text = "\n".join(line for line in body_text.splitlines() if not line.startswith("cd "))
+    got = subprocess.run(["bash", "-c", body_text + '\ni=5; echo "${models[$i]} ${seeds[$i]} ${shards[$i]}"'],
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert got == ["smollm2-135m", "1", "2"]
+    assert "selftrain shard --study" in files["generate.sbatch"]
