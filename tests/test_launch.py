@@ -194,3 +194,20 @@ def test_fsdp_on_a_gpu_saves_a_whole_model(tiny_overrides: list[str], tiny_model
     w = load_file(str(run.final_model() / "model.safetensors"))
     assert set(w) == set(load_file(str(tiny_model / "model.safetensors")))
     assert np.allclose(_losses(one), _losses(run), rtol=2e-2)
+
+
+def test_vllm_tensor_parallel_size_reaches_the_engine_and_the_cache_key(tiny_overrides: list[str]) -> None:
+    from selftrain.generate import generation_key
+    from selftrain.inference import vllm_engine_args
+    from selftrain.models import resolve_model_path
+
+    cfg = resolve_run_config("tiny", "central", overrides=[*tiny_overrides, "model.tensor_parallel_size=4"])
+    args = vllm_engine_args(Path("/m"), cfg.model, 7, on_cpu=False)
+    assert args["tensor_parallel_size"] == 4 and args["seed"] == 7 and not args["enforce_eager"]
+    with pytest.raises(ValueError, match="tensor_parallel_size 4: .* this machine has none"):
+        vllm_engine_args(Path("/m"), cfg.model, 7, on_cpu=True)
+    prompts = [{"id": "a", "messages": [{"role": "user", "content": "hi"}]}]
+    folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
+    key = {(b, tp): generation_key(folder, prompts, cfg.generation, b, 512, tp) for b in ("vllm", "transformers")
+           for tp in (1, 4)}  # fmt: skip
+    assert key["vllm", 1] != key["vllm", 4] and key["transformers", 1] == key["transformers", 4]
