@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,13 @@ def nodes(cfg: RunConfig) -> int:
     return int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1)
 
 
+def distributed_type(config: Path) -> str:
+    """The `distributed_type` of an accelerate config file (NO, MULTI_GPU, FSDP, DEEPSPEED, ...)."""
+    import yaml
+
+    return str((yaml.safe_load(config.read_text()) or {}).get("distributed_type", "NO")).upper()
+
+
 def command(
     cfg: RunConfig, run_dir: Path, kind: str, start: Path, result: Path, python: str = sys.executable
 ) -> list[str]:
@@ -65,8 +73,8 @@ def command(
     per_node, n_nodes = processes(cfg), nodes(cfg)
     acc = [python, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", str(per_node * n_nodes)]  # fmt: skip
-    if per_node * n_nodes > 1 and "distributed_type: 'NO'" in config.read_text():
-        acc.append("--multi_gpu")  # the single preset asked for several processes: plain DDP
+    if per_node * n_nodes > 1 and distributed_type(config) == "NO":
+        acc.append("--multi_gpu")  # a one-process config asked for several processes: plain DDP
     worker = ["-m", WORKER, "--worker", str(run_dir), kind, str(start), str(result)]
     if n_nodes == 1:
         return [*acc, "--num_machines", "1", *worker]
@@ -77,7 +85,7 @@ def command(
     return ["srun", f"--nodes={n_nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", script]
 
 
-PARENT_ENV = "SELFTRAIN_LAUNCH_PARENT"
+PARENT_ENV = "SELFTRAIN_LAUNCH_PARENT"  # "<host> <pid>" of the process that launched the stage
 
 
 def watch_parent(interval_s: float = 2.0) -> None:
@@ -86,9 +94,10 @@ def watch_parent(interval_s: float = 2.0) -> None:
     import threading
     import time
 
-    pid = int(os.environ.get(PARENT_ENV, "0") or 0)
-    if pid <= 0:
-        return
+    host, _, pid_text = os.environ.get(PARENT_ENV, "").partition(" ")
+    pid = int(pid_text or 0)
+    if pid <= 0 or host != socket.gethostname():
+        return  # ranks on the other nodes of a multi-node launch: srun ends them with the step
 
     def loop() -> None:
         while True:
@@ -105,7 +114,8 @@ def watch_parent(interval_s: float = 2.0) -> None:
 
 def _env(cfg: RunConfig) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env[PARENT_ENV] = str(os.getpid())
+
+    env[PARENT_ENV] = f"{socket.gethostname()} {os.getpid()}"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes(cfg))))  # no oversubscription
     src = str(project_root())
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -135,10 +145,7 @@ SHARDED = ("FSDP", "DEEPSPEED")
 def check_device(cfg: RunConfig) -> None:
     """FSDP and DeepSpeed shard over GPUs: on a machine without one accelerate would fall back to plain CPU data
     parallel without saying so; refuse instead."""
-    import yaml
-
-    path = accelerate_config(cfg.training.launch or "single")
-    kind = str((yaml.safe_load(path.read_text()) or {}).get("distributed_type", "NO")).upper()
+    kind = distributed_type(accelerate_config(cfg.training.launch or "single"))
     if kind in SHARDED:
         import torch
 
