@@ -114,7 +114,6 @@ def watch_parent(interval_s: float = 2.0) -> None:
 
 def _env(cfg: RunConfig) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-
     env[PARENT_ENV] = f"{socket.gethostname()} {os.getpid()}"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes(cfg))))  # no oversubscription
     src = str(project_root())
