@@ -256,6 +256,8 @@ def train_in_process(
     """Build the trainer, resume from the last complete checkpoint, train, save the final model whole under
     ``base/final``. The same in the kernel and in every process accelerate starts (each rank runs it; rank 0
     saves, or all ranks gather a sharded model). Returns what the stage records."""
+    import torch
+
     dataset, _ = _load_dataset(data_file, kind)
     trainer_dir = base / "trainer"
     trainer_dir.mkdir(parents=True, exist_ok=True)
@@ -278,6 +280,8 @@ def train_in_process(
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
     seconds = time.time() - t0
+    if torch.cuda.is_available():  # this process's peak (rank 0's under a launch): what the memory planner estimates
+        numerics["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     _save_final(trainer, tok, base / "final")
     # After a resume only the remaining steps ran in `seconds`: count only their share of tokens.
     done_before = int(resume[-1].name.split("-")[1]) if resume else 0
