@@ -403,7 +403,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             metrics["judge_utility"] = judge_stats
         metrics["pool_candidates"] = n
         outputs.append(write_json(run.metrics_dir / "select.json", metrics))
-        run.save_figure(plot_selection(df, cfg.selection.method), "select_overview")
+        run.save_figure(plot_selection(df, cfg.selection.method, utility), "select_overview")
         info["outputs"] = outputs
         info["metrics"] = {k: metrics[k] for k in ("sft_examples", "dpo_pairs", "dpo_skipped_identical")}
     return df
@@ -475,7 +475,15 @@ def summarise(df: pd.DataFrame, method: str, n_sft: int, n_dpo: int, identical: 
     }
 
 
-def plot_selection(df: pd.DataFrame, method: str) -> Any:
+UTILITY_TITLES = {
+    "self-embedding": "Centrality (mean cosine to the pool)",
+    "embedder": "Centrality (mean embedder cosine to the pool)",
+    "chrf": "Centrality (mean chrF to the pool)",
+    "judge": "Judge utility (score, or mean win rate)",
+}
+
+
+def plot_selection(df: pd.DataFrame, method: str, utility: str = "self-embedding") -> Any:
     """2x2 overview: centrality distribution, rank of the original, decisions, selected vs all lengths.
     None for an empty table (`baseline` selects nothing)."""
     if not len(df):
@@ -491,7 +499,7 @@ def plot_selection(df: pd.DataFrame, method: str) -> Any:
     tgt = [cmat[i, int(t)] for i, t in enumerate(df["target"]) if isinstance(t, (int, float)) and not pd.isna(t)]
     if tgt:
         ax.hist(tgt, bins=bins, alpha=0.7, label="selected")
-    ax.set_title("Centrality (mean cosine to the pool)")
+    ax.set_title(UTILITY_TITLES.get(utility, "Centrality"))
     ax.set_xlabel("centrality")
     ax.legend()
 
