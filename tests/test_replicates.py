@@ -291,6 +291,27 @@ def test_paired_differences_and_length_control(tmp_path: Path) -> None:
     assert abs(adj_gap) < abs(raw_gap)
     for name in ("paired", "length"):
         assert (study / "tables" / f"{name}.csv").is_file() and (study / "figures" / f"{name}.png").is_file()
+    assert not res.controls.size and not (study / "tables" / "controls.csv").exists()  # no control arm here
+
+
+def test_control_arms_are_paired_against_central(tmp_path: Path) -> None:
+    """random = central - 0.4 on the same 30 items: the controls table (control arm minus central, Holm across
+    the arms) finds it; first = central exactly: p = 1; the baseline is not a control arm."""
+    study = tmp_path / "results" / "ctl"
+    rng = np.random.default_rng(3)
+    central_q = rng.uniform(1, 5, 30)
+    runs = {"baseline": central_q - 1.0, "central": central_q, "random": central_q - 0.4 + rng.normal(0, 0.05, 30),
+            "first": central_q}  # fmt: skip
+    for method, q in runs.items():
+        d = _run_folder(study, "m", method, "v001", 2.0, 3.0, 0.3)
+        _items(d, list(q), [100] * 30, [True] * 10)
+    res = figures.make_figures("ctl", tmp_path / "results", verbose=False)
+    t = res.controls.set_index(["method", "metric"])
+    assert set(t.index.get_level_values("method")) == {"random", "first"}
+    r = t.loc[("random", "quality")]
+    assert r["difference"] == pytest.approx(-0.4, abs=0.05) and r["ci_high"] < -0.3 and r["p"] < 0.001
+    assert t.loc[("first", "quality"), "difference"] == 0 and t.loc[("first", "quality"), "p"] == 1.0
+    assert (study / "tables" / "controls.md").is_file()
 
 
 def test_sweep_points_become_rows_and_a_figure(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selftrain.figures.collect import StudyResults, collect
-from selftrain.figures.paired import length_table, paired_table, plot_length, plot_paired
+from selftrain.figures.paired import controls_table, length_table, paired_table, plot_length, plot_paired
 from selftrain.figures.plots import PLOTS as _BASE_PLOTS
 from selftrain.figures.plots import plot_eval, plot_judge, plot_selection, plot_sweep, plot_training
 from selftrain.figures.tables import main_display, to_latex, to_markdown, views, write_tables
@@ -19,9 +19,9 @@ from selftrain.plots import save_figure
 from selftrain.report import write_study_index
 
 __all__ = [
-    "PLOTS", "StudyResults", "collect", "length_table", "main_display", "make_figures", "paired_table", "plot_eval",
-    "plot_judge", "plot_length", "plot_paired", "plot_selection", "plot_sweep", "plot_training", "to_latex",
-    "to_markdown", "views", "write_tables",
+    "PLOTS", "StudyResults", "collect", "controls_table", "length_table", "main_display", "make_figures",
+    "paired_table", "plot_eval", "plot_judge", "plot_length", "plot_paired", "plot_selection", "plot_sweep",
+    "plot_training", "to_latex", "to_markdown", "views", "write_tables",
 ]  # fmt: skip
 
 PLOTS = {**_BASE_PLOTS, "paired": plot_paired, "length": plot_length}
@@ -36,7 +36,7 @@ def make_figures(
 ) -> StudyResults:
     """Collect a study's results, write every figure (PNG + PDF) and table, refresh the study README."""
     res = collect(resolve_path(results_dir) / study, spec_path, study_file)
-    res.paired, res.lengths = paired_table(res), length_table(res)
+    res.paired, res.lengths, res.controls = paired_table(res), length_table(res), controls_table(res)
     for name, plot in PLOTS.items():
         fig = plot(res)
         if fig is not None:  # the sweep figure exists only for a study with sweep axes

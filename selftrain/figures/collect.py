@@ -83,6 +83,7 @@ class StudyResults:
     replicates: pd.DataFrame = field(default_factory=pd.DataFrame)  # the main table, one row per seed's run
     judge_replicates: pd.DataFrame = field(default_factory=pd.DataFrame)  # the judge table, one row per seed
     paired: pd.DataFrame = field(default_factory=pd.DataFrame)  # method - baseline on shared items (paired.py)
+    controls: pd.DataFrame = field(default_factory=pd.DataFrame)  # control arm - central on shared items
     lengths: pd.DataFrame = field(default_factory=pd.DataFrame)  # answer length and length-controlled quality
     figures: list[Path] = field(default_factory=list)
     tables: list[Path] = field(default_factory=list)

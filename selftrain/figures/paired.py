@@ -27,6 +27,7 @@ from selftrain.figures.collect import StudyResults
 from selftrain.figures.plots import COLORS
 from selftrain.io import DataError, read_jsonl
 from selftrain.plots import plt
+from selftrain.schema import CONTROLS
 from selftrain.stats import holm, length_controlled_means, paired_bootstrap, permutation_p
 
 PAIRED_COLUMNS = ["model", "method", "metric", "items", "difference", "ci_low", "ci_high", "p", "p_holm"]
@@ -55,13 +56,14 @@ def item_scores(d: Path | None) -> dict[str, dict[Any, float]]:
     return out
 
 
-def paired_table(res: StudyResults, baseline: str = "baseline") -> pd.DataFrame:
+def paired_table(res: StudyResults, baseline: str = "baseline", methods: list[str] | None = None) -> pd.DataFrame:
+    """Each method (of `methods`, default all) minus `baseline` on the items both scored; Holm across them."""
     rows = []
     for model in res.models:
         base = item_scores(res.runs.get((model, baseline)))
         for metric in METRICS:
             block = []
-            for method in res.methods:
+            for method in methods or res.methods:
                 d = res.runs.get((model, method))
                 if method == baseline or d is None:
                     continue
@@ -75,6 +77,15 @@ def paired_table(res: StudyResults, baseline: str = "baseline") -> pd.DataFrame:
                 r["p_holm"] = adj
             rows += block
     return pd.DataFrame(rows).reindex(columns=PAIRED_COLUMNS)
+
+
+def controls_table(res: StudyResults) -> pd.DataFrame:
+    """Each control arm minus `central` on shared items: does "most central" beat a pick without a utility?
+    Empty unless the study has `central` and a control arm."""
+    controls = [m for m in res.methods if m in CONTROLS]
+    if "central" not in res.methods or not controls:
+        return pd.DataFrame(columns=PAIRED_COLUMNS)
+    return paired_table(res, "central", controls)
 
 
 def quality_points(d: Path | None) -> list[tuple[int, float]]:

@@ -126,6 +126,9 @@ def write_tables(res: StudyResults, out_dir: Path | None = None) -> list[Path]:
     if len(res.paired):
         cap = f"Study {res.study}: method minus baseline on shared items (paired bootstrap 95% CI, Holm-adjusted p)"
         paths += write_table(res.paired, out_dir / "paired", caption=cap)
+    if len(res.controls):
+        cap = f"Study {res.study}: control arm minus central on shared items (paired bootstrap 95% CI, Holm-adjusted p)"
+        paths += write_table(res.controls, out_dir / "controls", caption=cap)
     if len(res.lengths):
         cap = f"Study {res.study}: answer length and length-controlled judge quality"
         paths += write_table(res.lengths, out_dir / "length", caption=cap)
