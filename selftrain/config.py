@@ -554,6 +554,18 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _dpo_needs_two_candidates(self) -> RunConfig:
+        # Refused before any stage runs, not after SFT: with one candidate a pool has no rejected answer but itself.
+        n = self.selection.n or self.generation.n
+        trains_dpo = "dpo" in self.stages and self.training.order != "sft"
+        if n == 1 and trains_dpo and self.selection.method not in ("baseline", "original"):
+            raise ValueError(
+                f"selection.n = 1 (or generation.n = 1) leaves method '{self.selection.method}' no rejected candidate "
+                "for DPO: use 2 or more candidates, or training.order sft"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _exact(self) -> RunConfig:
         if self.numerics != "exact":
             return self

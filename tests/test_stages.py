@@ -207,6 +207,12 @@ def test_selection_n_uses_a_prefix_of_the_generation(tiny_overrides: list[str]) 
     assert set(r["decision"]) <= {"control", "no_candidates"} and set(r["target"].dropna()) <= {0, 1}
     with pytest.raises(ConfigError, match=r"selection.n \(4\) exceeds generation.n \(3\)"):
         _run(tiny_overrides, "central", ["selection.n=4"])
+    # One candidate leaves DPO no rejected answer: refused before any stage runs, unless DPO is not trained.
+    with pytest.raises(ConfigError, match="selection.n = 1 .* leaves method 'random' no rejected candidate for DPO"):
+        resolve_run_config("tiny", "random", overrides=[*tiny_overrides, "selection.n=1"])
+    for ok in (["training.order=sft"], ["stages=[generate,select,sft]"]):
+        assert resolve_run_config("tiny", "central", overrides=[*tiny_overrides, "selection.n=1", *ok])
+    assert resolve_run_config("tiny", "original", overrides=[*tiny_overrides, "generation.n=1"])
 
 
 def test_chrf_utility_selects_without_loading_the_model(tiny_overrides: list[str]) -> None:
