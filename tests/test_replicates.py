@@ -333,6 +333,34 @@ def test_sweep_points_become_rows_and_a_figure(tmp_path: Path) -> None:
     assert figures.plot_sweep(figures.collect(_seeded_study(tmp_path / "other"))) is None
 
 
+def test_sweep_points_get_their_own_rows_in_every_table(tmp_path: Path) -> None:
+    """Per-item tables (paired, length) and the selection table have a row per sweep point, named in a `sweep`
+    column (as the main Markdown table does); the pool the original is ranked in follows selection.n."""
+    study = tmp_path / "results" / "swp"
+    rng = np.random.default_rng(5)
+    base_q = rng.uniform(1, 5, 20)
+    for n, shift in ((2, 0.0), (4, 0.6)):
+        d = _run_folder(study, "m", f"central@selection.n={n}", "v001", 2.0, 3.0, 0.3)
+        params = yaml.safe_load((d / "params.resolved.yaml").read_text())
+        params["selection"]["n"], params["generation"]["n"] = n, 4
+        (d / "params.resolved.yaml").write_text(yaml.safe_dump(params))
+        _items(d, list(base_q + shift), [100 + 50 * n] * 20, [True] * 5)
+    _items(_run_folder(study, "m", "baseline", "v001", 1.5, 3.0, 0.2), list(base_q), [100] * 20, [True] * 5)
+    res = figures.make_figures("swp", tmp_path / "results", verbose=False)
+    paired = res.paired[res.paired["metric"] == "quality"].set_index("sweep")
+    assert list(paired.index) == ["selection.n=2", "selection.n=4"]
+    assert paired.loc["selection.n=2", "difference"] == 0 and paired.loc["selection.n=4", "difference"] == (
+        pytest.approx(0.6)
+    )
+    lengths = res.lengths.set_index("sweep")
+    assert lengths.loc["selection.n=4", "answer_chars"] == 300 and lengths.loc["selection.n=2", "items"] == 20
+    sel = res.selection[res.selection["method"] == "central"]
+    assert list(sel["sweep"]) == ["selection.n=2", "selection.n=4"] and list(sel["pool_size"]) == [3, 5]
+    md = (study / "tables" / "results.md").read_text()
+    assert "| sweep |" in md and "selection.n=4" in md
+    assert "sweep" not in figures.collect(_seeded_study(tmp_path / "plain")).selection.columns
+
+
 def test_a_rule_across_sections_names_the_sources_of_its_keys() -> None:
     with pytest.raises(ConfigError) as e:
         resolve_run_config("smollm2-135m", "central", "params/studies/demo.yaml", ["selection.n=9"])

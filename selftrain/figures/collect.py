@@ -152,12 +152,14 @@ def _planned(d: Path) -> list[str]:
 
 
 def _pool_size(d: Path) -> int | None:
+    """Candidates + original: the pool the original is ranked in (selection.n, the n-prefix, where it is set)."""
     p = d / "params.resolved.yaml"
     try:
-        n = (yaml.safe_load(p.read_text()) or {}).get("generation", {}).get("n") if p.is_file() else None
+        cfg = (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
     except yaml.YAMLError:
         return None
-    return n + 1 if isinstance(n, int) else None  # the original's rank is among candidates + original
+    n = (cfg.get("selection") or {}).get("n") or (cfg.get("generation") or {}).get("n")
+    return n + 1 if isinstance(n, int) else None
 
 
 def _choose(
@@ -334,8 +336,8 @@ def collect(
                 row["sweep"] = label
                 rows.append(row)
                 judge_all += [{**r, "sweep": label} for r in jr]
-                if sr is not None and not label:
-                    sel_rows.append(sr)
+                if sr is not None:
+                    sel_rows.append({**sr, "sweep": label})
     cats = list(dict.fromkeys(c for r in rows for c in r if c.startswith("eval_") and c != "eval_avg"))
     sd_cats = [f"seed_sd_{c}" for c in cats] if any(r.get("seeds", 1) > 1 for r in rows) else []
     missing.sort(key=lambda r: (_index(models, r["model"]), _method_key(r["method"])))  # stable: stage order kept
@@ -346,7 +348,7 @@ def collect(
         methods=methods,
         table=pd.DataFrame(rows).reindex(columns=[*MAIN_HEAD, *cats, *MAIN_TAIL, *sd_cats]),
         judge=pd.DataFrame(judge_all).reindex(columns=JUDGE_COLUMNS),
-        selection=pd.DataFrame(sel_rows).reindex(columns=SELECTION_COLUMNS),
+        selection=pd.DataFrame(sel_rows).reindex(columns=with_sweep(SELECTION_COLUMNS, sel_rows)),
         logs=pd.DataFrame(log_rows),
         runs=chosen,
         missing=missing,
@@ -369,6 +371,26 @@ def _sweep_key(label: str) -> tuple:
     """The plain run first, then sweep points by their values (numbers numerically, before text)."""
     vals = [sweep_value(p.split("=", 1)[-1]) for p in label.split("@")]
     return (bool(label), *((isinstance(v, str), v) for v in vals))
+
+
+def with_sweep(columns: list[str], rows: list[dict]) -> list[str]:
+    """`columns` with a `sweep` column after `method` when any row is a sweep point (tables of studies without
+    sweep axes keep their shape)."""
+    if not any(r.get("sweep") for r in rows):
+        return [c for c in columns if c != "sweep"]
+    rest = [c for c in columns if c != "sweep"]
+    at = rest.index("method") + 1
+    return [*rest[:at], "sweep", *rest[at:]]
+
+
+def point_runs(res: StudyResults, model: str, method: str) -> list[tuple[str, Path]]:
+    """(sweep label, run folder) of a (model, method): its plain run, or each sweep point's; replicate-seed
+    folders are left out (the per-item tables pair one run per point)."""
+    out = []
+    for (m, f), d in res.runs.items():
+        if m == model and split_run_folder(f) == (method, None):
+            out.append((folder_sweep(f), d))
+    return sorted(out, key=lambda x: _sweep_key(x[0]))
 
 
 def plain_rows(df: pd.DataFrame) -> pd.DataFrame:

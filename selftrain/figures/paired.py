@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from selftrain.figures.collect import StudyResults
+from selftrain.figures.collect import StudyResults, point_runs, with_sweep
 from selftrain.figures.plots import COLORS
 from selftrain.io import DataError, read_jsonl
 from selftrain.plots import plt
@@ -57,26 +57,28 @@ def item_scores(d: Path | None) -> dict[str, dict[Any, float]]:
 
 
 def paired_table(res: StudyResults, baseline: str = "baseline", methods: list[str] | None = None) -> pd.DataFrame:
-    """Each method (of `methods`, default all) minus `baseline` on the items both scored; Holm across them."""
+    """Each method (of `methods`, default all; each sweep point of it) minus `baseline`'s plain run on the items
+    both scored; Holm across them per model and metric."""
     rows = []
     for model in res.models:
         base = item_scores(res.runs.get((model, baseline)))
         for metric in METRICS:
             block = []
             for method in methods or res.methods:
-                d = res.runs.get((model, method))
-                if method == baseline or d is None:
+                if method == baseline:
                     continue
-                other = item_scores(d)[metric]
-                keys = [k for k in base[metric] if k in other]
-                diff = np.array([other[k] - base[metric][k] for k in keys])
-                mean, lo, hi = paired_bootstrap(diff)
-                block.append({"model": model, "method": method, "metric": metric, "items": len(keys),
-                              "difference": mean, "ci_low": lo, "ci_high": hi, "p": permutation_p(diff)})  # fmt: skip
+                for label, d in point_runs(res, model, method):
+                    other = item_scores(d)[metric]
+                    keys = [k for k in base[metric] if k in other]
+                    diff = np.array([other[k] - base[metric][k] for k in keys])
+                    mean, lo, hi = paired_bootstrap(diff)
+                    block.append({"model": model, "method": method, "sweep": label, "metric": metric,
+                                  "items": len(keys), "difference": mean, "ci_low": lo, "ci_high": hi,
+                                  "p": permutation_p(diff)})  # fmt: skip
             for r, adj in zip(block, holm([r["p"] for r in block]), strict=True):
                 r["p_holm"] = adj
             rows += block
-    return pd.DataFrame(rows).reindex(columns=PAIRED_COLUMNS)
+    return pd.DataFrame(rows).reindex(columns=with_sweep(PAIRED_COLUMNS, rows))
 
 
 def controls_table(res: StudyResults) -> pd.DataFrame:
@@ -102,21 +104,22 @@ def length_table(res: StudyResults) -> pd.DataFrame:
     rows = []
     for model in res.models:
         s, n, g = [], [], []
-        for method in res.methods:
-            for chars, score in quality_points(res.runs.get((model, method))):
+        runs = [(method, label, d) for method in res.methods for label, d in point_runs(res, model, method)]
+        for method, label, d in runs:
+            for chars, score in quality_points(d):
                 s.append(score)
                 n.append(chars)
-                g.append(method)
+                g.append(f"{method}@{label}")
         adj = length_controlled_means(np.array(s), np.array(n), np.array(g)) if s else {}
-        for method in res.methods:
-            mine = [i for i, x in enumerate(g) if x == method]
+        for method, label, _ in runs:
+            mine = [i for i, x in enumerate(g) if x == f"{method}@{label}"]
             rows.append({
-                "model": model, "method": method, "items": len(mine),
+                "model": model, "method": method, "sweep": label, "items": len(mine),
                 "answer_chars": float(np.mean([n[i] for i in mine])) if mine else math.nan,
                 "quality": float(np.mean([s[i] for i in mine])) if mine else math.nan,
-                "quality_length_controlled": adj.get(method, math.nan),
+                "quality_length_controlled": adj.get(f"{method}@{label}", math.nan),
             })  # fmt: skip
-    return pd.DataFrame(rows).reindex(columns=LENGTH_COLUMNS)
+    return pd.DataFrame(rows).reindex(columns=with_sweep(LENGTH_COLUMNS, rows))
 
 
 def plot_paired(res: StudyResults) -> Any:
@@ -135,7 +138,8 @@ def plot_paired(res: StudyResults) -> Any:
                 ax.errorbar(r.difference, y, xerr=[[r.difference - r.ci_low], [r.ci_high - r.difference]], fmt="o",
                             color=COLORS.get(r.method, "k"), ms=4, capsize=2)  # fmt: skip
                 ax.annotate(f"p={r.p_holm:.2g}", (1.01, y), xycoords=("axes fraction", "data"), fontsize=7, va="center")
-            labels.append(f"{r.model}: {r.method} (n={r.items})")
+            point = f" {r.sweep}" if "sweep" in d and isinstance(r.sweep, str) and r.sweep else ""
+            labels.append(f"{r.model}: {r.method}{point} (n={r.items})")
         ax.axvline(0, color="k", lw=0.8, ls=":")
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_ylim(-0.7, max(len(labels), 1) - 0.3)
@@ -154,12 +158,14 @@ def plot_length(res: StudyResults) -> Any:
     for ax, model in zip(axes[0], models, strict=True):
         xs, ys = [], []
         for method in res.methods:
-            pts = quality_points(res.runs.get((model, method)))
-            if pts:
-                x, y = zip(*pts, strict=True)
-                ax.scatter(x, y, s=8, alpha=0.7, color=COLORS.get(method), label=method)
-                xs += x
-                ys += y
+            for label, d in point_runs(res, model, method):
+                pts = quality_points(d)
+                if pts:
+                    x, y = zip(*pts, strict=True)
+                    name = f"{method} {label}".strip()
+                    ax.scatter(x, y, s=8, alpha=0.7, color=None if label else COLORS.get(method), label=name)
+                    xs += x
+                    ys += y
         if len(xs) >= 3 and np.std(xs) > 0:
             b, a = np.polyfit(xs, ys, 1)
             grid = np.linspace(min(xs), max(xs), 2)

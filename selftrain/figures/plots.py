@@ -137,7 +137,7 @@ def plot_selection(res: StudyResults) -> Any:
     methods = [m for m in res.methods if m != "baseline"]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for ax, (c, title, top) in zip(axes[0], panels, strict=True):
-        _bars(ax, res, res.selection, c, methods)
+        _bars(ax, res, plain_rows(res.selection), c, methods)
         ax.set_title(title, fontsize=9)
         if top:
             ax.set_ylim(0, top)

@@ -30,6 +30,8 @@ def main_display(table: pd.DataFrame) -> pd.DataFrame:
         return table[c].map(lambda x: fmt(x, digits))
 
     out = pd.DataFrame({"model": table["model"], "method": table["method"], "version": table["version"]})
+    if "sweep" in table and table["sweep"].fillna("").astype(str).str.len().gt(0).any():
+        out.insert(2, "sweep", table["sweep"].fillna(""))  # which point of a sweep axis each row is
     cis = table[["overall", "overall_ci_low", "overall_ci_high"]].astype(float).itertuples(index=False)
     out["quality (95% CI)"] = [with_ci(*v) for v in cis]
     for c in QUALITY[:-1]:
