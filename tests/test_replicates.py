@@ -359,6 +359,9 @@ def test_sweep_points_get_their_own_rows_in_every_table(tmp_path: Path) -> None:
     md = (study / "tables" / "results.md").read_text()
     assert "| sweep |" in md and "selection.n=4" in md
     assert "sweep" not in figures.collect(_seeded_study(tmp_path / "plain")).selection.columns
+    shutil.rmtree(study / "m" / "baseline")  # without a baseline there is nothing to pair against
+    res = figures.make_figures("swp", tmp_path / "results", verbose=False)
+    assert not len(res.paired) and len(res.lengths) == 2
 
 
 def test_a_rule_across_sections_names_the_sources_of_its_keys() -> None:

@@ -61,7 +61,9 @@ def paired_table(res: StudyResults, baseline: str = "baseline", methods: list[st
     both scored; Holm across them per model and metric."""
     rows = []
     for model in res.models:
-        base = item_scores(res.runs.get((model, baseline)))
+        if (model, baseline) not in res.runs:
+            continue  # nothing to pair against
+        base = item_scores(res.runs[(model, baseline)])
         for metric in METRICS:
             block = []
             for method in methods or res.methods:
