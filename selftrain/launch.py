@@ -143,8 +143,12 @@ SHARDED = ("FSDP", "DEEPSPEED")
 
 def check_device(cfg: RunConfig) -> None:
     """FSDP and DeepSpeed shard over GPUs: on a machine without one accelerate would fall back to plain CPU data
-    parallel without saying so; refuse instead."""
+    parallel without saying so; refuse instead. LoRA with them is refused too (the final model is saved merged)."""
     kind = distributed_type(accelerate_config(cfg.training.launch or "single"))
+    if kind in SHARDED and cfg.training.use_lora:
+        # The final model is saved merged; a sharded run's save_model writes the adapter alone.
+        raise LaunchError(f"training.launch {cfg.training.launch} ({kind}) with training.use_lora is not supported: "
+                          "use ddp (or single) for LoRA, or train all weights")  # fmt: skip
     if kind in SHARDED:
         import torch
 

@@ -179,6 +179,9 @@ def test_sharded_presets_are_refused_without_a_gpu(tiny_overrides: list[str]) ->
         run = _selected(tiny_overrides, [f"training.launch={preset}", "training.launch_processes=2"])
         with pytest.raises(launch.LaunchError, match=f"training.launch {preset}: .* shards over GPUs"):
             train.train_stage(run, "sft", progress=False)
+    run = _selected(tiny_overrides, ["training.launch=fsdp", "training.use_lora=true"])
+    with pytest.raises(launch.LaunchError, match=r"training.launch fsdp \(FSDP\) with training.use_lora"):
+        train.train_stage(run, "sft", progress=False)
 
 
 @pytest.mark.gpu
