@@ -75,16 +75,8 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     cfg = run.config
     files = prompt_files(cfg.prompts.path, cfg.prompts.hub_files)
     with run.stage(STAGE, inputs=files) as info:
-        prompts, skipped = load_prompt_set(
-            cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files, cfg.prompts.skip_blank
-        )
-        folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
-        backend = pick_backend(cfg.generation.backend)
+        prompts, skipped, folder, backend, key, cache = _target(cfg)
         info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, backend), "backend": backend}
-        key = generation_key(
-            folder, prompts, cfg.generation, backend, cfg.model.max_model_len, cfg.model.tensor_parallel_size
-        )
-        cache = resolve_path(cfg.output.cache_dir) / "generations" / key
         if (cache / "_SUCCESS").is_file():
             meta = read_json(cache / "meta.json")
             meta["cache_hit"] = True
@@ -129,6 +121,19 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     return df
 
 
+def _target(cfg: RunConfig) -> tuple[list[dict], int, Path, str, str, Path]:
+    """What a run's candidates come from and where they are cached: (prompts, blank records skipped, model
+    folder, backend, generation key, cache folder)."""
+    pc = cfg.prompts
+    prompts, skipped = load_prompt_set(pc.path, pc.limit, pc.hub_files, pc.skip_blank)
+    folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
+    backend = pick_backend(cfg.generation.backend)
+    key = generation_key(
+        folder, prompts, cfg.generation, backend, cfg.model.max_model_len, cfg.model.tensor_parallel_size
+    )
+    return prompts, skipped, folder, backend, key, resolve_path(cfg.output.cache_dir) / "generations" / key
+
+
 def _align(cfg: RunConfig, backend: str) -> int:
     """Shard boundaries for exact samples: transformers seeds each batch, so shards hold whole batches."""
     return cfg.generation.batch_size if backend == "transformers" else 1
@@ -155,13 +160,7 @@ def run_shard(cfg: RunConfig, shard: int, progress: bool = True) -> dict[str, An
     shards = cfg.generation.shards
     if not 0 <= shard < shards:
         raise ConfigError(f"shard {shard} is outside 0..{shards - 1} (generation.shards is {shards})")
-    prompts, _ = load_prompt_set(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files, cfg.prompts.skip_blank)
-    folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
-    backend = pick_backend(cfg.generation.backend)
-    key = generation_key(
-        folder, prompts, cfg.generation, backend, cfg.model.max_model_len, cfg.model.tensor_parallel_size
-    )
-    cache = resolve_path(cfg.output.cache_dir) / "generations" / key
+    prompts, _, folder, backend, _, cache = _target(cfg)
     items = shard_ranges(len(prompts), shards, _align(cfg, backend))[shard]
     made = False
     if not (cache / "_SUCCESS").is_file():  # already merged: nothing left to do
