@@ -153,6 +153,19 @@ class EmbedderConfig(_Section):
     )
     batch_size: int = Field(64, ge=1, description="Texts per encoding batch.")
 
+    @model_validator(mode="after")
+    def _embedder_exists(self) -> EmbedderConfig:
+        # Checked with the params, before any stage runs, not when stage 02 reaches it.
+        if self.path.startswith("embedded:"):
+            if self.path != "embedded:wordllama":
+                raise ValueError(f"path '{self.path}': the embedded embedder is embedded:wordllama")
+        elif not resolve_path(self.path).is_dir():
+            raise ValueError(
+                f"path '{self.path}' is not a folder: give a sentence-transformers model saved locally (nothing is "
+                "downloaded at run time) or embedded:wordllama"
+            )
+        return self
+
 
 class JudgeUtilityConfig(_Section):
     mode: Literal["pointwise", "pairwise"] = Field(

@@ -98,9 +98,6 @@ def chrf_sim(texts: list[list[str]], progress: bool = False) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- embedder
 
-EMBEDDED_EMBEDDERS = ("wordllama",)
-
-
 def _wordllama() -> tuple[Callable[[list[str], int], np.ndarray], dict[str, Any]]:
     try:
         import wordllama
@@ -152,12 +149,7 @@ def _sentence_transformers(folder: Path) -> tuple[Callable[[list[str], int], np.
 
 def load_embedder(cfg: EmbedderConfig) -> tuple[Callable[[list[str], int], np.ndarray], dict[str, Any]]:
     """(encode(texts, batch_size) -> L2-normalised (N, d), fingerprint) of `selection.embedder.path`."""
-    if cfg.path.startswith("embedded:"):
-        name = cfg.path.split(":", 1)[1]
-        if name not in EMBEDDED_EMBEDDERS:
-            raise ModelNotAvailable(
-                f"selection.embedder.path: unknown embedded embedder '{name}' (known: {', '.join(EMBEDDED_EMBEDDERS)})"
-            )
+    if cfg.path.startswith("embedded:"):  # the params check allows embedded:wordllama only
         return _wordllama()
     folder = resolve_path(cfg.path)
     if not folder.is_dir():

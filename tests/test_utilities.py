@@ -95,9 +95,14 @@ def test_local_sentence_transformers_embedder_matches_mean_pooled_bert(tmp_path:
             assert np.allclose(emb[p, k], want / np.linalg.norm(want), atol=1e-4)
     # One line naming the key for a path that is no folder; nothing is downloaded.
     with pytest.raises(ModelNotAvailable, match=r"selection.embedder.path: .*nosuch is not a folder"):
-        load_embedder(EmbedderConfig(path=str(tmp_path / "nosuch")))
-    with pytest.raises(ModelNotAvailable, match="unknown embedded embedder 'minilm'"):
-        load_embedder(EmbedderConfig(path="embedded:minilm"))
+        load_embedder(EmbedderConfig.model_construct(path=str(tmp_path / "nosuch"), batch_size=8))
+    # ...and the params check refuses the same before any stage runs.
+    from selftrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"command line \(selection.embedder.path=.*nosuch\): path .* not a folder"):
+        resolve_run_config("tiny", "central", overrides=[f"selection.embedder.path={tmp_path / 'nosuch'}"])
+    with pytest.raises(ConfigError, match="the embedded embedder is embedded:wordllama"):
+        resolve_run_config("tiny", "central", overrides=["selection.embedder.path=embedded:minilm"])
 
 
 # ------------------------------------------------------------------------------------------- judge utility
