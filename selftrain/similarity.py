@@ -98,7 +98,10 @@ def chrf_sim(texts: list[list[str]], progress: bool = False) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- embedder
 
-def _wordllama() -> tuple[Callable[[list[str], int], np.ndarray], dict[str, Any]]:
+Encoder = Callable[[list[str], int], np.ndarray]
+
+
+def _wordllama() -> tuple[Callable[[], Encoder], dict[str, Any]]:
     try:
         import wordllama
         from safetensors import safe_open
@@ -116,39 +119,42 @@ def _wordllama() -> tuple[Callable[[list[str], int], np.ndarray], dict[str, Any]
     for f in (weights, tok):
         if not f.is_file():
             raise ModelNotAvailable(f"{f}: missing from the installed wordllama package (reinstall it)")
-    # Built from the package's own files: WordLlama.load() looks for the tokenizer under a folder name the wheel
-    # does not have and then downloads it from the hub.
-    with safe_open(str(weights), framework="np") as f:
-        table = f.get_tensor("embedding.weight")
-    model = WordLlamaInference(table, Tokenizer.from_file(str(tok)))
 
-    def encode(texts: list[str], batch_size: int) -> np.ndarray:
-        return model.embed(texts, norm=True, batch_size=batch_size)
+    def build() -> Encoder:
+        # Built from the package's own files: WordLlama.load() looks for the tokenizer under a folder name the
+        # wheel does not have and then downloads it from the hub.
+        with safe_open(str(weights), framework="np") as f:
+            table = f.get_tensor("embedding.weight")
+        model = WordLlamaInference(table, Tokenizer.from_file(str(tok)))
+        return lambda texts, batch_size: model.embed(texts, norm=True, batch_size=batch_size)
 
     from importlib.metadata import version
 
-    return encode, {"embedder": "wordllama", "version": version("wordllama"), "weights": sha256_file(weights)}
+    return build, {"embedder": "wordllama", "version": version("wordllama"), "weights": sha256_file(weights)}
 
 
-def _sentence_transformers(folder: Path) -> tuple[Callable[[list[str], int], np.ndarray], dict[str, Any]]:
+def _sentence_transformers(folder: Path) -> tuple[Callable[[], Encoder], dict[str, Any]]:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
         raise ModelNotAvailable(
             f"selection.embedder.path {folder} needs `pip install sentence-transformers` ({e})"
         ) from None
-    model = SentenceTransformer(str(folder), local_files_only=True)
 
-    def encode(texts: list[str], batch_size: int) -> np.ndarray:
-        return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    def build() -> Encoder:
+        model = SentenceTransformer(str(folder), local_files_only=True)
+        return lambda texts, batch_size: model.encode(
+            texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
+        )
 
     files = sorted(f for f in folder.rglob("*") if f.is_file())
     fp = [(str(f.relative_to(folder)), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
-    return encode, {"embedder": "sentence-transformers", "files": fp}
+    return build, {"embedder": "sentence-transformers", "files": fp}
 
 
-def load_embedder(cfg: EmbedderConfig) -> tuple[Callable[[list[str], int], np.ndarray], dict[str, Any]]:
-    """(encode(texts, batch_size) -> L2-normalised (N, d), fingerprint) of `selection.embedder.path`."""
+def load_embedder(cfg: EmbedderConfig) -> tuple[Callable[[], Encoder], dict[str, Any]]:
+    """(build() -> encode(texts, batch_size) -> L2-normalised (N, d), fingerprint) of `selection.embedder.path`:
+    the fingerprint is cheap, the model is built only when something is to be embedded."""
     if cfg.path.startswith("embedded:"):  # the params check allows embedded:wordllama only
         return _wordllama()
     folder = resolve_path(cfg.path)
@@ -169,7 +175,7 @@ def embedder_embeddings(
 
     P, K = len(texts), len(texts[0]) if texts else 0
     flat = [t for row in texts for t in row]
-    encode, fingerprint = load_embedder(cfg)
+    build, fingerprint = load_embedder(cfg)
     key = "embedder-" + sha256_json({"embedder": fingerprint, "texts": sha256_json(flat)})[:16]
     cache = resolve_path(cache_dir) / "embeddings" / f"{key}.npy"  # the stem is the key `selftrain clean` reads
     if cache.is_file():
@@ -178,6 +184,7 @@ def embedder_embeddings(
         except (OSError, ValueError, EOFError):
             pass  # an unreadable entry (a disk that filled up): computed again and replaced
     unique = sorted({t for t in flat if t.strip()})  # each distinct answer once
+    encode = build()  # only on a cache miss: a cached pool loads no model
     chunk = max(cfg.batch_size * 16, 256)
     parts = [encode(unique[s : s + chunk], cfg.batch_size) for s in tqdm(
         range(0, len(unique), chunk), desc="embedder", unit="chunk", disable=not progress
