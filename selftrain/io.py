@@ -70,6 +70,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_npy(path: str | Path, array: Any) -> Path:
+    """A numpy array as a .npy file, written atomically (as atomic_write_bytes)."""
+    import io as _io
+
+    import numpy as np
+
+    buf = _io.BytesIO()
+    np.save(buf, array)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def _finite(obj: Any) -> Any:
     """NaN and infinities become null: JSON has neither, and a strict reader refuses Python's NaN token."""
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -12,7 +12,6 @@ strictly more central, so a tie never pushes the original down.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pandas as pd
 from selftrain.config import EmbeddingConfig, RunConfig
 from selftrain.data import load_prompts
 from selftrain.inference import free_memory, inference_dtype, load_hf, release_frames
-from selftrain.io import DataError, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl
+from selftrain.io import DataError, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl, write_npy
 from selftrain.judging.clients import make_judge
 from selftrain.judging.utility import judge_sim
 from selftrain.models import model_fingerprint, resolve_model_path
@@ -330,10 +329,7 @@ def _embeddings(
     finally:
         del model
         free_memory()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, emb)
-    os.replace(tmp, cache)
+    write_npy(cache, emb)
     return emb.reshape(P, K, -1), key
 
 

@@ -17,7 +17,6 @@ a member's mean utility against the rest of its pool (`select.centrality_from_si
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from selftrain.config import EmbedderConfig
-from selftrain.io import sha256_file, sha256_json
+from selftrain.io import sha256_file, sha256_json, write_npy
 from selftrain.models import ModelNotAvailable
 from selftrain.paths import resolve_path
 
@@ -196,8 +195,5 @@ def embedder_embeddings(
     for i, t in enumerate(flat):
         if t in where:
             emb[i] = vecs[where[t]]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, emb)
-    os.replace(tmp, cache)
+    write_npy(cache, emb)
     return emb.reshape(P, K, -1), key
