@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from selftrain.config import RunConfig, accelerate_config
-from selftrain.io import read_json
+from selftrain.io import atomic_write_text, read_json
 from selftrain.paths import project_root
 from selftrain.runs import Run
 
@@ -222,7 +222,6 @@ def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 def worker_result(path: Path, result: dict[str, Any]) -> None:
-    """Rank 0's result, written atomically (the parent treats a missing file as a failed launch)."""
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, default=str))
-    os.replace(tmp, path)
+    """Rank 0's result, written atomically (the parent treats a missing file as a failed launch). Not write_json:
+    a NaN loss must come back as NaN, as the in-kernel path hands it on, not as null."""
+    atomic_write_text(path, json.dumps(result, default=str))
