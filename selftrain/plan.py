@@ -32,8 +32,12 @@ HEADROOM = 0.9
 PRESETS = ("single", "ddp", "fsdp", "zero3")
 
 # Public config.json facts of the llm-jp-3 models (hidden, layers, intermediate, vocab, heads), used when the
-# model's own config.json is not on this machine.
+# model's own config.json is not on this machine. 150m: its model card (12 layers, 512 hidden, 8 heads, FFN 2048;
+# untied embeddings: 2 x 99,487 x 512 embedding parameters) and the vocabulary padded to 99,584 as in every
+# llm-jp-3 config.json (the 305 MB bf16 safetensors file fits that count).
 KNOWN_SHAPES: dict[str, dict[str, int]] = {
+    "llm-jp/llm-jp-3-150m": {"hidden_size": 512, "num_hidden_layers": 12, "intermediate_size": 2048,
+                             "vocab_size": 99584, "num_attention_heads": 8, "num_key_value_heads": 8},
     "llm-jp/llm-jp-3-980m": {"hidden_size": 1536, "num_hidden_layers": 20, "intermediate_size": 5376,
                              "vocab_size": 99584, "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 192},
     "llm-jp/llm-jp-3-1.8b": {"hidden_size": 2048, "num_hidden_layers": 24, "intermediate_size": 7168,

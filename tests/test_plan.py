@@ -22,6 +22,16 @@ def test_parameter_count_equals_transformers(name: str) -> None:
     assert Shape.from_config(cfg).params() == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize(
+    "name,non_embedding", [("llm-jp/llm-jp-3-150m", 50_344_448), ("llm-jp/llm-jp-3-980m", 684_258_816)]
+)
+def test_built_in_shapes_match_the_model_cards_non_embedding_parameters(name: str, non_embedding: int) -> None:
+    # The llm-jp-3 model cards list non-embedding parameters per size; the untied input and output embeddings are
+    # the rest (2 x vocab x hidden), whatever the vocabulary padding.
+    shape = Shape.from_config(KNOWN_SHAPES[name])
+    assert shape.params() - 2 * shape.vocab * shape.hidden == non_embedding
+
+
 def test_accounting_per_preset() -> None:
     shape = Shape.from_config(KNOWN_SHAPES["llm-jp/llm-jp-3-3.7b"])
     n = shape.params()
