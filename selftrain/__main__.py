@@ -8,6 +8,7 @@ import sys
 from selftrain.config import ConfigError, validate_params_file
 from selftrain.io import DataError
 from selftrain.paths import project_root
+from selftrain.runs import StageNotDone
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,11 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--new-version", action="store_true", help="start a new run version even if one matches")
     r.add_argument("--quiet", action="store_true", help="do not echo the notebooks' output while they run")
     sh = sub.add_parser(
-        "shard", help="generate one shard of stage 01's candidates into the generation cache (an array task, a GPU)"
+        "shard",
+        help="fill one shard of stage 01's candidates, 05's answers or 06's predictions in the cache (an array "
+        "task, a GPU); the stage merges them",
     )
     sh.add_argument("--study", required=True, help="study YAML, e.g. params/studies/poster.yaml")
     sh.add_argument("--model", required=True, help="one model of the study")
-    sh.add_argument("--shard", required=True, type=int, help="which shard, 0 .. generation.shards - 1")
+    sh.add_argument(
+        "--stage", choices=SHARDED, default="generate",
+        help="generate (generation.shards), judge (judge.answers.shards) or eval (eval.shards); default generate",
+    )  # fmt: skip
+    sh.add_argument("--method", help="one method of the study (judge, eval: whose trained model answers)")
+    sh.add_argument("--shard", required=True, type=int, help="which shard, 0 .. shards - 1")
     sh.add_argument("--seed", type=int, help="a replicate seed of the study (study.seeds)")
     sh.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a param, as for run")  # fmt: skip
@@ -124,18 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             if failed:
                 return 1
         elif args.cmd == "shard":
-            from selftrain.config import load_study, resolve_run_config
-            from selftrain.generate import run_shard
-
-            study, _, path = load_study(args.study)
-            if args.model not in study.models:
-                raise ConfigError(f"{path}: model '{args.model}' is not in the study (models: {study.models})")
-            # Generation depends on model, prompts and sampling only: any method of the study resolves them.
-            cfg = resolve_run_config(args.model, study.methods[0], path, args.overrides, replicate=args.seed)
-            done = run_shard(cfg, args.shard)
-            state = "generated" if done["generated"] else "already there"
-            print(f"shard {done['shard']} of {done['shards']} (prompts {done['prompts'][0]}..{done['prompts'][1] - 1})"
-                  f": {state} in {done['cache']}")  # fmt: skip
+            for line in shard(args.study, args.model, args.stage, args.method, args.shard, args.seed, args.overrides):
+                print(line)
         elif args.cmd == "check":
             files = sorted((project_root() / "params").rglob("*.yaml"))
             for f in files:
@@ -197,10 +195,56 @@ def main(argv: list[str] | None = None) -> int:
             freed = clean(items, args.dry_run)
             verb = "would free" if args.dry_run else "freed"
             print(f"{len(items)} item(s), {verb} {human(freed)}")
-    except (ConfigError, FileNotFoundError, DataError, OSError) as e:
+    except (ConfigError, FileNotFoundError, DataError, OSError, StageNotDone) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+SHARDED = ("generate", "judge", "eval")
+
+
+def shard(
+    study_path: str, model: str, stage: str, method: str | None, index: int, seed: int | None, overrides: list[str]
+) -> list[str]:
+    """Fill shard `index` of one stage for one cell of a study, at every sweep point of it; a line per point."""
+    from selftrain.config import load_study, resolve_run_config
+
+    study, _, path = load_study(study_path)
+    if model not in study.models:
+        raise ConfigError(f"{path}: model '{model}' is not in the study (models: {study.models})")
+    if stage != "generate" and not method:
+        raise ConfigError(f"shard --stage {stage}: name the cell's method (--method; the study has {study.methods})")
+    if method and method not in study.methods:
+        raise ConfigError(f"{path}: method '{method}' is not in the study (methods: {study.methods})")
+    lines, seen = [], set()
+    for point in study.points():
+        # Generation depends on model, prompts and sampling only: any method of the study resolves them.
+        cfg = resolve_run_config(model, method or study.methods[0], path, overrides, replicate=seed, point=point)
+        if stage == "generate":
+            from selftrain.generate import run_shard
+
+            done = run_shard(cfg, index)
+        else:
+            from selftrain.runs import find_run
+
+            run = find_run(cfg)  # the cell's own version: its training must be done
+            if stage == "judge":
+                from selftrain.judge import run_shard as judge_shard
+
+                done = judge_shard(run, index)
+            else:
+                from selftrain.evaluate import run_shard as eval_shard
+
+                done = eval_shard(run, index)
+        if done["cache"] in seen:
+            continue
+        seen.add(done["cache"])
+        state = "generated" if done["generated"] else "already there"
+        where = f" [{', '.join(f'{k}={v}' for k, v in point.items())}]" if point else ""
+        lines.append(f"{stage} shard {done['shard']} of {done['shards']}{where} ({done['items']} prompts): {state} "
+                     f"in {done['cache']}")  # fmt: skip
+    return lines
 
 
 if __name__ == "__main__":

@@ -132,6 +132,16 @@ class GenerationConfig(SamplingConfig):
     )
 
 
+class AnswersConfig(SamplingConfig):
+    shards: int = Field(
+        1,
+        ge=1,
+        description="Split the judge sets into this many shards, each with its own success marker under "
+        "<cache_dir>/answers/: `python -m selftrain shard --stage judge` fills one (per GPU or per Slurm array "
+        "task), stage 05 answers the missing ones and merges them; a lost shard is answered again alone.",
+    )
+
+
 class EmbeddingConfig(_Section):
     layer: int = Field(-1, description="Hidden-state layer to pool (-1 = last, after the final norm).")
     pooling: Literal["mean", "last"] = Field("mean", description="Pooling over the response tokens.")
@@ -325,8 +335,8 @@ class JudgeConfig(_Section):
         "data/judge/rubrics", description="Folder with <language>/quality.txt and <language>/safety.txt."
     )
     limit: int | None = Field(None, gt=0, description="Judge only the first N items of each set (quick runs).")
-    answers: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=1024),
+    answers: AnswersConfig = Field(
+        default_factory=lambda: AnswersConfig(max_new_tokens=1024),
         description="How the model under test answers the judge sets (llm-jp-judge: 1.0 / 0.95 / 1024 / 1234).",
     )
     backend: Literal["endpoint", "local"] = Field(
@@ -466,6 +476,13 @@ class EvalConfig(_Section):
     )
     backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="As generation.backend.")
     batch_size: int = Field(32, ge=1, description="Prompts per transformers generate() call.")
+    shards: int = Field(
+        1,
+        ge=1,
+        description="Split the benchmark prompts into this many shards, each with its own success marker under "
+        "<cache_dir>/predictions/: `python -m selftrain shard --stage eval` fills one (per GPU or per Slurm "
+        "array task), stage 06 predicts the missing ones and merges them; a lost shard is predicted again alone.",
+    )
     categories: dict[str, list[str]] = Field(
         default_factory=dict,
         description="Category -> dataset names (llm-jp-eval's map: NLI, QA, RC, MC, EL, FA, MR, MT, HE, STS, SUM).",

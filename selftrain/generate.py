@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from selftrain.config import ConfigError, GenerationConfig, RunConfig
+from selftrain.config import GenerationConfig, RunConfig
 from selftrain.data import load_prompt_set, prompt_files
 from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend
 from selftrain.io import read_json, read_jsonl, sha256_json, write_json, write_jsonl
@@ -26,7 +26,7 @@ from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
 from selftrain.plots import plt
 from selftrain.runs import Run
-from selftrain.shards import produce_shard, run_sharded, shard_ranges
+from selftrain.shards import Part, check_shard, group_shards, produce_shard, remove_shards, run_sharded
 
 STAGE = "generate"
 
@@ -41,9 +41,11 @@ def generation_key(
     backend: str,
     max_model_len: int | None = None,
     tensor_parallel_size: int = 1,
+    dtype: str | None = None,
 ) -> str:
-    """Hash of what determines the samples: model, prompt conversations, sampling params, backend, and the
-    context length (vLLM refuses, transformers truncates nothing: either way it can change what comes out)."""
+    """Hash of what determines the samples: model, prompt conversations, sampling params, backend, the dtype the
+    model runs in (float32 on a CPU, bfloat16 on a GPU: other numbers, other samples), and the context length
+    (vLLM refuses, transformers truncates nothing: either way it can change what comes out)."""
     sampling = gen.model_dump()
     sampling.pop("batch_size")  # changes speed, not samples... except transformers' per-batch seeds:
     if backend == "transformers":
@@ -58,6 +60,8 @@ def generation_key(
         sampling["max_model_len"] = max_model_len
     if backend == "vllm" and tensor_parallel_size > 1:  # other reduction orders: other samples
         sampling["tensor_parallel_size"] = tensor_parallel_size
+    if dtype is not None:
+        sampling["dtype"] = dtype
     return sha256_json(
         {
             "model": model_fingerprint(folder),
@@ -84,10 +88,11 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             t0 = time.time()
             shards = cfg.generation.shards
             produce = _producer(folder, cfg, prompts, backend, progress)
+            plan = group_shards([len(prompts)], shards, _align(cfg, backend))
             if shards == 1:
-                records, made = produce(range(len(prompts))), [0]
+                records, made = produce(plan[0]), [0]
             else:
-                records, made = run_sharded(cache, len(prompts), shards, produce, _align(cfg, backend))
+                records, made = run_sharded(cache, plan, produce)
             seconds = time.time() - t0
             write_jsonl(cache / "candidates.jsonl", records)
             n_tok = sum(r["num_tokens"] for r in records)
@@ -108,7 +113,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             }
             write_json(cache / "meta.json", meta)
             (cache / "_SUCCESS").write_text("ok\n")
-            shutil.rmtree(cache / "shards", ignore_errors=True)  # merged: the shards have served
+            remove_shards(cache)
         shutil.copyfile(cache / "candidates.jsonl", run.data_dir / ".candidates.jsonl.tmp")
         os.replace(run.data_dir / ".candidates.jsonl.tmp", out_file)
         df = pd.DataFrame(read_jsonl(out_file))
@@ -128,8 +133,9 @@ def _target(cfg: RunConfig) -> tuple[list[dict], int, Path, str, str, Path]:
     prompts, skipped = load_prompt_set(pc.path, pc.limit, pc.hub_files, pc.skip_blank)
     folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
     backend = pick_backend(cfg.generation.backend)
+    dtype = inference_dtype(cfg.model.dtype, backend)
     key = generation_key(
-        folder, prompts, cfg.generation, backend, cfg.model.max_model_len, cfg.model.tensor_parallel_size
+        folder, prompts, cfg.generation, backend, cfg.model.max_model_len, cfg.model.tensor_parallel_size, dtype
     )
     return prompts, skipped, folder, backend, key, resolve_path(cfg.output.cache_dir) / "generations" / key
 
@@ -141,15 +147,19 @@ def _align(cfg: RunConfig, backend: str) -> int:
 
 def _producer(
     folder: Path, cfg: RunConfig, prompts: list[dict], backend: str, progress: bool
-) -> Callable[[range], list[dict[str, Any]]]:
-    """The candidates of a range of the prompt set, seeded by their place in the whole set."""
+) -> Callable[[list[Part]], list[dict[str, Any]]]:
+    """The candidates of a range of the prompt set (one group: parts of at most one range), seeded by their place
+    in the whole set."""
 
-    def produce(items: range) -> list[dict[str, Any]]:
-        raw = generate_candidates(
-            folder, cfg.model, cfg.generation, [prompts[i]["messages"] for i in items], backend, progress,
-            index_offset=items.start,
-        )  # fmt: skip
-        return [{"prompt_id": prompts[items.start + r.pop("prompt_index")]["id"], **r} for r in raw]
+    def produce(parts: list[Part]) -> list[dict[str, Any]]:
+        out = []
+        for _, items in parts:
+            raw = generate_candidates(
+                folder, cfg.model, cfg.generation, [prompts[i]["messages"] for i in items], backend, progress,
+                index_offset=items.start,
+            )  # fmt: skip
+            out += [{"prompt_id": prompts[items.start + r.pop("prompt_index")]["id"], **r} for r in raw]
+        return out
 
     return produce
 
@@ -158,14 +168,13 @@ def run_shard(cfg: RunConfig, shard: int, progress: bool = True) -> dict[str, An
     """Generate one shard of a run's candidates into the generation cache (no run folder): what a Slurm array task
     or a process pinned to one GPU runs. Stage 01 later merges every shard. Returns where and what it did."""
     shards = cfg.generation.shards
-    if not 0 <= shard < shards:
-        raise ConfigError(f"shard {shard} is outside 0..{shards - 1} (generation.shards is {shards})")
+    check_shard(shard, shards, "generation.shards")
     prompts, _, folder, backend, _, cache = _target(cfg)
-    items = shard_ranges(len(prompts), shards, _align(cfg, backend))[shard]
+    parts = group_shards([len(prompts)], shards, _align(cfg, backend))[shard]
     made = False
     if not (cache / "_SUCCESS").is_file():  # already merged: nothing left to do
-        made = produce_shard(cache, shard, shards, items, _producer(folder, cfg, prompts, backend, progress))
-    return {"cache": str(cache), "shard": shard, "shards": shards, "prompts": [items.start, items.stop],
+        made = produce_shard(cache, shard, shards, parts, _producer(folder, cfg, prompts, backend, progress))
+    return {"cache": str(cache), "shard": shard, "shards": shards, "items": sum(len(r) for _, r in parts),
             "generated": bool(made)}  # fmt: skip
 
 

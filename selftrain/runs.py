@@ -278,6 +278,41 @@ def open_run(run_dir: str | Path) -> Run:
     return Run(d, load_resolved(params))
 
 
+def _resumable(cfg: RunConfig, versions: list[Path]) -> tuple[Run | None, str]:
+    """The newest version if it was made with these params and inputs and its outputs are intact, else None and,
+    where a version with these params exists, why it cannot be resumed."""
+    if not versions:
+        return None, ""
+    last = versions[-1]
+    p = last / "params.resolved.yaml"
+    if not (p.is_file() and p.read_text() == dump_config(cfg) and (last / "manifest.json").is_file()):
+        return None, ""
+    run = Run(last, cfg)
+    inputs, recorded = input_fingerprint(cfg), run.manifest().get("inputs") or {}
+    changed = sorted(k for k in inputs.keys() | recorded.keys() if inputs.get(k) != recorded.get(k))
+    damaged = [f"{s}: {', '.join(run.damaged_outputs(s))}" for s in cfg.stages
+               if run.marker(s).is_file() and run.damaged_outputs(s)]  # fmt: skip
+    if not changed and not damaged:
+        return run, ""
+    # Never resume over changed inputs or into a version whose outputs are gone (a committed
+    # reference keeps no candidates or checkpoints): a new version says why.
+    if changed:
+        return None, f"inputs changed since {last.name}: {', '.join(changed[:3])}"
+    return None, f"{last.name} has missing or changed outputs ({'; '.join(damaged)[:200]})"
+
+
+def find_run(cfg: RunConfig) -> Run:
+    """The run version `create_run` would resume for these params; never creates one (what a shard task of
+    stage 05/06 opens: the cell's own run folder, written only by the cell)."""
+    run, why = _resumable(cfg, _versions_of(run_parent(cfg)))
+    if run is None:
+        raise ConfigError(
+            f"{run_parent(cfg)}: no run version to resume for {cfg.model.name}/{cfg.method}"
+            f"{f' ({why})' if why else ''}; run the cell's earlier stages first"
+        )
+    return run
+
+
 def create_run(cfg: RunConfig, new_version: bool = False) -> Run:
     """Resume the newest version made with the same params, or start the next version.
 
@@ -288,25 +323,11 @@ def create_run(cfg: RunConfig, new_version: bool = False) -> Run:
     resolved = dump_config(cfg)
     inputs = input_fingerprint(cfg)
     note = ""
-    if versions and not new_version:
-        last = versions[-1]
-        p = last / "params.resolved.yaml"
-        if p.is_file() and p.read_text() == resolved and (last / "manifest.json").is_file():
-            run = Run(last, cfg)
-            changed = sorted(k for k in inputs.keys() | (run.manifest().get("inputs") or {}).keys()
-                             if inputs.get(k) != (run.manifest().get("inputs") or {}).get(k))  # fmt: skip
-            damaged = [f"{s}: {', '.join(run.damaged_outputs(s))}" for s in cfg.stages
-                       if run.marker(s).is_file() and run.damaged_outputs(s)]  # fmt: skip
-            if not changed and not damaged:
-                return run
-            # Never resume over changed inputs or into a version whose outputs are gone (a committed
-            # reference keeps no candidates or checkpoints): a new version says why.
-            why = (
-                f"inputs changed since {last.name}: {', '.join(changed[:3])}"
-                if changed
-                else (f"{last.name} has missing or changed outputs ({'; '.join(damaged)[:200]})")
-            )
-            note = f"new version: {why}"
+    if not new_version:
+        run, why = _resumable(cfg, versions)
+        if run is not None:
+            return run
+        note = f"new version: {why}" if why else ""
     num = int(VERSION.match(versions[-1].name).group(1)) + 1 if versions else 1
     while True:
         d = parent / f"v{num:03d}"

@@ -697,6 +697,21 @@ def test_stage_end_to_end_with_llm_jp_judge_protocol(tiny_overrides: list[str], 
         assert it["llm_jp_judge"]["pattern"] is not None
     assert len(requests) == 5
 
+    # judge.answers.shards: two shards, each holding a share of both benchmarks' sampling groups, merge into the
+    # very same answers (transformers, per-batch seeds counted within each group)
+    with FakeJudgeServer(reply_fn=reply) as srv:
+        ep = json.dumps({**endpoint, "base_url": srv.base_url})
+        ov_sh = [o for o in ov if not o.startswith("judge.endpoint=")]
+        ov_sh += [f"judge.endpoint={ep}", "judge.answers.shards=2", "judge.answers.batch_size=1"]
+        one = create_run(resolve_run_config("tiny", "baseline", overrides=ov_sh[:-2] + ov_sh[-1:]), new_version=True)
+        judge.run(one, progress=False)
+        sharded = create_run(resolve_run_config("tiny", "baseline", overrides=ov_sh))
+        shard_items = [judge.run_shard(sharded, k, progress=False)["items"] for k in range(2)]
+        judge.run(sharded, progress=False)
+    assert shard_items == [2, 3]  # quality 3 -> 1 + 2, safety 2 -> 1 + 1
+    want = (one.data_dir / "judge_answers.jsonl").read_bytes()
+    assert (sharded.data_dir / "judge_answers.jsonl").read_bytes() == want
+
     # a checkout that lost a key fails the stage before any answer is generated, naming file and key
     ev = copy.deepcopy(EVALUATE_YAML)
     del ev["safety_ja"]["api_error_score"]

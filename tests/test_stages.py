@@ -55,6 +55,11 @@ def test_generate_transformers_and_cache(tiny_overrides: list[str]) -> None:
     third = _run(tiny_overrides, extra=["generation.temperature=0.5"])  # a new cache entry
     generate.run(third, progress=False)
     assert not json.loads((third.metrics_dir / "generate.json").read_text())["cache_hit"]
+    # So is the dtype the model runs in (a GPU's bfloat16 samples are not a CPU's float32 ones).
+    fourth = _run(tiny_overrides, extra=["model.dtype=bfloat16"])
+    generate.run(fourth, progress=False)
+    got = json.loads((fourth.metrics_dir / "generate.json").read_text())
+    assert not got["cache_hit"] and got["key"] != meta["key"]
 
 
 def test_greedy_transformers_does_not_depend_on_padding(tiny_overrides: list[str], tiny_model: Path) -> None:

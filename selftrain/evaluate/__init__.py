@@ -16,9 +16,11 @@ from selftrain.evaluate.stage import (
     plot_categories,
     predictions_table,
     run,
+    run_shard,
 )
 
 __all__ = [
     "STAGE", "Dataset", "aggregate", "build_prompt", "category_table", "dataset_paths", "errors_table", "evaluate",
-    "fit_prompt", "load_dataset", "load_datasets", "plot_categories", "predictions_table", "run", "score_dataset",
+    "fit_prompt", "load_dataset", "load_datasets", "plot_categories", "predictions_table", "run", "run_shard",
+    "score_dataset",
 ]  # fmt: skip

@@ -18,9 +18,11 @@ and field in ``metrics/eval.json`` and the other datasets still run.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,13 @@ from selftrain.evaluate.prompts import bos_prefix, fit_prompt, token_counter
 from selftrain.evaluate.protocols import Protocol, ProtocolError, load_protocol
 from selftrain.evaluate.scoring import aggregate, category_of, score_dataset
 from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend
-from selftrain.io import DataError, read_jsonl, write_json, write_jsonl
+from selftrain.io import DataError, read_jsonl, sha256_json, write_json, write_jsonl
+from selftrain.models import model_fingerprint
 from selftrain.paths import resolve_path
 from selftrain.plots import plt
 from selftrain.runs import Run
 from selftrain.schema import read_metrics
+from selftrain.shards import Part, check_shard, group_shards, produce_shard, run_sharded
 
 STAGE = "eval"
 
@@ -44,24 +48,39 @@ STAGE = "eval"
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(
+@dataclass
+class Predictions:
+    """What stage 06 asks the model: every sample's prompt job, the ones that fit the context (`todo`, in the
+    backend's order) with their inputs and token caps, and the key of everything that shapes the answers."""
+
+    jobs: list[dict[str, Any]]
+    todo: list[dict[str, Any]]
+    inputs: list[Any]
+    caps: list[int]
+    gen: GenerationConfig
+    chat: bool
+    add_bos: bool
+    examples: dict[str, str]
+    wanted: dict[str, int]
+    key: str
+
+    def groups(self) -> list[list[int]]:
+        """Indices into `todo` per token cap, caps ascending: the backend batches each cap apart, in this order."""
+        return [[i for i, c in enumerate(self.caps) if c == cap] for cap in sorted(set(self.caps))]
+
+
+def plan_predictions(
     folder: Path,
     model_cfg: ModelConfig,
     cfg: EvalConfig,
     datasets: Sequence[Dataset],
     backend: str,
-    seed: int = 1234,
-    progress: bool = True,
-    protocol: Protocol | None = None,
-) -> tuple[list[dict[str, Any]], pd.DataFrame, dict[str, Any]]:
-    """Ask every sample of every dataset in one backend call (the model is loaded once) and score them as the
-    protocol says (default: the config's own).
-
-    Returns (per-sample prediction records, per-dataset score table, run facts: timings, prompt examples).
-    """
+    seed: int,
+    protocol: Protocol,
+) -> Predictions:
+    """Every sample's prompt (few-shots shortened to fit the context where the protocol allows) and token cap."""
     from transformers import AutoTokenizer
 
-    protocol = protocol or load_protocol(cfg)
     tok = AutoTokenizer.from_pretrained(folder)
     count = token_counter(tok, cfg.chat_template)
     bos = bos_prefix(tok, backend, cfg.chat_template, protocol.add_bos)
@@ -91,18 +110,85 @@ def evaluate(
         backend=backend, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max(caps, default=1), seed=seed,
         batch_size=cfg.batch_size,
     )  # fmt: skip
+    inputs: list[Any] = (
+        [[{"role": "user", "content": j["prompt"]}] for j in todo]
+        if cfg.chat_template
+        else [bos + j["prompt"] for j in todo]
+    )
+    shape = {
+        "model": model_fingerprint(folder), "dtype": inference_dtype(model_cfg.dtype, backend),
+        "max_model_len": model_cfg.max_model_len,
+        "inputs": inputs, "caps": caps, "backend": backend, "chat": cfg.chat_template, "add_bos": protocol.add_bos,
+        "seed": seed,
+        # transformers' batches (padding) shape greedy answers; vLLM's batching differs with the shard count
+        **({"batch_size": cfg.batch_size} if backend == "transformers" else {"shards": cfg.shards}),
+    }  # fmt: skip
+    return Predictions(
+        jobs, todo, inputs, caps, gen, cfg.chat_template, protocol.add_bos, examples, wanted, sha256_json(shape)[:16]
+    )
+
+
+def _prediction_producer(
+    folder: Path, model_cfg: ModelConfig, p: Predictions, backend: str, progress: bool
+) -> Callable[[list[Part] | None], list[dict[str, Any]]]:
+    """The answers of some (cap group, range) parts, with `prompt_index` the place in `p.todo`."""
+    groups = p.groups()
+
+    def produce(parts: list[Part] | None) -> list[dict[str, Any]]:
+        # None: every prompt in `todo` order (the unsharded call, exactly as it always was)
+        sel = list(range(len(p.todo))) if parts is None else [groups[g][i] for g, r in parts for i in r]
+        outs = generate_candidates(
+            folder, model_cfg, p.gen, [p.inputs[i] for i in sel], backend, progress, chat=p.chat,
+            max_new_tokens=[p.caps[i] for i in sel], add_special_tokens=p.add_bos,
+        )  # fmt: skip
+        return [{**o, "prompt_index": sel[o["prompt_index"]]} for o in outs]
+
+    return produce
+
+
+def _split(p: Predictions, cfg: EvalConfig, backend: str) -> list[list[Part]]:
+    # Shards of whole transformers batches within each cap group: the batches, hence the answers, are unsharded's.
+    return group_shards([len(g) for g in p.groups()], cfg.shards, cfg.batch_size if backend == "transformers" else 1)
+
+
+def prediction_shards(cache_dir: str | Path, key: str) -> Path:
+    """Where the shards of stage 06's predictions with this key live."""
+    return resolve_path(cache_dir) / "predictions" / key
+
+
+def evaluate(
+    folder: Path,
+    model_cfg: ModelConfig,
+    cfg: EvalConfig,
+    datasets: Sequence[Dataset],
+    backend: str,
+    seed: int = 1234,
+    progress: bool = True,
+    protocol: Protocol | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[list[dict[str, Any]], pd.DataFrame, dict[str, Any]]:
+    """Ask every sample of every dataset in one backend call (the model is loaded once) and score them as the
+    protocol says (default: the config's own). With eval.shards > 1 the prompts are answered shard by shard under
+    `cache_dir` (shards already made by `selftrain shard --stage eval` are used); the caller removes them once its
+    outputs are written (facts["shard_folder"]).
+
+    Returns (per-sample prediction records, per-dataset score table, run facts: timings, prompt examples).
+    """
+    protocol = protocol or load_protocol(cfg)
+    p = plan_predictions(folder, model_cfg, cfg, datasets, backend, seed, protocol)
+    jobs, todo, wanted = p.jobs, p.todo, p.wanted
     t0 = time.perf_counter()
     outs: list[dict[str, Any]] = []
+    made, shard_folder = [0], None
     if todo:
-        prompts: list[Any] = (
-            [[{"role": "user", "content": j["prompt"]}] for j in todo]
-            if cfg.chat_template
-            else [bos + j["prompt"] for j in todo]
-        )
-        outs = generate_candidates(
-            folder, model_cfg, gen, prompts, backend, progress, chat=cfg.chat_template, max_new_tokens=caps,
-            add_special_tokens=protocol.add_bos,
-        )  # fmt: skip
+        produce = _prediction_producer(folder, model_cfg, p, backend, progress)
+        if cfg.shards == 1:
+            outs = produce(None)
+        else:
+            if cache_dir is None:
+                raise ValueError("eval.shards > 1 needs a cache_dir for the shards")
+            shard_folder = prediction_shards(cache_dir, p.key)
+            outs, made = run_sharded(shard_folder, _split(p, cfg, backend), produce)
     seconds = time.perf_counter() - t0
     for j, o in zip(todo, sorted(outs, key=lambda r: r["prompt_index"]), strict=True):
         j["out"] = o
@@ -149,7 +235,10 @@ def evaluate(
         "generated_tokens": sum(o["num_tokens"] for o in outs),
         "generation_seconds": round(seconds, 2),  # model load included: one load for every dataset
         "samples_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
-        "prompt_examples": examples,
+        "shards": cfg.shards,
+        "shards_predicted_here": made,  # the others came from `selftrain shard --stage eval`
+        "shard_folder": shard_folder,
+        "prompt_examples": p.examples,
     }
     return records, pd.DataFrame(rows), facts
 
@@ -181,23 +270,15 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     files += [t for p in files if (t := p.parent.parent / "train" / p.name).is_file()]  # few-shot sources
     with run.stage(STAGE, inputs=files) as info:
         t0 = time.time()
-        protocol = load_protocol(ev)
-        datasets, errors = load_datasets(ev.datasets_dir, ev.datasets, require_metric=protocol.own)
-        bad = []
-        for ds in datasets:
-            try:
-                protocol.check_dataset(ds)
-            except ProtocolError as e:
-                bad.append(str(e))
-        if bad:  # every mismatched file at once, one line each
-            raise ProtocolError(f"{len(bad)} dataset file(s) do not match eval.protocol:\n  " + "\n  ".join(bad))
+        protocol, datasets, errors = _load(ev)
         for e in errors:
             warnings.warn(f"dataset skipped: {e['error']}", stacklevel=2)
-        if not datasets:
-            raise DataError("no valid benchmark dataset:\n  " + "\n  ".join(e["error"] for e in errors))
         backend = pick_backend(ev.backend)
         info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, backend), "backend": backend}
-        records, table, facts = evaluate(folder, cfg.model, ev, datasets, backend, cfg.seed, progress, protocol)
+        records, table, facts = evaluate(
+            folder, cfg.model, ev, datasets, backend, cfg.seed, progress, protocol, cfg.output.cache_dir
+        )
+        shard_folder = facts.pop("shard_folder")
         categories = protocol.category_names()
         blocked = [r["dataset"] for r in table.to_dict(orient="records") if not r["comparable"]]
         agg = aggregate(table, categories, protocol.avg_excludes, protocol.empty_category, blocked)
@@ -239,6 +320,8 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             "seconds": round(time.time() - t0, 2),
         }
         write_json(run.metrics_dir / "eval.json", metrics)
+        if shard_folder is not None:  # merged and written: the shards have served
+            shutil.rmtree(shard_folder, ignore_errors=True)
         run.save_figure(plot_categories(category_table(run), saved), "eval_categories")
         info["outputs"] = [pred_file, scores_file, run.metrics_dir / "eval.json"]
         info["metrics"] = {
@@ -251,6 +334,45 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             "errors": len(errors),
         }
     return saved
+
+
+def _load(ev: EvalConfig) -> tuple[Protocol, list[Dataset], list[dict[str, Any]]]:
+    """The protocol and the datasets it can run (every mismatched file at once, one line each), and the files
+    that could not be read."""
+    protocol = load_protocol(ev)
+    datasets, errors = load_datasets(ev.datasets_dir, ev.datasets, require_metric=protocol.own)
+    bad = []
+    for ds in datasets:
+        try:
+            protocol.check_dataset(ds)
+        except ProtocolError as e:
+            bad.append(str(e))
+    if bad:
+        raise ProtocolError(f"{len(bad)} dataset file(s) do not match eval.protocol:\n  " + "\n  ".join(bad))
+    if not datasets:
+        raise DataError("no valid benchmark dataset:\n  " + "\n  ".join(e["error"] for e in errors))
+    return protocol, datasets, errors
+
+
+def run_shard(run: Run, shard: int, progress: bool = True) -> dict[str, Any]:
+    """Predict one shard of stage 06's benchmark prompts into the cache (the run folder is only read): what a Slurm
+    array task or a process pinned to one GPU runs once the cell's training is done. Stage 06 later merges every
+    shard and scores. Returns where and what it did."""
+    cfg = run.config
+    ev = cfg.eval
+    check_shard(shard, ev.shards, "eval.shards")
+    folder = run.model_under_test()
+    protocol, datasets, _ = _load(ev)
+    backend = pick_backend(ev.backend)
+    p = plan_predictions(folder, cfg.model, ev, datasets, backend, cfg.seed, protocol)
+    parts = _split(p, ev, backend)[shard]
+    shard_folder = prediction_shards(cfg.output.cache_dir, p.key)
+    made = False
+    if not run.is_done(STAGE):  # done: merged and scored, nothing left to do
+        produce = _prediction_producer(folder, cfg.model, p, backend, progress)
+        made = produce_shard(shard_folder, shard, ev.shards, parts, produce)
+    return {"cache": str(shard_folder), "shard": shard, "shards": ev.shards,
+            "items": sum(len(r) for _, r in parts), "generated": bool(made)}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- views

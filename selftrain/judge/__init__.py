@@ -17,6 +17,7 @@ from selftrain.judge.stage import (
     plot_quality,
     plot_safety,
     run,
+    run_shard,
     score_items,
     summarise,
     summary_frame,
@@ -27,6 +28,6 @@ from selftrain.judging.parse import DIGITS, LABELS, ParseError, expected_from_to
 __all__ = [
     "DIGITS", "LABELS", "SETS", "STAGE", "LocalJudge", "ParseError", "RemoteJudge", "criteria_table",
     "expected_from_tokens", "expected_score", "items_frame", "judge_messages", "llm_jp_judge_table", "load_items",
-    "load_rubric", "make_judge", "parse_scores", "plot_quality", "plot_safety", "run", "score_items", "summarise",
-    "summary_frame",
+    "load_rubric", "make_judge", "parse_scores", "plot_quality", "plot_safety", "run", "run_shard", "score_items",
+    "summarise", "summary_frame",
 ]  # fmt: skip

