@@ -1,6 +1,6 @@
 """Slurm scripts for a study: `python -m selftrain slurm --study params/studies/poster.yaml [--dry-run]`.
 
-Writes three files into ``results/<study>/slurm/`` (or prints them with --dry-run):
+Writes three files into ``results/<study>/slurm/`` (five with sharded inference, below; --dry-run prints them):
 
 - ``generate.sbatch``: an array with one task per (model, seed) running stage 01 only, so every later cell finds
   the generation cache filled instead of generating the same candidates several times at once; where
@@ -8,6 +8,13 @@ Writes three files into ``results/<study>/slurm/`` (or prints them with --dry-ru
 - ``cells.sbatch``: an array with one task per (model, method, seed) cell running every stage of that cell
   (`selftrain run --models M --methods X --seeds S`; done stages are skipped, so a resubmitted array resumes);
 - ``submit.sh``: submits the first, then the second with ``--dependency=afterok`` on it.
+
+Where `judge.answers.shards` or `eval.shards` splits stage 05's answers or 06's predictions, the cells stop after
+training, and two more arrays follow: ``infer.sbatch`` with one task per (cell, stage, shard) (`selftrain shard
+--stage judge|eval --method X`, the cell's trained model answering its share into the cache) and ``finish.sbatch``
+with one task per cell running stages 05 and 06, which merge the shards (producing any that is missing) and score.
+They depend on the previous array with ``afterany``: a failed cell's shard task fails fast naming the unfinished
+stage, and stage 05/06 produce any shard that is still missing, so one failure does not hold up the grid.
 
 ``--gpus-per-node`` GPUs per task. With ``--nodes N`` above 1 each cell gets N nodes (one task a node): the cell's
 stages run on the first node, and its training stages start accelerate on all N through ``srun`` with each node's
@@ -22,6 +29,9 @@ from pathlib import Path
 
 from selftrain.config import ConfigError, load_study, resolve_run_config
 from selftrain.paths import project_root, resolve_path
+from selftrain.schema import STAGES
+
+INFERENCE = ("judge", "eval")  # the stages whose generation can be sharded after training
 
 
 def _array(lines: list[str]) -> str:
@@ -79,15 +89,25 @@ def render(
         f"--methods {shlex.quote(study.methods[0])} --stages generate {seed_arg}",
         "fi",
     ]  # fmt: skip
+    # (model, method, seed, stage, shard) for every sharded inference stage of every cell
+    infer = []
+    for m, x, sd in cells:
+        cfg = resolve_run_config(m, x, study=path)
+        counts = {"judge": cfg.judge.answers.shards, "eval": cfg.eval.shards}
+        infer += [(m, x, sd, st, str(k)) for st in INFERENCE if st in cfg.stages and counts[st] > 1
+                  for k in range(counts[st])]  # fmt: skip
     cell_head = head[1].replace("--nodes=1", f"--nodes={nodes}")
-    run = [
-        head[0], cell_head, f"#SBATCH --job-name={study.name}-cells --array=0-{len(cells) - 1}", *head[2:],
+    until = f" --stages {' '.join(s for s in STAGES if s not in INFERENCE)}" if infer else ""
+    run_cell = f'{python} -m selftrain run --study {shlex.quote(str(rel))} --models "$model" --methods "$method" '
+    cell_table = [
         f"models={_array([m for m, _, _ in cells])}",
         f"methods={_array([x for _, x, _ in cells])}",
         f"seeds={_array([s for _, _, s in cells])}",
         'i=$SLURM_ARRAY_TASK_ID; model="${models[$i]}"; method="${methods[$i]}"; seed="${seeds[$i]}"',
-        f"{python} -m selftrain run --study {shlex.quote(str(rel))} --models \"$model\" --methods \"$method\" "
-        f"{seed_arg}",
+    ]
+    run = [
+        head[0], cell_head, f"#SBATCH --job-name={study.name}-cells --array=0-{len(cells) - 1}", *head[2:],
+        *cell_table, f"{run_cell}{seed_arg}{until}",
     ]  # fmt: skip
     submit = [
         "#!/bin/bash",
@@ -95,13 +115,32 @@ def render(
         f"cd {shlex.quote(str(project_root()))}",
         f"mkdir -p results/{study.name}/slurm",
         f"gen=$(sbatch --parsable results/{study.name}/slurm/generate.sbatch)",
-        f'sbatch --dependency=afterok:"$gen" results/{study.name}/slurm/cells.sbatch',
+        f'{"cells=$(sbatch --parsable" if infer else "sbatch"} --dependency=afterok:"$gen" '
+        f"results/{study.name}/slurm/cells.sbatch{')' if infer else ''}",
     ]
-    return {
-        "generate.sbatch": "\n".join(generate) + "\n",
-        "cells.sbatch": "\n".join(run) + "\n",
-        "submit.sh": "\n".join(submit) + "\n",
-    }
+    files = {"generate.sbatch": generate, "cells.sbatch": run}
+    if infer:
+        files["infer.sbatch"] = [
+            *head[:2], f"#SBATCH --job-name={study.name}-infer --array=0-{len(infer) - 1}", *head[2:],
+            f"models={_array([t[0] for t in infer])}",
+            f"methods={_array([t[1] for t in infer])}",
+            f"seeds={_array([t[2] for t in infer])}",
+            f"stages={_array([t[3] for t in infer])}",
+            f"shards={_array([t[4] for t in infer])}",
+            'i=$SLURM_ARRAY_TASK_ID; model="${models[$i]}"; method="${methods[$i]}"; seed="${seeds[$i]}"',
+            f"{python} -m selftrain shard --study {shlex.quote(str(rel))} --model \"$model\" --method \"$method\" "
+            '--stage "${stages[$i]}" --shard "${shards[$i]}" ${seed:+--seed "$seed"}',
+        ]  # fmt: skip
+        files["finish.sbatch"] = [
+            *head[:2], f"#SBATCH --job-name={study.name}-finish --array=0-{len(cells) - 1}", *head[2:],
+            *cell_table, f"{run_cell}{seed_arg} --stages {' '.join(INFERENCE)}",
+        ]  # fmt: skip
+        submit += [
+            f'inf=$(sbatch --parsable --dependency=afterany:"$cells" results/{study.name}/slurm/infer.sbatch)',
+            f'sbatch --dependency=afterany:"$inf" results/{study.name}/slurm/finish.sbatch',
+        ]
+    files["submit.sh"] = submit
+    return {name: "\n".join(lines) + "\n" for name, lines in files.items()}
 
 
 def write(study_path: str, files: dict[str, str], results_dir: str = "results") -> Path:

@@ -73,3 +73,36 @@ def test_sharded_generation_gets_one_task_per_shard(tmp_path: Path) -> None:
                          capture_output=True, text=True).stdout.split()  # fmt: skip
     assert got == ["smollm2-135m", "1", "2"]
     assert "selftrain shard --study" in files["generate.sbatch"]
+
+
+def test_sharded_inference_adds_a_shard_array_and_a_finishing_array(tmp_path: Path) -> None:
+    f = tmp_path / "inf.yaml"
+    body = {"name": "inf", "models": ["tiny"], "methods": ["baseline", "central"], "seeds": [1, 2]}
+    f.write_text(yaml.safe_dump({"study": body, "judge": {"answers": {"shards": 3}}, "eval": {"shards": 2}}))
+    files = render(str(f), gpus_per_node=1)
+    assert set(files) == {"generate.sbatch", "cells.sbatch", "infer.sbatch", "finish.sbatch", "submit.sh"}
+    # cells stop after training; the finishing array runs stages 05 and 06 (which merge the shards)
+    assert "--stages generate select sft dpo" in files["cells.sbatch"]
+    assert "--array=0-3" in files["finish.sbatch"] and "--stages judge eval" in files["finish.sbatch"]
+    assert "--array=0-19" in files["infer.sbatch"]  # 2 methods x 2 seeds x (3 judge + 2 eval shards)
+    for name, text in files.items():
+        p = tmp_path / name
+        p.write_text(text)
+        assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0, name
+    table = files["infer.sbatch"].split("i=$SLURM_ARRAY_TASK_ID")[0].split("set -euo pipefail")[1]
+    table = "\n".join(line for line in table.splitlines() if not line.startswith("cd "))
+    rows = [subprocess.run(["bash", "-c", table + f'\ni={i}; echo "${{models[$i]}} ${{methods[$i]}} ${{seeds[$i]}} '
+                            '${stages[$i]} ${shards[$i]}"'], capture_output=True, text=True).stdout.split()
+            for i in range(20)]  # fmt: skip
+    assert len({tuple(r) for r in rows}) == 20  # every (cell, stage, shard) once
+    assert sorted(r[4] for r in rows if r[3] == "judge") == sorted(["0", "1", "2"] * 4)
+    assert sorted(r[4] for r in rows if r[3] == "eval") == sorted(["0", "1"] * 4)
+    assert "selftrain shard --study" in files["infer.sbatch"] and '--stage "${stages[$i]}"' in files["infer.sbatch"]
+    submit = files["submit.sh"]
+    assert 'cells=$(sbatch --parsable --dependency=afterok:"$gen"' in submit
+    assert 'inf=$(sbatch --parsable --dependency=afterany:"$cells"' in submit
+    assert 'sbatch --dependency=afterany:"$inf" results/inf/slurm/finish.sbatch' in submit
+    # without sharded inference the cells run every stage and there are three files, as before
+    f.write_text(yaml.safe_dump({"study": body}))
+    plain = render(str(f))
+    assert set(plain) == {"generate.sbatch", "cells.sbatch", "submit.sh"} and "--stages" not in plain["cells.sbatch"]
