@@ -3,7 +3,9 @@
 Freed: checkpoint folders of runs that no longer exist; Trainer checkpoints (weights + optimizer state) of
 stages whose final model is written; generation and embedding cache entries that no run's metrics name.
 Kept: final models of existing runs, Trainer checkpoints of unfinished stages (they resume), the converted
-models and the judge request cache (small, and what makes a rerun free of API costs).
+models, the judge request cache (small, and what makes a rerun free of API costs) and shards not merged yet
+(a generation entry with shards but no `_SUCCESS`, and everything under answers/ and predictions/: array tasks may
+still be filling them, and their stage removes them once merged).
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def unreferenced(
             if version_dir.is_dir() and version_dir not in keep_roots:
                 out.append(Item(version_dir, _size(version_dir), "no run folder references it"))
     for entry in sorted((cache / "generations").glob("*")) if (cache / "generations").is_dir() else []:
-        if entry.is_dir() and entry.name not in gen_keys:
+        merging = (entry / "shards").is_dir() and not (entry / "_SUCCESS").is_file()
+        if entry.is_dir() and entry.name not in gen_keys and not merging:
             out.append(Item(entry, _size(entry), "generation cache no run's generate.json names"))
     for entry in sorted((cache / "embeddings").glob("*.npy")) if (cache / "embeddings").is_dir() else []:
         if entry.stem not in emb_keys:

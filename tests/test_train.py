@@ -268,8 +268,12 @@ def test_clean_frees_what_no_run_references(tiny_overrides: list[str], tmp_path:
     stale = cache_dir / "embeddings" / "0000000000000000.npy"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"y" * 10)
+    filling = cache_dir / "generations" / "feedfacefeedface" / "shards" / "0-of-2"  # shards not merged yet
+    filling.mkdir(parents=True)
+    (filling / "records.jsonl").write_text("{}\n")
     results = Path(run.config.output.results_dir)
     items = {it.path: it for it in unreferenced(results, ck, cache_dir)}
+    assert filling.parent.parent not in items  # an array task may still be filling it
     assert trainer in items and stray.parent.parent in items and stale in items
     assert run.checkpoints_dir("sft") / "final" not in items  # the run's final model stays
     kept_gen = cache_dir / "generations" / json.loads((run.metrics_dir / "generate.json").read_text())["key"]
