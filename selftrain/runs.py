@@ -307,8 +307,8 @@ def find_run(cfg: RunConfig) -> Run:
     run, why = _resumable(cfg, _versions_of(run_parent(cfg)))
     if run is None:
         raise ConfigError(
-            f"{run_parent(cfg)}: no run version to resume for {cfg.model.name}/{cfg.method}"
-            f"{f' ({why})' if why else ''}; run the cell's earlier stages first"
+            f"{run_parent(cfg)}: no run version to resume for {cfg.model.name}/{cfg.method} "
+            f"({why or 'none was made with these params'}); run the cell's earlier stages first"
         )
     return run
 
