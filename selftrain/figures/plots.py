@@ -46,7 +46,8 @@ def _bars(
             kw = {"yerr": np.nan_to_num(err), "capsize": 2, "error_kw": {"lw": 0.8}}
         ok = np.isfinite(ys)
         if kw:
-            kw["yerr"] = kw["yerr"][:, ok]
+            # lists, not a (2, k) array: matplotlib probes an array's first row as a scalar (a numpy deprecation)
+            kw["yerr"] = kw["yerr"][:, ok].tolist()
         xs = x + (j - (len(methods) - 1) / 2) * width
         ax.bar(xs[ok], ys[ok], width, color=COLORS.get(method), **kw)
         if seeds is not None and len(seeds) and value in seeds:
