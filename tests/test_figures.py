@@ -311,8 +311,13 @@ def test_regenerating_from_unchanged_results_gives_identical_bytes(tmp_path: Pat
     figures.make_figures(STUDY, results, study_file=study_file, verbose=False)
     first = snapshot()
     assert any(k.endswith(".pdf") for k in first) and "README.md" in first
+    assert "tables/paired.csv" in first and "tables/controls.csv" not in first  # a baseline, no control arms
+    stale = [study_dir / "tables" / f"controls{x}" for x in (".csv", ".md", ".tex")]  # from an earlier grid
+    for f in stale:
+        f.write_text("an old table\n")
     time.sleep(1.1)  # timestamps have one-second resolution: a clock in any file would now differ
     figures.make_figures(STUDY, results, study_file=study_file, verbose=False)
     second = snapshot()
+    assert not any(f.exists() for f in stale)  # a table the study no longer produces does not stay behind
     assert first.keys() == second.keys()
     assert [k for k in first if first[k] != second[k]] == []

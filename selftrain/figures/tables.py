@@ -111,8 +111,12 @@ def missing_markdown(res: StudyResults) -> str:
     return "\n".join(lines) + "\n" + to_markdown(res.missing_frame())
 
 
+OPTIONAL_TABLES = ("replicates", "paired", "controls", "length")  # written only where a study has what they need
+
+
 def write_tables(res: StudyResults, out_dir: Path | None = None) -> list[Path]:
-    """results.*, judge.*, selection.* (CSV, Markdown, LaTeX) and missing.md under tables/."""
+    """results.*, judge.*, selection.* (CSV, Markdown, LaTeX), missing.md and, where the study has what they need,
+    replicates.*, paired.*, controls.*, length.* under tables/; an optional table not produced now is removed."""
     out_dir = out_dir or res.study_dir / "tables"
     paths = write_table(
         res.table, out_dir / "results", main_display(res.table), f"Study {res.study}: judge and benchmark results"
@@ -135,6 +139,13 @@ def write_tables(res: StudyResults, out_dir: Path | None = None) -> list[Path]:
         cap = f"Study {res.study}: answer length and length-controlled judge quality"
         paths += write_table(res.lengths, out_dir / "length", caption=cap)
     paths.append(atomic_write_text(out_dir / "missing.md", missing_markdown(res)))
+    # A table this study no longer produces (no baseline any more, one seed, ...) must not stay behind looking
+    # current: its files from an earlier run of 07 go.
+    for stem in OPTIONAL_TABLES:
+        for suffix in (".csv", ".md", ".tex"):
+            stale = out_dir / f"{stem}{suffix}"
+            if stale not in paths:
+                stale.unlink(missing_ok=True)
     return paths
 
 
