@@ -20,6 +20,14 @@ def _study(tmp_path: Path, seeds: list[int]) -> Path:
     return f
 
 
+def _parse_all(files: dict[str, str], folder: Path, prefix: str = "") -> None:
+    """Every script written out passes `bash -n`."""
+    for name, text in files.items():
+        p = folder / f"{prefix}{name}"
+        p.write_text(text)
+        assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0, name
+
+
 @pytest.mark.parametrize("seeds", [[], [1, 2]])
 def test_scripts_cover_every_cell_and_parse(tmp_path: Path, seeds: list[int]) -> None:
     files = render(str(_study(tmp_path, seeds)), gpus_per_node=4, partition="gpu")
@@ -28,10 +36,7 @@ def test_scripts_cover_every_cell_and_parse(tmp_path: Path, seeds: list[int]) ->
     assert f"--array=0-{2 * 3 * n_seeds - 1}" in files["cells.sbatch"]
     assert "--gpus-per-node=4" in files["cells.sbatch"] and "#SBATCH --partition=gpu" in files["cells.sbatch"]
     assert "afterok" in files["submit.sh"]
-    for name, text in files.items():
-        p = tmp_path / name
-        p.write_text(text)
-        assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0, name
+    _parse_all(files, tmp_path)
     # Evaluate the cell table of task 4 (bash arrays as written) without running selftrain.
     body = files["cells.sbatch"].split("i=$SLURM_ARRAY_TASK_ID")[0].split("set -euo pipefail")[1]
     body = "\n".join(line for line in body.splitlines() if not line.startswith("cd "))
@@ -50,10 +55,7 @@ def test_multi_node_cells_need_launch_and_render(tmp_path: Path, capsys: pytest.
         files = render(str(f), gpus_per_node=8, nodes=nodes)
         assert f"#SBATCH --nodes={nodes} --ntasks-per-node=1 --gpus-per-node=8" in files["cells.sbatch"]
         assert "#SBATCH --nodes=1 " in files["generate.sbatch"]  # generation: one node per task
-        for name, text in files.items():
-            p = tmp_path / f"{nodes}-{name}"
-            p.write_text(text)
-            assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0, name
+        _parse_all(files, tmp_path, f"{nodes}-")
     assert main(["slurm", "--study", str(f), "--nodes", "2", "--dry-run"]) == 0
     assert "# ---- cells.sbatch" in capsys.readouterr().out
 
@@ -85,10 +87,7 @@ def test_sharded_inference_adds_a_shard_array_and_a_finishing_array(tmp_path: Pa
     assert "--stages generate select sft dpo" in files["cells.sbatch"]
     assert "--array=0-3" in files["finish.sbatch"] and "--stages judge eval" in files["finish.sbatch"]
     assert "--array=0-19" in files["infer.sbatch"]  # 2 methods x 2 seeds x (3 judge + 2 eval shards)
-    for name, text in files.items():
-        p = tmp_path / name
-        p.write_text(text)
-        assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0, name
+    _parse_all(files, tmp_path)
     table = files["infer.sbatch"].split("i=$SLURM_ARRAY_TASK_ID")[0].split("set -euo pipefail")[1]
     table = "\n".join(line for line in table.splitlines() if not line.startswith("cd "))
     rows = [subprocess.run(["bash", "-c", table + f'\ni={i}; echo "${{models[$i]}} ${{methods[$i]}} ${{seeds[$i]}} '
