@@ -202,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 SHARDED = ("generate", "judge", "eval")
-KEYS = {"generate": "generation.shards", "judge": "judge.answers.shards", "eval": "eval.shards"}
 
 
 def shard(
@@ -210,7 +209,6 @@ def shard(
 ) -> list[str]:
     """Fill shard `index` of one stage for one cell of a study, at every sweep point of it; a line per point."""
     from selftrain.config import load_study, resolve_run_config
-    from selftrain.shards import check_shard
 
     study, _, path = load_study(study_path)
     if model not in study.models:
@@ -223,24 +221,13 @@ def shard(
     for point in study.points():
         # Generation depends on model, prompts and sampling only: any method of the study resolves them.
         cfg = resolve_run_config(model, method or study.methods[0], path, overrides, replicate=seed, point=point)
-        counts = {"generate": cfg.generation.shards, "judge": cfg.judge.answers.shards, "eval": cfg.eval.shards}
-        check_shard(index, counts[stage], KEYS[stage])  # before any run folder or model is opened
         if stage == "generate":
             from selftrain.generate import run_shard
-
-            done = run_shard(cfg, index)
+        elif stage == "judge":  # judge and eval: the cell's own run version, its training done
+            from selftrain.judge import run_shard
         else:
-            from selftrain.runs import find_run
-
-            run = find_run(cfg)  # the cell's own version: its training must be done
-            if stage == "judge":
-                from selftrain.judge import run_shard as judge_shard
-
-                done = judge_shard(run, index)
-            else:
-                from selftrain.evaluate import run_shard as eval_shard
-
-                done = eval_shard(run, index)
+            from selftrain.evaluate import run_shard
+        done = run_shard(cfg, index)
         if done["cache"] in seen:
             continue
         seen.add(done["cache"])

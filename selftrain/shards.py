@@ -12,6 +12,7 @@ padding are those of the unsharded run and the merged records equal it byte for 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -97,5 +98,8 @@ def run_sharded(
 
 
 def remove_shards(folder: Path) -> None:
-    """The shards have served once merged (and their merged result is written): free them."""
+    """The shards have served once merged (and their merged result is written): free them, and `folder` too when
+    nothing else is in it (stage 05/06's shard folders; stage 01's keeps the merged generation)."""
     shutil.rmtree(folder / "shards", ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty, or already gone
+        folder.rmdir()

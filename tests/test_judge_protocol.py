@@ -705,8 +705,9 @@ def test_stage_end_to_end_with_llm_jp_judge_protocol(tiny_overrides: list[str], 
         ov_sh += [f"judge.endpoint={ep}", "judge.answers.shards=2", "judge.answers.batch_size=1"]
         one = create_run(resolve_run_config("tiny", "baseline", overrides=ov_sh[:-2] + ov_sh[-1:]), new_version=True)
         judge.run(one, progress=False)
-        sharded = create_run(resolve_run_config("tiny", "baseline", overrides=ov_sh))
-        shard_items = [judge.run_shard(sharded, k, progress=False)["items"] for k in range(2)]
+        cfg_sh = resolve_run_config("tiny", "baseline", overrides=ov_sh)
+        sharded = create_run(cfg_sh)
+        shard_items = [judge.run_shard(cfg_sh, k, progress=False)["items"] for k in range(2)]
         judge.run(sharded, progress=False)
     assert shard_items == [2, 3]  # quality 3 -> 1 + 2, safety 2 -> 1 + 1
     want = (one.data_dir / "judge_answers.jsonl").read_bytes()

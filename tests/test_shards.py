@@ -127,9 +127,9 @@ def test_sharded_judge_answers_equal_the_unsharded_ones_and_a_lost_shard_is_answ
 
         cfg = resolve_run_config("tiny", "baseline", overrides=[*ov, "judge.answers.shards=3"])
         run = create_run(cfg)
-        first = [judge.run_shard(run, s, progress=False) for s in range(3)]  # three array tasks, one shard each
+        first = [judge.run_shard(cfg, s, progress=False) for s in range(3)]  # three array tasks, one shard each
         assert all(d["generated"] for d in first) and sum(d["items"] for d in first) == 9
-        assert not judge.run_shard(run, 0, progress=False)["generated"]  # done: not answered twice
+        assert not judge.run_shard(cfg, 0, progress=False)["generated"]  # done: not answered twice
         folder = Path(first[0]["cache"])
         assert folder.is_relative_to(cache_dir / "answers") and not run.is_done("judge")
         assert not (run.data_dir / "judge_answers.jsonl").exists()  # a shard task writes no run-folder file
@@ -140,7 +140,7 @@ def test_sharded_judge_answers_equal_the_unsharded_ones_and_a_lost_shard_is_answ
     meta = json.loads((run.metrics_dir / "judge.json").read_text())["answers"]
     assert meta["shards"] == 3 and meta["shards_answered_here"] == [1, 2] and not folder.exists()
     with pytest.raises(ValueError, match="shard 3 is outside 0..2 \\(judge.answers.shards is 3\\)"):
-        judge.run_shard(run, 3, progress=False)
+        judge.run_shard(cfg, 3, progress=False)
 
 
 # ------------------------------------------------------------------------------------------- stage 06 predictions
@@ -160,8 +160,9 @@ def test_sharded_eval_predictions_equal_the_unsharded_ones_and_a_lost_shard_is_p
     want = (one.data_dir / "eval_predictions.jsonl").read_bytes()
     scores = (one.metrics_dir / "eval_scores.csv").read_bytes()
 
-    run = create_run(resolve_run_config("tiny", "baseline", overrides=[*ov, "eval.shards=3"]))
-    first = [evaluate.run_shard(run, s, progress=False) for s in range(3)]
+    cfg = resolve_run_config("tiny", "baseline", overrides=[*ov, "eval.shards=3"])
+    run = create_run(cfg)
+    first = [evaluate.run_shard(cfg, s, progress=False) for s in range(3)]
     assert all(d["generated"] for d in first) and sum(d["items"] for d in first) == 30  # 6 datasets x 5
     folder = Path(first[0]["cache"])
     assert folder.is_relative_to(cache_dir / "predictions") and not run.is_done("eval")
@@ -171,7 +172,7 @@ def test_sharded_eval_predictions_equal_the_unsharded_ones_and_a_lost_shard_is_p
     assert (run.metrics_dir / "eval_scores.csv").read_bytes() == scores
     m = json.loads((run.metrics_dir / "eval.json").read_text())
     assert m["shards"] == 3 and m["shards_predicted_here"] == [0] and not folder.exists()
-    assert not evaluate.run_shard(run, 1, progress=False)["generated"]  # merged and scored: nothing left to do
+    assert not evaluate.run_shard(cfg, 1, progress=False)["generated"]  # merged and scored: nothing left to do
 
 
 def test_shard_command_for_judge_and_eval_needs_the_cells_run_and_training(

@@ -18,7 +18,6 @@ and field in ``metrics/eval.json`` and the other datasets still run.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from selftrain.config import EvalConfig, GenerationConfig, ModelConfig
+from selftrain.config import EvalConfig, GenerationConfig, ModelConfig, RunConfig
 from selftrain.evaluate.datasets import Dataset, dataset_paths, load_datasets
 from selftrain.evaluate.prompts import bos_prefix, fit_prompt, token_counter
 from selftrain.evaluate.protocols import Protocol, ProtocolError, load_protocol
@@ -38,9 +37,9 @@ from selftrain.io import DataError, read_jsonl, sha256_json, write_json, write_j
 from selftrain.models import model_fingerprint
 from selftrain.paths import resolve_path
 from selftrain.plots import plt
-from selftrain.runs import Run
+from selftrain.runs import Run, find_run
 from selftrain.schema import read_metrics
-from selftrain.shards import Part, check_shard, group_shards, produce_shard, run_sharded
+from selftrain.shards import Part, check_shard, group_shards, produce_shard, remove_shards, run_sharded
 
 STAGE = "eval"
 
@@ -320,8 +319,8 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             "seconds": round(time.time() - t0, 2),
         }
         write_json(run.metrics_dir / "eval.json", metrics)
-        if shard_folder is not None:  # merged and written: the shards have served
-            shutil.rmtree(shard_folder, ignore_errors=True)
+        if shard_folder is not None:
+            remove_shards(shard_folder)  # merged and written
         run.save_figure(plot_categories(category_table(run), saved), "eval_categories")
         info["outputs"] = [pred_file, scores_file, run.metrics_dir / "eval.json"]
         info["metrics"] = {
@@ -354,13 +353,13 @@ def _load(ev: EvalConfig) -> tuple[Protocol, list[Dataset], list[dict[str, Any]]
     return protocol, datasets, errors
 
 
-def run_shard(run: Run, shard: int, progress: bool = True) -> dict[str, Any]:
-    """Predict one shard of stage 06's benchmark prompts into the cache (the run folder is only read): what a Slurm
-    array task or a process pinned to one GPU runs once the cell's training is done. Stage 06 later merges every
-    shard and scores. Returns where and what it did."""
-    cfg = run.config
+def run_shard(cfg: RunConfig, shard: int, progress: bool = True) -> dict[str, Any]:
+    """Predict one shard of stage 06's benchmark prompts into the cache: what a Slurm array task or a process pinned
+    to one GPU runs once the cell's training is done. The cell's own run version (`find_run`: never created here)
+    is only read. Stage 06 later merges every shard and scores. Returns where and what it did."""
     ev = cfg.eval
-    check_shard(shard, ev.shards, "eval.shards")
+    check_shard(shard, ev.shards, "eval.shards")  # before any run folder or model is opened
+    run = find_run(cfg)
     folder = run.model_under_test()
     protocol, datasets, _ = _load(ev)
     backend = pick_backend(ev.backend)

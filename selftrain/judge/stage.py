@@ -18,7 +18,6 @@ judge.json an ``llm_jp_judge`` block with llm-jp-judge's own score and error-rat
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from selftrain.config import JudgeConfig, SamplingConfig
+from selftrain.config import JudgeConfig, RunConfig, SamplingConfig
 from selftrain.inference import generate_candidates, inference_dtype, pick_backend
 from selftrain.io import DataError, iter_jsonl, read_json, sha256_json, write_json, write_jsonl
 from selftrain.judge import llmjp
@@ -36,9 +35,9 @@ from selftrain.judging.parse import LABELS
 from selftrain.models import model_fingerprint
 from selftrain.paths import resolve_path
 from selftrain.plots import plt
-from selftrain.runs import Run
+from selftrain.runs import Run, find_run
 from selftrain.schema import JUDGE_CRITERIA, JUDGE_SETS, judge_rows, read_metrics
-from selftrain.shards import Part, check_shard, group_shards, produce_shard, run_sharded
+from selftrain.shards import Part, check_shard, group_shards, produce_shard, remove_shards, run_sharded
 from selftrain.stats import bootstrap_ci
 
 STAGE = "judge"
@@ -278,7 +277,7 @@ def _answers(
         "shards_answered_here": made,  # the others came from `selftrain shard --stage judge`
     }
     write_json(meta_path, meta)
-    shutil.rmtree(shard_folder, ignore_errors=True)  # merged and written: the shards have served
+    remove_shards(shard_folder)  # merged and written
     return recs, {**meta, "reused": False}
 
 
@@ -289,12 +288,13 @@ def _items(run: Run) -> list[dict[str, Any]]:
     return [{"set": kind, **it} for kind, f in zip(SETS, sets, strict=True) for it in load_items(f, kind, cfg.limit)]
 
 
-def run_shard(run: Run, shard: int, progress: bool = True) -> dict[str, Any]:
-    """Answer one shard of stage 05's judge sets into the cache (the run folder is only read): what a Slurm array
-    task or a process pinned to one GPU runs once the cell's training is done. Stage 05 later merges every shard
-    and judges. Returns where and what it did."""
-    shards = run.config.judge.answers.shards
-    check_shard(shard, shards, "judge.answers.shards")
+def run_shard(run_cfg: RunConfig, shard: int, progress: bool = True) -> dict[str, Any]:
+    """Answer one shard of stage 05's judge sets into the cache: what a Slurm array task or a process pinned to one
+    GPU runs once the cell's training is done. The cell's own run version (`find_run`: never created here) is only
+    read. Stage 05 later merges every shard and judges. Returns where and what it did."""
+    shards = run_cfg.judge.answers.shards
+    check_shard(shard, shards, "judge.answers.shards")  # before any run folder or model is opened
+    run = find_run(run_cfg)
     cfg = run.config.judge
     checkout = llmjp.load_for(cfg) if cfg.protocol == "llm-jp-judge" else None
     folder = run.model_under_test()
