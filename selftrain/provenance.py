@@ -121,13 +121,13 @@ def cached_sha256(path: Path) -> str:
 def input_files(cfg: RunConfig) -> list[Path]:
     """Every file whose content shapes a run's outputs, for the stages it runs: prompt set, judge sets and
     rubrics, eval datasets with their train splits, the rules and third-party checkouts' prompt files."""
-    from selftrain.data import prompt_files
+    from selftrain.data import prompt_inputs
 
     out: list[Path] = []
     stages = set(cfg.stages)
     if stages & {"generate", "select", "sft", "dpo"}:
         try:
-            out += prompt_files(cfg.prompts.path, cfg.prompts.hub_files)
+            out += prompt_inputs(cfg.prompts.path, cfg.prompts.hub_files, cfg.prompts.system_from)
         except Exception:  # a hub set not downloaded here: stage 01 says so; it is not an input of eval alone
             out.append(resolve_path(cfg.prompts.path))
     sel = cfg.selection

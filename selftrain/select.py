@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from selftrain.config import EmbeddingConfig, RunConfig
-from selftrain.data import load_prompts
+from selftrain.data import run_prompt_set
 from selftrain.inference import free_memory, inference_dtype, load_hf, release_frames
 from selftrain.io import DataError, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl, write_npy
 from selftrain.judging.clients import make_judge
@@ -353,7 +353,8 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     cand_file = run.data_dir / "candidates.jsonl"
     run.require("generate")
     with run.stage(STAGE, inputs=[cand_file]) as info:
-        prompts = load_prompts(cfg.prompts.path, cfg.prompts.limit, cfg.prompts.hub_files, cfg.prompts.skip_blank)
+        # The prompts stage 01 generated for: the same loading and context guard.
+        prompts = run_prompt_set(cfg, resolve_model_path(cfg.model.path, cfg.output.cache_dir))[0]
         n_all = cfg.generation.n
         texts = _candidate_matrix(prompts, read_jsonl(cand_file), n_all, cand_file)
         # The n-prefix: candidates 0..n-1 of each prompt (i.i.d. samples), then the original's column.

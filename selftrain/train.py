@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +37,60 @@ class TrainingError(RuntimeError):
 # ------------------------------------------------------------------------------------------- config
 
 
-def _precision(block: dict[str, Any]) -> dict[str, Any]:
-    """bf16 where the hardware supports it (a recent GPU, or a CPU with AMX / AVX-512 BF16), else fp32.
+@dataclass(frozen=True)
+class Device:
+    """The hardware a trainer is built for: a CUDA GPU or not, and whether it multiplies bf16 natively. Tests
+    build the GPU configuration on a CPU with `Device(cuda=True, bf16=True)`; runs take `Device.here()`."""
 
-    On a CPU bf16 is autocast over fp32 master weights: the matmuls run on the bf16 units (4x the fp32 rate on the
-    demo machine's AMX) while optimizer updates stay exact. The params' own `bf16`/`fp16` win.
-    """
+    cuda: bool
+    bf16: bool
+
+    @classmethod
+    def here(cls) -> Device:
+        import torch
+
+        if torch.cuda.is_available():
+            return cls(cuda=True, bf16=torch.cuda.is_bf16_supported())
+        return cls(cuda=False, bf16=cpu_has_bf16())
+
+
+def precision_plan(precision: str, block: dict[str, Any], device: Device) -> dict[str, Any]:
+    """How a stage trains: the dtype its weights are loaded (and updated) in, the Trainer's precision flags, and
+    the dtype of DPO's separate reference model.
+
+    `mixed` (the default): float32 master weights and AdamW states, matmuls under bf16 autocast where the device
+    multiplies bf16 natively (fp16 with loss scaling on an older GPU), as LLM-jp's bf16-mixed and transformers'
+    AMP. Pure bf16 weights would lose every update below half a bf16 step: at DPO's 5e-7 about 1% of the weights
+    move at all. `bf16`: pure bf16 weights and optimizer, only when asked (recorded). `fp32`: no autocast. The
+    params' own `bf16`/`fp16` keys win for the autocast flags. On a GPU under `mixed` DPO's reference model (never
+    updated) is held in bf16, half the memory, as the 16-bit weights the autocast matmuls use."""
     import torch
 
-    if torch.cuda.is_available():
-        return {} if "bf16" in block or "fp16" in block else {"bf16": torch.cuda.is_bf16_supported(), "fp16": False}
-    # A CPU run says so: transformers refuses bf16 without a GPU otherwise, and accelerate's launched processes
-    # then form a gloo group (MULTI_CPU) instead of looking for NCCL.
-    out: dict[str, Any] = {"use_cpu": True}
-    if "bf16" not in block and "fp16" not in block:
-        out.update(bf16=cpu_has_bf16(), fp16=False)
-    if "dataloader_pin_memory" not in block:
-        out["dataloader_pin_memory"] = False  # nothing to pin to on a CPU-only machine
-    return out
+    if precision not in ("mixed", "bf16", "fp32"):
+        raise TrainingError(f"training.precision must be mixed, bf16 or fp32, got {precision!r}")
+    if precision == "bf16" and device.cuda and not device.bf16:
+        raise TrainingError("training.precision bf16: this GPU has no bf16; use mixed (fp16 autocast) or fp32")
+    flags: dict[str, Any] = {}
+    if precision == "mixed":
+        flags = {"bf16": device.bf16, "fp16": device.cuda and not device.bf16}
+    elif precision == "bf16":
+        flags = {"bf16": True, "fp16": False}
+    else:
+        flags = {"bf16": False, "fp16": False}
+    if "bf16" in block or "fp16" in block:
+        flags = {}
+    if not device.cuda:
+        # A CPU run says so: transformers refuses bf16 without a GPU otherwise, and accelerate's launched processes
+        # then form a gloo group (MULTI_CPU) instead of looking for NCCL.
+        flags["use_cpu"] = True
+        if "dataloader_pin_memory" not in block:
+            flags["dataloader_pin_memory"] = False  # nothing to pin to on a CPU-only machine
+    weights = torch.bfloat16 if precision == "bf16" else torch.float32
+    half = precision == "mixed" and device.cuda and device.bf16
+    # On a GPU the final model is saved in bf16, what stages 05/06 run it in there (and half the disk); on a CPU
+    # in the float32 it trained in, so the CPU path's numbers stay what they were.
+    return {"precision": precision, "weights": weights, "flags": flags,
+            "reference": torch.bfloat16 if half else weights, "save": torch.bfloat16 if half else weights}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- paths
@@ -168,6 +205,9 @@ def _save_final(trainer: Any, tok: Any, out: Path) -> Path:
         model = trainer.model
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
+        save_dtype = getattr(trainer, "selftrain_precision", {}).get("save")
+        if save_dtype is not None and model.dtype != save_dtype:
+            model = model.to(save_dtype)  # training is over: the float32 masters have served
         model.save_pretrained(tmp, safe_serialization=True)
     if main:
         tok.save_pretrained(tmp)
@@ -266,10 +306,15 @@ def train_in_process(
     )
     batch_report = check_batch(next(iter(trainer.get_train_dataloader())), tok)
     args = trainer.args
+    plan = trainer.selftrain_precision
+    ref = getattr(trainer, "ref_model", None)
     numerics = {
-        # On a CPU bf16 is autocast over float32 weights; on a GPU the weights themselves are bf16.
+        # mixed: float32 master weights under bf16/fp16 autocast; bf16: the weights and AdamW states themselves bf16.
+        "precision": plan["precision"],
         "dtype": "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32",
         "weights": str(trainer.model.dtype).removeprefix("torch."),
+        "pure_bf16": plan["precision"] == "bf16",
+        "reference": str(ref.dtype).removeprefix("torch.") if ref is not None else None,
         "device": str(args.device),
         "processes": args.world_size,
         "launch": cfg.training.launch,
@@ -334,18 +379,28 @@ def _count_tokens(trainer: Any, kind: str) -> int:
 
 
 def _build_trainer(
-    cfg: RunConfig, kind: str, start: Path, dataset: Any, out_dir: Path, callbacks: list[Any], progress: bool
+    cfg: RunConfig,
+    kind: str,
+    start: Path,
+    dataset: Any,
+    out_dir: Path,
+    callbacks: list[Any],
+    progress: bool,
+    device: Device | None = None,
 ) -> tuple[Any, Any]:
-    import torch
+    """The TRL trainer of a stage and its tokenizer. `device`: the hardware to build for (None: this machine's);
+    a test passes the GPU's to check, on a CPU, what a GPU run would update."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = device or Device.here()
     block = dict(getattr(cfg.training, kind))
+    plan = precision_plan(cfg.training.precision, block, device)
     common = {
         "output_dir": str(out_dir),
         "report_to": "none",
         "seed": cfg.seed,
         "disable_tqdm": not progress,
-        **_precision(block),
+        **plan["flags"],
     }
     tok = AutoTokenizer.from_pretrained(start)
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
@@ -353,20 +408,33 @@ def _build_trainer(
             f"{start}: the tokenizer's pad token is missing or equals eos ({tok.eos_token!r}); set a distinct "
             "pad token in the model folder so the end-of-turn token stays in the labels"
         )
-    cuda_bf16 = torch.cuda.is_available() and (common.get("bf16") or block.get("bf16"))
-    dtype = torch.bfloat16 if cuda_bf16 else torch.float32  # on CPU bf16 is autocast over fp32 weights
     attn = getattr(cfg.training, f"{kind}_attn_implementation")
     extra = {"attn_implementation": attn} if attn else {}
-    model = AutoModelForCausalLM.from_pretrained(start, dtype=dtype, **extra)
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=plan["weights"], **extra)
     peft = _peft_config(cfg)
+    ref = None
+    own_ref = kind == "dpo" and peft is None and not block.get("precompute_ref_log_probs")
+    if own_ref and plan["reference"] != plan["weights"]:
+        # TRL would build the reference in the policy's float32; it is never updated, so bf16 holds it.
+        ref = AutoModelForCausalLM.from_pretrained(start, dtype=plan["reference"], **extra)
     # On a CPU, TRL's chunked LM head is the slow part of a step: swap in the plain one (selftrain/cpu_head.py).
-    head = contextlib.nullcontext() if torch.cuda.is_available() else cpu_head.plain_lm_head()
+    head = contextlib.nullcontext() if device.cuda else cpu_head.plain_lm_head()
     with head:
-        return _make_trainer(kind, model, common, block, dataset, tok, callbacks, peft), tok
+        trainer = _make_trainer(kind, model, common, block, dataset, tok, callbacks, peft, ref)
+    trainer.selftrain_precision = plan  # what train_in_process records
+    return trainer, tok
 
 
 def _make_trainer(
-    kind: str, model: Any, common: dict, block: dict, dataset: Any, tok: Any, callbacks: list[Any], peft: Any
+    kind: str,
+    model: Any,
+    common: dict,
+    block: dict,
+    dataset: Any,
+    tok: Any,
+    callbacks: list[Any],
+    peft: Any,
+    ref: Any = None,
 ) -> Any:
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
@@ -380,8 +448,9 @@ def _make_trainer(
 
         args = DPOConfig(**{**common, **block})
         trainer = DPOTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks, peft_config=peft
-        )
+            model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks,
+            peft_config=peft,
+        )  # fmt: skip
     return trainer
 
 

@@ -104,18 +104,33 @@ def test_cpu_trainers_use_the_plain_head(tiny_overrides: list[str], tmp_path: Pa
     assert sft_trainer.add_fused_lm_head is add_fused_lm_head and dpo_trainer.add_fused_lm_head is add_fused_lm_head
 
 
-@cpu_only
-def test_cpu_precision_follows_the_hardware() -> None:
-    got = train._precision({})
-    # A CPU run always says so (launched processes then form a gloo group); bf16 where the CPU multiplies it.
+def test_precision_follows_the_hardware() -> None:
+    here = train.Device.here()
+    cpu = train.Device(cuda=False, bf16=cpu_has_bf16())
+    got = train.precision_plan("mixed", {}, cpu)["flags"]
+    # A CPU run always says so (launched processes then form a gloo group); bf16 autocast where the CPU multiplies it.
     assert got["bf16"] == cpu_has_bf16() and got["use_cpu"] and not got["fp16"]
-    assert "bf16" not in train._precision({"bf16": False})  # the params' word wins
-    assert train._precision({"bf16": True})["use_cpu"] and "bf16" not in train._precision({"bf16": True})
-    assert train._precision({"dataloader_pin_memory": True}).get("dataloader_pin_memory") is None
+    assert "bf16" not in train.precision_plan("mixed", {"bf16": False}, cpu)["flags"]  # the params' word wins
+    flags = train.precision_plan("mixed", {"bf16": True}, cpu)["flags"]
+    assert flags["use_cpu"] and "bf16" not in flags
+    assert "dataloader_pin_memory" not in train.precision_plan("mixed", {"dataloader_pin_memory": True}, cpu)["flags"]
+    if not torch.cuda.is_available():
+        assert here == cpu
+    # A bf16 GPU under `mixed`: float32 masters, bf16 autocast, a bf16 reference; an older GPU: fp16 autocast.
+    gpu = train.precision_plan("mixed", {}, train.Device(cuda=True, bf16=True))
+    assert gpu["flags"] == {"bf16": True, "fp16": False} and gpu["weights"] == torch.float32
+    assert gpu["reference"] == gpu["save"] == torch.bfloat16
+    old = train.precision_plan("mixed", {}, train.Device(cuda=True, bf16=False))
+    assert old["flags"] == {"bf16": False, "fp16": True} and old["reference"] == torch.float32
+    pure = train.precision_plan("bf16", {}, train.Device(cuda=True, bf16=True))
+    assert pure["weights"] == torch.bfloat16 and pure["flags"]["bf16"]
+    with pytest.raises(train.TrainingError, match="this GPU has no bf16"):
+        train.precision_plan("bf16", {}, train.Device(cuda=True, bf16=False))
 
 
 @pytest.mark.gpu
 def test_gpu_precision_and_trl_head() -> None:
     """On a CUDA GPU: bf16 where the GPU supports it, no CPU flag, and TRL's own fused head is kept."""
-    got = train._precision({})
-    assert got == {"bf16": torch.cuda.is_bf16_supported(), "fp16": False}
+    bf16 = torch.cuda.is_bf16_supported()
+    got = train.precision_plan("mixed", {}, train.Device.here())
+    assert got["flags"] == {"bf16": bf16, "fp16": not bf16} and got["weights"] == torch.float32

@@ -109,8 +109,8 @@ def test_blank_records_can_be_skipped_and_are_counted(tmp_path: Path) -> None:
 
     p = _write(tmp_path, ['{"prompt": "q", "response": "a"}', '{"prompt": "\\t", "response": "a"}',
                           '{"prompt": "q2", "response": "  "}'])  # fmt: skip
-    recs, skipped = load_prompt_set(p, skip_blank=True)
-    assert [r["original"] for r in recs] == ["a"] and skipped == 2
+    recs, facts = load_prompt_set(p, skip_blank=True)
+    assert [r["original"] for r in recs] == ["a"] and facts["skipped_blank_records"] == 2
 
 
 def test_undecodable_bytes_and_a_folder_are_named(tmp_path: Path) -> None:
@@ -120,3 +120,168 @@ def test_undecodable_bytes_and_a_folder_are_named(tmp_path: Path) -> None:
         load_prompts(p)
     with pytest.raises(DataError, match="is a folder"):
         load_prompts(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- publishers' shapes
+
+# Rows of our own in the shapes LLM-jp and others ship: LLM-jp's SFT sets (llm-jp/magpie-sft-v1.0: an integer id and
+# role/content `conversations`), ShareGPT (from/value, an optional top-level system), and the same as a JSON array
+# and as Parquet written by `datasets`.
+MAGPIE = [
+    {"id": 0, "conversations": [{"role": "user", "content": "Name two rivers in Japan."},
+                                {"role": "assistant", "content": "The Shinano and the Tone."}]},
+    {"id": 1, "conversations": [{"role": "user", "content": "How many minutes are in a day?"},
+                                {"role": "assistant", "content": "1,440 minutes."},
+                                {"role": "user", "content": "And seconds?"},
+                                {"role": "assistant", "content": "86,400 seconds."}]},
+]  # fmt: skip
+SHAREGPT = [
+    {"conversations": [{"from": "human", "value": "Suggest a name for a cat."}, {"from": "gpt", "value": "Miso."}]},
+    {"system": "Reply in one word.", "conversations": [{"from": "User", "value": "Colour of grass?"},
+                                                       {"from": "Assistant", "value": "Green."}]},
+]  # fmt: skip
+
+
+def test_llm_jp_conversations_records_load(tmp_path: Path) -> None:
+    p = _write(tmp_path, [json.dumps(r, ensure_ascii=False) for r in MAGPIE], name="magpie.jsonl")
+    recs = load_prompts(p)
+    assert [r["id"] for r in recs] == ["0", "1"]
+    assert recs[0]["messages"] == [{"role": "user", "content": "Name two rivers in Japan."}]
+    assert recs[0]["original"] == "The Shinano and the Tone."
+    assert [m["role"] for m in recs[1]["messages"]] == ["user", "assistant", "user"]
+    assert recs[1]["original"] == "86,400 seconds."
+    # Without an id, the file's stem and line name the record, as for the other shapes.
+    q = _write(tmp_path, [json.dumps({"conversations": MAGPIE[0]["conversations"]})], name="noid.jsonl")
+    assert load_prompts(q)[0]["id"] == "noid-1"
+
+
+def test_sharegpt_records_load_with_their_system_line(tmp_path: Path) -> None:
+    p = _write(tmp_path, [json.dumps(r) for r in SHAREGPT], name="sharegpt.jsonl")
+    recs = load_prompts(p)
+    assert recs[0]["messages"] == [{"role": "user", "content": "Suggest a name for a cat."}]
+    assert recs[0]["original"] == "Miso."
+    assert recs[1]["messages"] == [{"role": "system", "content": "Reply in one word."},
+                                   {"role": "user", "content": "Colour of grass?"}]  # fmt: skip
+    assert recs[1]["original"] == "Green."
+
+
+def test_json_arrays_json_lines_and_parquet_as_datasets_writes_them(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    rows = [{"id": str(r["id"]), "conversations": r["conversations"]} for r in MAGPIE]
+    array = tmp_path / "set.json"
+    array.write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+    ds = Dataset.from_list(rows)
+    lines = tmp_path / "lines.json"
+    ds.to_json(str(lines))  # `datasets` writes JSON Lines under a .json name by default
+    parquet = tmp_path / "set.parquet"
+    ds.to_parquet(str(parquet))
+    expected = load_prompts(_write(tmp_path, [json.dumps(r) for r in rows], name="ref.jsonl"))
+    for path in (array, lines, parquet):
+        assert load_prompts(path) == expected, path
+
+
+def test_bad_records_in_arrays_and_parquet_name_their_place(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    array = tmp_path / "bad.json"
+    array.write_text(json.dumps([MAGPIE[0], 7, {"conversations": [{"from": "robot", "value": "x"}]}]))
+    with pytest.raises(DataError) as e:
+        load_prompts(array)
+    msg = str(e.value)
+    assert msg.startswith(f"2 bad record(s) in {array}")
+    assert f"{array}[1]: expected a JSON object" in msg
+    assert f"{array}[2]: conversations[0].from is 'robot'" in msg
+    table = pa.table({"conversations": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                                        [{"role": "user", "content": "q2"}]]})  # fmt: skip
+    parquet = tmp_path / "bad.parquet"
+    pq.write_table(table, parquet)
+    with pytest.raises(DataError, match=rf"{parquet}: row 1: the last message must be the assistant"):
+        load_prompts(parquet)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_prompts(broken)
+    unclosed = tmp_path / "unclosed.json"
+    unclosed.write_text('[{"prompt": "q", "response": "a"},\n')
+    with pytest.raises(DataError, match=rf"{unclosed}:2: not valid JSON"):
+        load_prompts(unclosed)
+
+
+def test_system_line_shuffle_then_limit_in_llm_jp_order(tmp_path: Path) -> None:
+    import random
+
+    from selftrain.data import load_prompt_set
+
+    rows = [{"id": f"r{i}", "prompt": f"question {i}", "response": f"answer {i}"} for i in range(30)]
+    own = [{"role": "system", "content": "Own line."}, {"role": "user", "content": "q"}]
+    rows[3] = {"id": "r3", "messages": [*own, {"role": "assistant", "content": "a"}]}
+    p = _write(tmp_path, [json.dumps(r) for r in rows])
+    recs, facts = load_prompt_set(p, limit=5, system="A fixed line.", shuffle_seed=42)
+    # The order LLM-jp's preprocessing gives: random.seed(42); random.shuffle(all records); then a subset.
+    order = [r["id"] for r in rows]
+    random.seed(42)
+    random.shuffle(order)
+    assert [r["id"] for r in recs] == order[:5]
+    assert facts == {"records": 30, "skipped_blank_records": 0, "system_added": 29, "system_kept": 1,
+                     "shuffle_seed": 42, "limit": 5, "used": 5}  # fmt: skip
+    for r in recs:
+        want = "Own line." if r["id"] == "r3" else "A fixed line."
+        assert r["messages"][0] == {"role": "system", "content": want}
+    plain, _ = load_prompt_set(p, limit=5)
+    assert [r["id"] for r in plain] == ["r0", "r1", "r2", "r3", "r4"]  # no shuffle: file order, no system line
+    assert plain[0]["messages"][0]["role"] == "user"
+
+
+def test_system_line_read_from_the_users_file(tmp_path: Path) -> None:
+    from selftrain.data import read_system_line
+
+    src = tmp_path / "preprocess.py"
+    src.write_text('import json\n\nLINE: str = "unused"\nSYSTEM_LINE = "Answer the task below."\nOTHER = 3\n')
+    assert read_system_line(f"{src}:SYSTEM_LINE") == "Answer the task below."
+    text = tmp_path / "system.txt"
+    text.write_text("A line from a text file.\n")
+    assert read_system_line(str(text)) == "A line from a text file."
+    with pytest.raises(DataError, match=rf"{src}:5: OTHER is not a string constant"):
+        read_system_line(f"{src}:OTHER")
+    with pytest.raises(DataError, match="assigns no top-level MISSING"):
+        read_system_line(f"{src}:MISSING")
+    with pytest.raises(DataError, match="not found"):
+        read_system_line(f"{tmp_path / 'nope.py'}:X")
+
+
+def test_system_from_is_checked_with_the_params(tmp_path: Path) -> None:
+    from selftrain.config import ConfigError, resolve_run_config
+
+    with pytest.raises(ConfigError, match=r"prompts.system_from: .*nope.py not found"):
+        resolve_run_config("tiny", "central", overrides=[f"prompts.system_from={tmp_path / 'nope.py'}:LINE"])
+    with pytest.raises(ConfigError, match="prompts.system or prompts.system_from, not both"):
+        resolve_run_config("tiny", "central", overrides=["prompts.system=x", f"prompts.system_from={tmp_path}/a:B"])
+
+
+def test_context_guard_skips_or_truncates_and_counts() -> None:
+    from selftrain.data import fit_context
+
+    def count(msgs: list[dict]) -> int:  # one token per word plus two per turn, like a template's markers
+        return sum(len(m["content"].split()) + 2 for m in msgs)
+
+    short = {"id": "s", "messages": [{"role": "user", "content": "one two"}], "original": "x"}
+    long_turns = {"id": "t", "messages": [
+        {"role": "system", "content": "sys"}, {"role": "user", "content": "w " * 30},
+        {"role": "assistant", "content": "v " * 30}, {"role": "user", "content": "last question here"}],
+        "original": "x"}  # fmt: skip
+    long_one = {"id": "o", "messages": [{"role": "user", "content": " ".join(f"w{i}" for i in range(50))}],
+                "original": "x"}  # fmt: skip
+    kept, facts = fit_context([short, long_turns, long_one], count, 20, "skip")
+    assert [p["id"] for p in kept] == ["s"] and facts == {"skipped_long": ["t", "o"], "truncated": []}
+    kept, facts = fit_context([short, long_turns, long_one], count, 20, "truncate")
+    assert [p["id"] for p in kept] == ["s", "t", "o"] and facts == {"skipped_long": [], "truncated": ["t", "o"]}
+    t = kept[1]["messages"]
+    assert t == [{"role": "system", "content": "sys"}, {"role": "user", "content": "last question here"}]
+    o = kept[2]["messages"][0]["content"]
+    assert count(kept[2]["messages"]) <= 20 and o.endswith("w49") and "w0 " not in o  # the start was cut
+    too_long_system = {"id": "y", "messages": [{"role": "system", "content": "s " * 40},
+                                               {"role": "user", "content": "q"}], "original": "x"}  # fmt: skip
+    kept, facts = fit_context([too_long_system], count, 20, "truncate")
+    assert kept == [] and facts["skipped_long"] == ["y"]

@@ -240,3 +240,40 @@ def test_chrf_utility_selects_without_loading_the_model(tiny_overrides: list[str
             continue
         means = [np.mean([chrf.sentence_score(texts[j], [texts[k]]).score for k in pool if k != j]) for j in pool]
         assert r.target in [pool[i] for i, v in enumerate(means) if abs(v - max(means)) < 1e-4]
+
+
+def test_stages_01_02_on_llm_jp_shaped_rows_with_system_shuffle_and_a_too_long_prompt(
+    tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """magpie-shaped rows as LLM-jp ships them, a system line read from a file of the user's, a shuffle before the
+    limit, and one prompt longer than the model's context: stage 01 skips and counts it (never a failed stage), and
+    stage 02 selects over exactly the prompts stage 01 generated for."""
+    rows = [{"id": i, "conversations": [{"role": "user", "content": f"Question number {i} about the weather?"},
+                                        {"role": "assistant", "content": f"Answer {i}: it is sunny."}]}
+            for i in range(8)]  # fmt: skip
+    rows[2]["conversations"][0]["content"] = "very long " * 400  # far beyond the tiny model's 512 tokens
+    src = tmp_path / "magpie.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = tmp_path / "prep.py"
+    line.write_text('SYSTEM = "Answer the question below."\n')
+    extra = [f"prompts.path={src}", f"prompts.system_from={line}:SYSTEM", "prompts.shuffle=true", "prompts.limit=6"]
+    run = _run(tiny_overrides, extra=extra)
+    generate.run(run, progress=False)
+    meta = json.loads((run.metrics_dir / "generate.json").read_text())
+    facts = meta["prompt_set"]
+    assert facts["records"] == 8 and facts["used"] == 6 and facts["system_added"] == 8 and facts["shuffle_seed"] == 42
+    import random
+
+    order = [str(i) for i in range(8)]
+    random.Random(42).shuffle(order)
+    assert "2" in order[:6] and order[:6] != [str(i) for i in range(6)]  # the shuffle keeps the long one
+    want = [i for i in order[:6] if i != "2"]
+    assert facts["skipped_long"] == ["2"]
+    recs = read_jsonl(run.data_dir / "candidates.jsonl")
+    assert sorted({r["prompt_id"] for r in recs}) == sorted(want)
+    stage = run.stage_record("generate")
+    assert stage["metrics"]["system_added"] == 8 and str(line) in stage["inputs"]
+    select.run(run, progress=False)
+    sft = read_jsonl(run.data_dir / "sft.jsonl")
+    assert {r["prompt"][0]["content"] for r in sft} == {"Answer the question below."}
+    assert len(read_jsonl(run.data_dir / "selection.jsonl")) == len(want)

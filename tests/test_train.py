@@ -282,3 +282,50 @@ def test_clean_frees_what_no_run_references(tiny_overrides: list[str], tmp_path:
     clean(list(items.values()))
     assert not trainer.exists() and not stray.exists() and not stale.exists()
     assert (run.checkpoints_dir("sft") / "final" / "_SUCCESS").is_file() and run.final_model().is_dir()
+
+
+def _one_step(cfg, start: Path, data: Path, out: Path, device: train.Device) -> tuple[dict, train.Any]:
+    """The weight change of one optimizer step of the project's SFT trainer built for `device`."""
+    dataset, _ = train._load_dataset(data, "sft")
+    trainer, _ = train._build_trainer(cfg, "sft", start, dataset, out, [], False, device)
+    before = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    delta = {n: p.detach().float() - before[n] for n, p in trainer.model.named_parameters()}
+    return delta, trainer
+
+
+@pytest.mark.parametrize("lr", [5e-7, 5e-6])  # the shipped DPO rate and the 3.7b SFT rate
+def test_gpu_configuration_keeps_float32_master_weights(tiny_overrides: list[str], tmp_path: Path, lr: float) -> None:
+    """One AdamW step as the trainer is built for a bf16 GPU (emulated here: the GPU's weights dtype and precision
+    flags, bf16 autocast on the CPU) moves the weights like a float32 step. Pure bf16 weights, what a GPU run
+    trained in before, lose the update: AdamW's first step is about lr per weight, far below half a bf16 step."""
+    from selftrain.models import resolve_model_path
+
+    run = _selected_run(tiny_overrides, tmp_path)
+    start = resolve_model_path(run.config.model.path, run.config.output.cache_dir)
+    step = [f"training.sft.learning_rate={lr}", "training.sft.max_steps=1", "training.sft.save_strategy=no",
+            "training.sft.use_cpu=true", "training.sft.lr_scheduler_type=constant"]  # fmt: skip
+
+    def cfg(precision: str):
+        ov = [*tiny_overrides, *step, f"training.precision={precision}"]
+        return resolve_run_config("tiny", "central", overrides=ov)
+
+    data = run.data_dir / "sft.jsonl"
+    ref, _ = _one_step(cfg("fp32"), start, data, tmp_path / "fp32", train.Device(cuda=False, bf16=False))
+    mixed, trainer = _one_step(cfg("mixed"), start, data, tmp_path / "mixed", train.Device(cuda=True, bf16=True))
+    pure, _ = _one_step(cfg("bf16"), start, data, tmp_path / "bf16", train.Device(cuda=True, bf16=True))
+    assert trainer.args.bf16 and trainer.model.dtype == torch.float32  # mixed: autocast over float32 masters
+
+    def norm(d: dict) -> float:
+        return float(torch.sqrt(sum((v**2).sum() for v in d.values())))
+
+    moved_ref = {n: v != 0 for n, v in ref.items()}
+    total = sum(int(m.sum()) for m in moved_ref.values())
+
+    def share(d: dict) -> float:
+        return sum(int(((d[n] != 0) & m).sum()) for n, m in moved_ref.items()) / total
+
+    print(f"lr {lr}: mixed {norm(mixed) / norm(ref):.3f}x, {share(mixed):.1%} moved; "
+          f"pure bf16 {norm(pure) / norm(ref):.3f}x, {share(pure):.1%} moved")  # fmt: skip
+    assert 0.7 <= norm(mixed) / norm(ref) <= 1.3 and share(mixed) >= 0.5
+    assert share(pure) < 0.5 or norm(pure) / norm(ref) < 0.7  # the old GPU path: most updates lost
