@@ -131,17 +131,11 @@ class PromptsConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _system_source(self) -> PromptsConfig:
-        # Found with the params, before any stage runs: a missing source file fails here, not in stage 01.
+    def _one_system_source(self) -> PromptsConfig:
+        # The source file itself is read before any cell runs (runner), not here: `selftrain check` validates
+        # params files on machines without the user's checkouts.
         if self.system is not None and self.system_from is not None:
             raise ValueError("set prompts.system or prompts.system_from, not both")
-        if self.system_from is not None:
-            from selftrain.data import read_system_line
-
-            try:
-                read_system_line(self.system_from)
-            except ValueError as e:  # DataError
-                raise ValueError(str(e)) from None
         return self
 
 

@@ -261,6 +261,18 @@ def read_system_line(source: str) -> str:
     raise DataError(f"prompts.system_from: {path} assigns no top-level {name}")
 
 
+def check_sources(cfg: RunConfig) -> None:
+    """What the prompt params point at outside the repository, checked before any cell runs (a ConfigError naming
+    the key): prompts.system_from's file and constant."""
+    from selftrain.config import ConfigError
+
+    if cfg.prompts.system_from:
+        try:
+            read_system_line(cfg.prompts.system_from)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+
+
 def system_line(system: str | None, system_from: str | None) -> str | None:
     """The system line every prompt without one gets: prompts.system, or read through prompts.system_from."""
     return read_system_line(system_from) if system_from else system

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selftrain.config import ConfigError, load_study, resolve_run_config
+from selftrain.data import check_sources
 from selftrain.paths import project_root
 from selftrain.report import write_study_index
 from selftrain.runs import Run, create_run
@@ -111,7 +112,8 @@ def run_study(
             try:
                 for rep in replicates:
                     for pt in points:
-                        resolve_run_config(model, method, study_path, overrides, True, replicate=rep, point=pt)
+                        cfg = resolve_run_config(model, method, study_path, overrides, True, replicate=rep, point=pt)
+                        check_sources(cfg)
             except ConfigError as e:
                 problems += [x for x in str(e).replace("invalid params:", "").split("\n") if x.strip()]
     if problems:

@@ -314,6 +314,7 @@ def train_in_process(
         "dtype": "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32",
         "weights": str(trainer.model.dtype).removeprefix("torch."),
         "pure_bf16": plan["precision"] == "bf16",
+        "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
         "reference": str(ref.dtype).removeprefix("torch.") if ref is not None else None,
         "device": str(args.device),
         "processes": args.world_size,
@@ -409,6 +410,9 @@ def _build_trainer(
             "pad token in the model folder so the end-of-turn token stays in the labels"
         )
     attn = getattr(cfg.training, f"{kind}_attn_implementation")
+    if attn == "flex_attention" and not device.cuda:
+        # FlexAttention has no backward pass on a CPU (torch raises); sdpa masks packed rows by their position ids.
+        attn = "sdpa"
     extra = {"attn_implementation": attn} if attn else {}
     model = AutoModelForCausalLM.from_pretrained(start, dtype=plan["weights"], **extra)
     peft = _peft_config(cfg)

@@ -251,11 +251,15 @@ def test_system_line_read_from_the_users_file(tmp_path: Path) -> None:
         read_system_line(f"{tmp_path / 'nope.py'}:X")
 
 
-def test_system_from_is_checked_with_the_params(tmp_path: Path) -> None:
+def test_system_from_is_checked_before_any_cell_runs(tmp_path: Path) -> None:
     from selftrain.config import ConfigError, resolve_run_config
+    from selftrain.runner import run_study
 
-    with pytest.raises(ConfigError, match=r"prompts.system_from: .*nope.py not found"):
-        resolve_run_config("tiny", "central", overrides=[f"prompts.system_from={tmp_path / 'nope.py'}:LINE"])
+    bad = f"prompts.system_from={tmp_path / 'nope.py'}:LINE"
+    ov = [f"output.results_dir={tmp_path / 'results'}", bad]
+    with pytest.raises(ConfigError, match=r"no cell was run[\s\S]*prompts.system_from: .*nope.py not found"):
+        run_study("params/studies/tiny.yaml", overrides=ov)
+    assert not (tmp_path / "results").exists()
     with pytest.raises(ConfigError, match="prompts.system or prompts.system_from, not both"):
         resolve_run_config("tiny", "central", overrides=["prompts.system=x", f"prompts.system_from={tmp_path}/a:B"])
 
