@@ -356,16 +356,23 @@ class LlmJpJudgeConfig(_Section):
         description="Fill each prompt placeholder with a one-element Python list, so the judge prompt holds its "
         "repr (e.g. ['question']), as llm-jp-judge v2.0.0 does; false: plain strings, as before v2.0.0.",
     )
-    max_retries: int = Field(
-        3,
-        ge=0,
-        description="Re-asks of one judge request after a failed score extraction or a rejected request "
-        "(llm-jp-judge's client YAMLs: 3, so 4 attempts in all).",
+    client: Literal["openai", "azure", "bedrock"] = Field(
+        "openai",
+        description="Which llm-jp-judge client YAML of the checkout (src/llm_jp_judge/config/client/<client>.yaml) "
+        "gives max_retries, disable_system_prompt and the judge's model_name (unless set here or in "
+        "judge.endpoint.model); bedrock also drops seed and frequency_penalty and keeps the system prompt apart, "
+        "as llm-jp-judge's Bedrock client does. llm-jp-judge's own evaluate.yaml names azure.",
     )
-    disable_system_prompt: bool = Field(
-        False,
+    max_retries: int | None = Field(
+        None,
+        ge=0,
+        description="Re-asks of one judge request after a failed score extraction or a rejected request; null: "
+        "the client YAML's max_retries (v2.0.0: 3, so 4 attempts in all). A value here wins and is recorded so.",
+    )
+    disable_system_prompt: bool | None = Field(
+        None,
         description="As llm-jp-judge's client option: send the judge's system prompt at the head of the user "
-        "turn (system + blank line + prompt) instead of as a system message.",
+        "turn (system + blank line + prompt) instead of as a system message; null: the client YAML's value.",
     )
 
 

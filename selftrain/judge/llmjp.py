@@ -10,6 +10,9 @@ Read from ``src/llm_jp_judge/config/`` of the checkout:
 - ``benchmark/prompt/evaluate/<file>.yaml``: ``regex``; quality ``prompt_template`` and ``metrics``; safety
   ``prompt_template_with_ref`` (``use_reference: true``) or ``prompt_template_wo_ref``.
 - ``benchmark/generate.yaml``: per benchmark ``system_prompt`` and ``sampling_params`` of the answers under test.
+- ``client/<client>.yaml`` (judge.llm_jp_judge.client, default openai): ``model_name``, ``max_retries`` and
+  ``disable_system_prompt``, which llm-jp-judge builds its client with; a value given in the params wins, and
+  judge.json records each one's value and source.
 
 Then, as v2.0.0 does: one answer per item with the generation system prompt and sampling params (None values
 dropped); the judge prompt filled with ``str.format`` where each placeholder is a one-element list (so the prompt
@@ -41,12 +44,14 @@ from pydantic import ValidationError
 from selftrain.config import ConfigError, JudgeConfig, SamplingConfig
 from selftrain.judging.clients import LocalJudge, RemoteJudge
 from selftrain.paths import resolve_path
+from selftrain.provenance import git_commit
 from selftrain.schema import JUDGE_SETS, QUALITY
 
 CONFIG = Path("src/llm_jp_judge/config")
 EVALUATE = CONFIG / "benchmark" / "evaluate.yaml"
 GENERATE = CONFIG / "benchmark" / "generate.yaml"
 PROMPTS = CONFIG / "benchmark" / "prompt" / "evaluate"
+CLIENTS = CONFIG / "client"  # <client>.yaml: model_name, max_retries, disable_system_prompt (client/remote.py)
 # The v2.0.0 YAML layout: prompts in YAML (before v2.0.0 they were constants in evaluator/*.py).
 V2_MARKERS = (PROMPTS / "quality_ja.yaml", PROMPTS / "safety_ja.yaml")
 
@@ -62,6 +67,8 @@ ENDPOINT_SAMPLING = ("max_tokens", "seed", "top_p", "temperature", "frequency_pe
                      "reasoning_effort")  # fmt: skip
 ENDPOINT_SAMPLING_FIELDS = (*ENDPOINT_SAMPLING, "max_tokens_param")
 PENALTIES = ("frequency_penalty", "presence_penalty")  # only 0 can be reproduced by the local inference layer
+# llm-jp-judge's Bedrock client drops these sampling params before calling Anthropic (client/remote.py).
+BEDROCK_DROPS = ("seed", "frequency_penalty")
 
 
 class CheckoutError(ConfigError):
@@ -96,11 +103,23 @@ class Benchmark:
 
 
 @dataclass(frozen=True)
+class Client:
+    """The checkout's client YAML (config/client/<name>.yaml): what llm-jp-judge's client is built with."""
+
+    name: str  # openai | azure | bedrock
+    file: str  # relative to the checkout
+    model_name: str
+    max_retries: int
+    disable_system_prompt: bool
+
+
+@dataclass(frozen=True)
 class Checkout:
     root: Path
     commit: str | None
     benchmarks: dict[str, Benchmark]  # JUDGE_SETS kind -> benchmark
     files: dict[str, str]  # relative path -> sha256 of every file read
+    client: Client
 
     def paths(self) -> list[Path]:
         return [self.root / f for f in self.files]
@@ -111,6 +130,7 @@ class Checkout:
             "commit": self.commit,
             "files": dict(self.files),
             "benchmarks": {k: b.key for k, b in self.benchmarks.items()},
+            "client": self.client.name,
         }
 
 
@@ -262,9 +282,26 @@ def _benchmark(root: Path, kind: str, key: str, evaluate: dict, generate: dict, 
     return bench
 
 
-def load_checkout(path: str | Path, quality: str = "quality_ja", safety: str = "safety_ja") -> Checkout:
+def _client(root: Path, name: str, files: dict[str, str]) -> Client:
+    """config/client/<name>.yaml: the judge's model_name, max_retries and disable_system_prompt."""
+    rel = CLIENTS / f"{name}.yaml"
+    data = _read_yaml(root, rel, files)
+    path = root / rel
+    return Client(
+        name=name,
+        file=rel.as_posix(),
+        model_name=_get(data, path, "model_name", str),
+        max_retries=_get(data, path, "max_retries", int),
+        disable_system_prompt=_get(data, path, "disable_system_prompt", bool),
+    )
+
+
+def load_checkout(
+    path: str | Path, quality: str = "quality_ja", safety: str = "safety_ja", client: str = "openai"
+) -> Checkout:
     """Read an llm-jp-judge checkout (v2.0.0 YAML layout): prompts, regexes, metrics, system prompts, sampling
-    params and api_error_score of the two benchmarks. CheckoutError names the file (and key) that is wrong."""
+    params and api_error_score of the two benchmarks, and the client YAML's settings. CheckoutError names the file
+    (and key) that is wrong."""
     root = resolve_path(path).resolve()
     if not root.is_dir():
         raise CheckoutError(f"{root}: no such folder (judge.llm_jp_judge.path: the root of an llm-jp-judge checkout)")
@@ -278,47 +315,9 @@ def load_checkout(path: str | Path, quality: str = "quality_ja", safety: str = "
         "quality": _benchmark(root, "quality", quality, evaluate, generate, files),
         "safety": _benchmark(root, "safety", safety, evaluate, generate, files),
     }
-    return Checkout(root=root, commit=git_commit(root), benchmarks=benches, files=files)
-
-
-def git_commit(root: Path) -> str | None:
-    """HEAD's commit of a checkout, read from its .git (a folder, or a file pointing at one); None if unreadable."""
-    try:
-        git = root / ".git"
-        if git.is_file():  # a worktree or submodule: "gitdir: <path>"
-            line = git.read_text().strip()
-            if not line.startswith("gitdir:"):
-                return None
-            target = Path(line.removeprefix("gitdir:").strip())
-            git = target if target.is_absolute() else root / target
-        if not git.is_dir():
-            return None
-        head = (git / "HEAD").read_text().strip()
-        bases = [git]
-        if (git / "commondir").is_file():
-            bases.append((git / (git / "commondir").read_text().strip()).resolve())
-        sha = None
-        if not head.startswith("ref:"):
-            sha = head
-        else:
-            ref = head.removeprefix("ref:").strip()
-            for base in bases:
-                if (base / ref).is_file():
-                    sha = (base / ref).read_text().strip()
-                    break
-            else:
-                for base in bases:
-                    if (base / "packed-refs").is_file():
-                        for row in (base / "packed-refs").read_text().splitlines():
-                            parts = row.split()
-                            if len(parts) == 2 and parts[1] == ref:
-                                sha = parts[0]
-                                break
-                    if sha:
-                        break
-        return sha if sha and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", sha) else None
-    except OSError:
-        return None
+    return Checkout(
+        root=root, commit=git_commit(root), benchmarks=benches, files=files, client=_client(root, client, files)
+    )
 
 
 def check_config(cfg: JudgeConfig) -> None:
@@ -342,7 +341,40 @@ def load_for(cfg: JudgeConfig) -> Checkout:
     check_config(cfg)
     c = cfg.llm_jp_judge
     assert c.path is not None
-    return load_checkout(c.path, c.quality_benchmark, c.safety_benchmark)
+    return load_checkout(c.path, c.quality_benchmark, c.safety_benchmark, c.client)
+
+
+def client_settings(cfg: JudgeConfig, checkout: Checkout) -> dict[str, dict[str, Any]]:
+    """max_retries, disable_system_prompt and the judge's model, each {"value", "source"}: a value given in the
+    params wins; otherwise the checkout's client YAML gives it, as llm-jp-judge builds its client from that file."""
+    opts, cl = cfg.llm_jp_judge, checkout.client
+    out: dict[str, dict[str, Any]] = {}
+    for key in ("max_retries", "disable_system_prompt"):
+        given = getattr(opts, key)
+        out[key] = (
+            {"value": given, "source": f"judge.llm_jp_judge.{key}"}
+            if given is not None
+            else {"value": getattr(cl, key), "source": f"{cl.file}: {key}"}
+        )
+    if cfg.backend == "local":  # a model run in-process judges: the client YAML's model_name names no model here
+        out["model"] = {"value": cfg.local_model, "source": "judge.local_model"}
+    elif "model" in cfg.endpoint:
+        out["model"] = {"value": cfg.endpoint["model"], "source": "judge.endpoint.model"}
+    else:
+        out["model"] = {"value": cl.model_name, "source": f"{cl.file}: model_name"}
+    return out
+
+
+def resolve(cfg: JudgeConfig, checkout: Checkout) -> JudgeConfig:
+    """The judge params with the client settings filled in (client_settings): what the judge is built with."""
+    s = client_settings(cfg, checkout)
+    opts = cfg.llm_jp_judge.model_copy(
+        update={"max_retries": s["max_retries"]["value"], "disable_system_prompt": s["disable_system_prompt"]["value"]}
+    )
+    update: dict[str, Any] = {"llm_jp_judge": opts}
+    if cfg.backend == "endpoint":
+        update["endpoint"] = {**cfg.endpoint, "model": s["model"]["value"]}
+    return cfg.model_copy(update=update)
 
 
 # ------------------------------------------------------------------------------------------- requests
@@ -410,18 +442,25 @@ def answer_plan(
     return out
 
 
+def sent_sampling(bench: Benchmark, client: str) -> dict[str, Any]:
+    """evaluate.yaml's sampling_params of a benchmark (None values already dropped) as llm-jp-judge's client sends
+    them: its Bedrock client also drops seed and frequency_penalty."""
+    return {k: v for k, v in bench.sampling.items() if not (client == "bedrock" and k in BEDROCK_DROPS)}
+
+
 def judge_sampling(bench: Benchmark, judge: LocalJudge | RemoteJudge, cfg: JudgeConfig, root: Path) -> Any:
     """The judge's sampling for one benchmark: EndpointSettings fields (unset ones not sent), or the local judge's
     settings. As llm-jp-judge's client, a gpt-5* model gets max_completion_tokens and no top_p."""
+    params = sent_sampling(bench, cfg.llm_jp_judge.client)
     if isinstance(judge, RemoteJudge):
-        out: dict[str, Any] = {k: bench.sampling.get(k) for k in ENDPOINT_SAMPLING}
+        out: dict[str, Any] = {k: params.get(k) for k in ENDPOINT_SAMPLING}
         out["max_tokens_param"] = "max_tokens"
         if judge.settings.model.startswith("gpt-5"):
             out["max_tokens_param"] = "max_completion_tokens"
             out["top_p"] = None
         return out
     base = SamplingConfig(backend=cfg.local_backend, max_new_tokens=cfg.max_new_tokens, seed=1234)
-    return _local_sampling(bench.sampling, base, f"{root / EVALUATE}: key '{bench.key}.sampling_params")
+    return _local_sampling(params, base, f"{root / EVALUATE}: key '{bench.key}.sampling_params")
 
 
 # ------------------------------------------------------------------------------------------- extraction
@@ -473,8 +512,13 @@ def score_items(
 ) -> list[dict[str, Any]]:
     """Judge every (set, item, answer) as llm-jp-judge does; fills each item's ``llm_jp_judge`` record
     (``response``: the last reply the judge completed, None if none; ``pattern``: the extracted score(s);
-    ``errors``) and, for the per-set summary, ``status`` and ``scores`` (safety API errors: api_error_score)."""
+    ``errors``) and, for the per-set summary, ``status`` and ``scores`` (safety API errors: api_error_score).
+    max_retries and disable_system_prompt: the params' values, else the checkout's client YAML's."""
     opts = cfg.llm_jp_judge
+    settings = client_settings(cfg, checkout)
+    max_retries = settings["max_retries"]["value"]
+    # llm-jp-judge's Bedrock client passes the system prompt apart whatever disable_system_prompt says
+    disable = settings["disable_system_prompt"]["value"] and opts.client != "bedrock"
     for it in items:
         it.update(status="pending", scores={}, judge_outputs=[])
         it["llm_jp_judge"] = {"response": None, "pattern": None, "errors": []}
@@ -488,12 +532,12 @@ def score_items(
             i: messages(
                 bench.system_prompt,
                 judge_prompt(bench, items[i], items[i]["answer"], opts.list_placeholders),
-                opts.disable_system_prompt,
+                disable,
             )
             for i in idx
         }
         pending = idx
-        for attempt in range(opts.max_retries + 1):
+        for attempt in range(max_retries + 1):
             if not pending:
                 break
             outs = judge.complete([(requests[i], {}) for i in pending], attempt, progress, sampling=sampling)
@@ -596,13 +640,15 @@ def report(
     scores, errors = tables(items, checkout)
     row = {"generation_model": generation_model, "evaluation_model": judge.describe().get("model")}
     opts = cfg.llm_jp_judge
+    settings = client_settings(cfg, checkout)
     return {
         **checkout.describe(),
         "list_placeholders": opts.list_placeholders,
-        "max_retries": opts.max_retries,
-        "disable_system_prompt": opts.disable_system_prompt,
+        **{k: v["value"] for k, v in settings.items() if k != "model"},
+        # where each client setting came from: the params (judge.*) or the checkout's client YAML (file: key)
+        "settings": settings,
         "items": {checkout.benchmarks[k].name: sum(i["set"] == k for i in items) for k in JUDGE_SETS},
-        "judge_sampling": {b.name: b.sampling for b in checkout.benchmarks.values()},
+        "judge_sampling": {b.name: sent_sampling(b, opts.client) for b in checkout.benchmarks.values()},
         "answer_sampling": {b.name: b.answer_sampling for b in checkout.benchmarks.values()},
         "score_table": {**row, **scores},
         "error_rate_table": {**row, **errors},

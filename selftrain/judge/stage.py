@@ -326,7 +326,9 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         ab = pick_backend(cfg.answers.backend)
         info["numerics"] = {"dtype": inference_dtype(run.config.model.dtype, ab), "backend": ab}
         items = _items(run)
-        judge = make_judge(cfg, run.config.output.cache_dir)  # fails early on a bad endpoint or a missing key
+        # under llm-jp-judge the judge's model comes from the checkout's client YAML unless judge.endpoint names one
+        judge_cfg = llmjp.resolve(cfg, checkout) if checkout is not None else cfg
+        judge = make_judge(judge_cfg, run.config.output.cache_dir)  # fails early on a bad endpoint or a missing key
         if checkout is not None:
             files += checkout.paths()
             plan = llmjp.answer_plan(checkout, items, cfg.answers)  # fails early on unsupported sampling params
