@@ -478,13 +478,47 @@ class EvalProtocolSpec(_Section):
     empty_category: Literal["zero", "skip"] = Field(
         description="A category with no scored dataset: zero = 0.0 and counted in AVG (v1.3); skip = out of AVG."
     )
+    empty_category_evidence: str = Field(
+        "assumed",
+        description="Where the empty-category rule was read (file and function of that version's source), or "
+        "'assumed ...' when no source of the version could confirm it.",
+    )
     avg_excludes: list[str] = Field(default_factory=list, description="Categories this version leaves out of AVG.")
     categories: dict[str, dict[str, str]] = Field(
-        description="Category -> {dataset: main metric}, this version's exact dataset names."
+        description="Category -> {dataset: main metric}, this version's exact dataset names; empty when the "
+        "categories come from the user's checkout only (v2: its eval dataset config)."
+    )
+    categories_from_checkout: bool = Field(
+        False,
+        description="v2: the category map (and so AVG) is the checkout's eval dataset config's `categories`; "
+        "without one the datasets are scored and AVG is null, never another version's map.",
     )
     uncategorised: dict[str, str] = Field(
         default_factory=dict, description="Datasets in no category -> main metric (scored, never in AVG)."
     )
+    unconfirmed_metrics: dict[str, str] = Field(
+        default_factory=dict,
+        description="Main metric -> why its aggregation or scale could not be confirmed for this version. Datasets "
+        "scored with it keep their score but are marked not comparable, and an AVG they count in says "
+        "avg_comparable: false with this reason. Remove an entry (in your own eval.protocol_file) only once the "
+        "rule is confirmed from that version's source.",
+    )
+    decoding: Literal["greedy", "generation-config"] = Field(
+        "greedy",
+        description="greedy: temperature 0 whatever the model says; generation-config: the model's "
+        "generation_config.json (transformers' defaults where it has none) with `generator` on top, as v1.3 "
+        "calls transformers' pipeline (greedy only when that says do_sample false).",
+    )
+    generator: dict[str, float] = Field(
+        default_factory=dict,
+        description="The version's generator settings passed over the model's generation_config (v1.3: top_p 1.0, "
+        "repetition_penalty 1.0); decoding: generation-config only.",
+    )
+    decoding_evidence: str = Field("assumed", description="Where the decoding rule was read, or 'assumed ...'.")
+    comet_device: Literal["cpu", "auto"] = Field(
+        "auto", description="Where COMET runs: cpu (v1.3: predict(gpus=0)) or auto (a GPU when there is one)."
+    )
+    comet_device_evidence: str = Field("assumed", description="Where the COMET device was read, or 'assumed ...'.")
 
 
 def load_eval_protocol(name: str, path: str | Path | None = None) -> EvalProtocolSpec:
@@ -545,6 +579,16 @@ class EvalConfig(_Section):
         description="Category -> dataset names (llm-jp-eval's map: NLI, QA, RC, MC, EL, FA, MR, MT, HE, STS, SUM).",
     )
     avg_excludes: list[str] = Field(default_factory=list, description="Categories left out of AVG.")
+    dataset_config: str = Field(
+        "eval_configs/all_datasets.yaml",
+        description="llm-jp-eval v2 only: the eval dataset config whose `categories` define the category map and "
+        "AVG (relative to eval.llm_jp_eval_dir, or absolute); the default is the file LLM-jp's v2 run scripts pass.",
+    )
+    comet_device: Literal["protocol", "cpu", "auto"] = Field(
+        "protocol",
+        description="Where COMET (comet_wmt22) runs: protocol = as the llm-jp-eval version does (v1.3: the CPU; "
+        "own: auto); cpu; auto = a GPU when there is one. Recorded in eval.json.",
+    )
 
     @model_validator(mode="after")
     def _protocol_needs_checkout(self) -> EvalConfig:

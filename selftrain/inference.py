@@ -168,6 +168,7 @@ def generate_transformers(
     max_new_tokens: list[int] | None = None,
     add_special_tokens: bool = False,
     index_offset: int = 0,
+    top_k: int = 0,
 ) -> list[dict[str, Any]]:
     """Batched `generate` with left padding and the KV cache; n samples per prompt via num_return_sequences.
 
@@ -206,7 +207,7 @@ def generate_transformers(
                     do_sample=sample,
                     temperature=gen.temperature if sample else None,
                     top_p=gen.top_p if sample else None,
-                    top_k=0 if sample else None,  # vLLM applies no top-k unless asked; match it
+                    top_k=top_k if sample else None,  # 0: none, as vLLM unless asked (top_k: stage 06 under v1.3)
                     max_new_tokens=caps[start],
                     num_return_sequences=n if sample else 1,  # greedy: one answer, repeated n times
                     eos_token_id=sorted(eos),
@@ -252,6 +253,7 @@ def generate_vllm(
     add_special_tokens: bool = True,
     engine: Any = None,
     index_offset: int = 0,
+    top_k: int = 0,
 ) -> list[dict[str, Any]]:
     """vLLM with `SamplingParams(n=...)`, seeded as `gen.seeding` says: the engine seed (every request draws from
     the engine's stream), or per request (`request_seed`: prompt `index_offset` + i of the whole set, so its draws
@@ -281,6 +283,7 @@ def generate_vllm(
                 n=n,
                 temperature=gen.temperature,
                 top_p=gen.top_p if gen.temperature > 0 else 1.0,
+                **({"top_k": top_k} if gen.temperature > 0 and top_k > 0 else {}),  # else vLLM's default: none
                 max_tokens=caps[i],
                 seed=request_seed(gen.seed, index_offset + i, n) if per_request else None,
                 skip_special_tokens=True,
@@ -384,18 +387,20 @@ def generate_candidates(
     add_special_tokens: bool = True,
     engine: Any = None,
     index_offset: int = 0,
+    top_k: int = 0,
 ) -> list[dict[str, Any]]:
     """One backend call for every stage that generates (01 candidates, 05 answers and local judging,
     06 benchmark answers). chat=False: plain prompt strings; max_new_tokens: a cap per prompt;
     add_special_tokens=False: vLLM tokenises plain prompts without the tokenizer's BOS (transformers never
     adds one: a BOS wanted there is part of the prompt text). engine: a vLLM engine to reuse (vLLM only).
-    index_offset: where these prompts start in the whole set (a shard of it): seeds count from there."""
+    index_offset: where these prompts start in the whole set (a shard of it): seeds count from there.
+    top_k: sampling's top-k (0: none); stage 06 passes a model's own under llm-jp-eval v1.3's decoding."""
     if backend == "vllm":
         return generate_vllm(
             folder, model_cfg, gen, conversations, progress, chat=chat, max_new_tokens=max_new_tokens,
-            add_special_tokens=add_special_tokens, engine=engine, index_offset=index_offset,
+            add_special_tokens=add_special_tokens, engine=engine, index_offset=index_offset, top_k=top_k,
         )  # fmt: skip
     return generate_transformers(
         folder, model_cfg, gen, conversations, progress, chat=chat, max_new_tokens=max_new_tokens,
-        add_special_tokens=add_special_tokens, index_offset=index_offset,
+        add_special_tokens=add_special_tokens, index_offset=index_offset, top_k=top_k,
     )  # fmt: skip

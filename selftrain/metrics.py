@@ -283,11 +283,25 @@ def _cached_model(repo: str, metric: str) -> str:
         ) from None
 
 
+def comet_gpus(device: str) -> int:
+    """COMET's `gpus` for a device setting: cpu -> 0 (llm-jp-eval v1.3 passes gpus=0); auto -> 1 when CUDA is there."""
+    if device == "cpu":
+        return 0
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
+
+
 def comet_wmt22(
-    preds: Sequence[str], golds: Sequence[str], prepared: bool = False, inputs: Sequence[str] | None = None
+    preds: Sequence[str],
+    golds: Sequence[str],
+    prepared: bool = False,
+    inputs: Sequence[str] | None = None,
+    device: str = "auto",
 ) -> float:
     """COMET (Unbabel/wmt22-comet-da) system score, as llm-jp-eval v1.3 calls it: src = the sample's input,
-    mt = the prediction, ref = the gold; batch size 8; the mean of the segment scores."""
+    mt = the prediction, ref = the gold; batch size 8; the mean of the segment scores. device: cpu (v1.3's
+    gpus=0) or auto (a GPU when there is one)."""
     pairs = _prepared(preds, golds, prepared)
     if inputs is None or len(inputs) != len(preds):
         raise ValueError("comet_wmt22 needs the source inputs, one per prediction")
@@ -298,9 +312,7 @@ def comet_wmt22(
     folder = _cached_model("Unbabel/wmt22-comet-da", "comet_wmt22")
     model = load_from_checkpoint(f"{folder}/checkpoints/model.ckpt")
     data = [{"src": s, "mt": p, "ref": g} for s, (p, g) in zip(inputs, pairs, strict=True)]
-    import torch
-
-    out = model.predict(data, batch_size=8, gpus=1 if torch.cuda.is_available() else 0, progress_bar=False)
+    out = model.predict(data, batch_size=8, gpus=comet_gpus(device), progress_bar=False)
     return float(out.system_score)
 
 
@@ -373,13 +385,16 @@ def score(
     golds: Sequence[str],
     prepared: bool = False,
     inputs: Sequence[str] | None = None,
+    comet_device: str = "auto",
 ) -> float:
     """Compute the named llm-jp-eval metric (prepared=True: the strings are already extracted answers and
-    normalised golds). MetricUnavailable when it cannot run here."""
+    normalised golds; comet_device: where COMET runs, cpu or auto). MetricUnavailable when it cannot run here."""
     try:
         fn = METRICS[metric]
     except KeyError:
         raise ValueError(f"unknown metric {metric!r}; known metrics: {', '.join(sorted(METRICS))}") from None
+    if metric == "comet_wmt22":
+        return comet_wmt22(preds, golds, prepared, inputs=inputs, device=comet_device)
     if metric in NEEDS_INPUTS:
-        return fn(preds, golds, prepared, inputs=inputs)
+        return fn(preds, golds, prepared, inputs=inputs)  # type: ignore[call-arg]
     return fn(preds, golds, prepared)

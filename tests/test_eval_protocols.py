@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
+from test_judge_protocol import git_repo
 
-from selftrain import evaluate
+from selftrain import evaluate, metrics
 from selftrain.config import ConfigError, EvalConfig, load_eval_protocol, resolve_run_config
 from selftrain.evaluate.protocols import ProtocolError, V1Layout, load_protocol, read_v1_layout, tree_version
 from selftrain.io import read_jsonl
+from selftrain.provenance import git_commit, git_state
 from selftrain.runs import create_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HEAD = "A made-up preamble for tests.\n\n## Task:\n"
 SHOT = "\n\n## Question:\n{in}\n\n## Answer:\n{out}"
@@ -56,9 +62,27 @@ ANSWER_PATTERNS = {
 """
 
 
-def write_checkout(root: Path, version: str) -> Path:
+# v2's eval dataset config (eval_configs/all_datasets.yaml) in the layout LLM-jp's v2 scripts edit: `datasets` and
+# `categories` {NAME: {description, default_metric, metrics: {dataset: metric}, datasets}}; our own categories.
+V2_DATASET_CONFIG = {
+    "datasets": ["jamp", "jnli", "jsquad"],
+    "categories": {
+        "INF": {"description": "Made-up inference group", "default_metric": "exact_match", "metrics": {},
+                "datasets": ["jamp", "jnli"]},
+        "READ": {"description": "Made-up reading group", "default_metric": "exact_match",
+                 "metrics": {"jsquad": "char_f1"}, "datasets": ["jsquad"]},
+    },
+}  # fmt: skip
+
+
+def write_checkout(root: Path, version: str, dataset_config: dict | None = None) -> Path:
+    """An llm-jp-eval checkout of `version` in its layout with this file's texts; v2 with `dataset_config` as its
+    eval_configs/all_datasets.yaml when given."""
     co = root / f"llm-jp-eval-{version}"
     (co / "src" / "llm_jp_eval").mkdir(parents=True)
+    if dataset_config is not None:
+        (co / "eval_configs").mkdir()
+        (co / "eval_configs" / "all_datasets.yaml").write_text(yaml.safe_dump(dataset_config, sort_keys=False))
     (co / "pyproject.toml").write_text(f'[tool.poetry]\nname = "llm-jp-eval"\nversion = "{version}"\n')
     if version.startswith("2"):
         (co / "pyproject.toml").write_text(f'[project]\nname = "llm-jp-eval"\nversion = "{version}"\n')
@@ -97,7 +121,7 @@ def oracle_backend(answers: dict[str, str], calls: list) -> object:
     """A backend that answers each prompt from its last question: `answers[question]` (default the gold)."""
 
     def gen(folder, model_cfg, g, prompts, backend, progress, chat=True, max_new_tokens=None, **kw):
-        calls.append({"prompts": list(prompts), "caps": max_new_tokens, **kw})
+        calls.append({"prompts": list(prompts), "caps": max_new_tokens, "gen": g, **kw})
         out = []
         for k, p in enumerate(prompts):
             q = re.findall(r"(?:## Question:\n|Q: )(.*?)(?:\n|$)", p)[-1]
@@ -146,6 +170,45 @@ def test_checkout_and_tree_mismatches_are_one_line_errors(tmp_path: Path) -> Non
     assert tree_version(Path("/x/2.1.2/evaluation/dev")) == "2.1.2" and tree_version(Path("/x/test")) is None
 
 
+def test_one_commit_reader_only_trusts_the_top_of_a_repository(tmp_path: Path) -> None:
+    """provenance.git_commit serves the project and every checkout: a plain folder and a folder nested inside
+    another repository have no commit of their own (None), the top of a repository has its HEAD."""
+    plain = write_checkout(tmp_path / "plain", "1.3.0")
+    tree = write_tree(tmp_path / "data", "1.3.0", {"jamp": {}})
+    cfg = EvalConfig(protocol="llm-jp-eval-1.3", llm_jp_eval_dir=str(plain), datasets_dir=str(tree))
+    assert git_commit(plain) is None and load_protocol(cfg).checkout_commit is None
+    outer = tmp_path / "project"
+    nested = write_checkout(outer / "third_party", "1.3.0")
+    outer_sha = git_repo(outer)
+    nested_cfg = cfg.model_copy(update={"llm_jp_eval_dir": str(nested)})
+    assert git_commit(outer) == outer_sha and git_commit(outer / "third_party") is None
+    assert git_commit(nested) is None and load_protocol(nested_cfg).checkout_commit is None  # not the project's
+    own = git_repo(nested)
+    assert git_commit(nested) == own != outer_sha and load_protocol(nested_cfg).checkout_commit == own
+    assert load_protocol(nested_cfg).describe()["llm_jp_eval_commit"] == own
+    assert git_commit(tmp_path / "nowhere") is None
+    # the project's own manifest entry comes from the same reader
+    assert git_state()["sha"] == git_commit(ROOT)
+
+
+def test_top_k_reaches_the_transformers_backend(tiny_model: Path) -> None:
+    """Sampling with top_k 1 is greedy: the top_k stage 06 passes under v1.3's decoding reaches generate."""
+    from selftrain.config import GenerationConfig, ModelConfig
+    from selftrain.inference import generate_candidates
+
+    model_cfg = ModelConfig(name="tiny", path=str(tiny_model), max_model_len=512)
+    prompts = ["alpha beta", "gamma delta epsilon"]
+    greedy = GenerationConfig(n=1, temperature=0.0, top_p=1.0, max_new_tokens=8, seed=3, backend="transformers")
+    sampled = greedy.model_copy(update={"temperature": 1.5})
+
+    def run(g: GenerationConfig, k: int) -> list[str]:
+        outs = generate_candidates(tiny_model, model_cfg, g, prompts, "transformers", False, chat=False, top_k=k)
+        return [o["text"] for o in outs]
+
+    assert run(sampled, 1) == run(greedy, 0)
+    assert run(sampled, 0) != run(greedy, 0)  # without the cap the random model's draws differ
+
+
 def test_every_protocol_file_is_valid_and_maps_each_dataset_once() -> None:
     for name in ("llm-jp-eval-1.3", "llm-jp-eval-1.4", "llm-jp-eval-2"):
         spec = load_eval_protocol(name)
@@ -155,6 +218,19 @@ def test_every_protocol_file_is_valid_and_maps_each_dataset_once() -> None:
     assert list(v13.categories) == ["NLI", "QA", "RC", "MC", "HE", "EL", "FA", "MR", "MT"]
     assert "mmluen" in v13.categories["HE"] and "jsts" in v13.uncategorised and v13.empty_category == "zero"
     assert {"CG", "SUM"} <= set(load_eval_protocol("llm-jp-eval-1.4").categories)
+
+
+def test_each_version_names_its_empty_category_rule_evidence_and_unconfirmed_rules() -> None:
+    """The empty-category rule of every version is written with where it was read, or "assumed"; v1.4's SUM
+    metric is listed as unconfirmed; v2 keeps no category map of its own (the checkout's only)."""
+    v13, v14, v2 = (load_eval_protocol(f"llm-jp-eval-{v}") for v in ("1.3", "1.4", "2"))
+    assert v13.empty_category == "zero" and "utils.py post_process_score_results" in v13.empty_category_evidence
+    assert v14.empty_category_evidence.startswith("assumed") and v2.empty_category_evidence.startswith("assumed")
+    assert set(v14.unconfirmed_metrics) == {"rouge2"} and not v13.unconfirmed_metrics
+    assert v2.categories == {} and v2.categories_from_checkout is True and not v13.categories_from_checkout
+    for spec in (v13, v14, v2):
+        for evidence in (spec.empty_category_evidence, spec.decoding_evidence, spec.comet_device_evidence):
+            assert evidence.startswith(("assumed", "as LLM-jp ran it")) or ".py" in evidence, (spec.name, evidence)
 
 
 # ------------------------------------------------------------------------------------------- v1.3 through the stage
@@ -219,6 +295,80 @@ def test_v13_tree_few_shots_extraction_categories_and_avg(
     assert jamp[1]["prediction"] == " 1" and jamp[2]["prediction"] == "2"
 
 
+def test_v13_decodes_as_the_models_generation_config_says_and_runs_comet_on_the_cpu(
+    tiny_overrides: list[str], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llm-jp-eval 1.3.0 hands transformers' pipeline only top_p 1.0 and repetition_penalty 1.0: the model's
+    generation_config.json decides whether it samples (and at which temperature and top-k). COMET runs on the
+    CPU (predict(gpus=0)). Both recorded per run in eval.json."""
+    co = write_checkout(tmp_path, "1.3.0")
+    tree = write_tree(tmp_path / "data", "1.3.0", {"jamp": {}, "alt-e-to-j": {"metrics": ["comet_wmt22"]}})
+    model = tmp_path / "sampling-model"
+    shutil.copytree(tiny_model, model)
+    own = json.loads((model / "generation_config.json").read_text())
+    settings = {"do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.8, "repetition_penalty": 1.05}
+    (model / "generation_config.json").write_text(json.dumps({**own, **settings}))
+    comet_devices: list[str] = []
+
+    def comet_stand_in(preds, golds, prepared=False, inputs=None, device="auto"):  # no COMET weights here
+        comet_devices.append(device)
+        return 0.5
+
+    monkeypatch.setattr(metrics, "comet_wmt22", comet_stand_in)
+    answers = {f"{n} question {i}": f"{i}" for n in ("jamp", "alt-e-to-j") for i in range(6)}
+    calls: list = []
+    monkeypatch.setattr(evaluate.stage, "generate_candidates", oracle_backend(answers, calls))
+    base = ["eval.protocol=llm-jp-eval-1.3", f"eval.llm_jp_eval_dir={co}", f"eval.datasets_dir={tree}",
+            "eval.max_samples=3"]  # fmt: skip
+    run = _run(tiny_overrides, tmp_path, [*base, f"model.path={model}"])
+    evaluate.run(run, progress=False)
+    m = json.loads((run.metrics_dir / "eval.json").read_text())
+    g = calls[0]["gen"]
+    # sampled at the model's temperature and top-k; top_p and repetition_penalty are the version's generator's
+    assert (g.temperature, g.top_p, calls[0]["top_k"]) == (0.7, 1.0, 5)
+    dec = m["decoding"]
+    assert {k: dec[k] for k in ("greedy", "temperature", "top_p", "top_k", "repetition_penalty")} == {
+        "greedy": False, "temperature": 0.7, "top_p": 1.0, "top_k": 5, "repetition_penalty": 1.0
+    }  # fmt: skip
+    gc = str(model / "generation_config.json")
+    assert dec["from"] == {"do_sample": gc, "temperature": gc, "top_k": gc, "top_p": "generator",
+                           "repetition_penalty": "generator"}  # fmt: skip
+    assert dec["model_settings"] == settings and dec["generator"] == {"top_p": 1.0, "repetition_penalty": 1.0}
+    assert dec["source"].startswith("params/eval/llm-jp-eval-1.3.yaml: evaluator.py")
+    # COMET on the CPU, as v1.3's utils.py calls it, and recorded
+    assert comet_devices == ["cpu"] and m["datasets"]["alt-e-to-j"]["score"] == 0.5
+    evidence = "utils.py: comet_model.predict(..., batch_size=8, gpus=0)"
+    assert m["comet_device"] == {"value": "cpu", "source": f"params/eval/llm-jp-eval-1.3.yaml: {evidence}"}
+
+    # the tiny model's own generation_config says nothing of sampling: greedy (transformers' default do_sample)
+    calls.clear()
+    run = _run(tiny_overrides, tmp_path, [*base, "eval.comet_device=auto"])
+    evaluate.run(run, progress=False)
+    m = json.loads((run.metrics_dir / "eval.json").read_text())
+    assert m["decoding"]["greedy"] is True and calls[0]["gen"].temperature == 0.0 and calls[0]["top_k"] == 0
+    assert m["decoding"]["from"]["do_sample"] == "transformers' default"
+    assert m["comet_device"] == {"value": "auto", "source": "eval.comet_device"} and comet_devices[-1] == "auto"
+
+    # v1.4 decodes greedily whatever the model says (LLM-jp's vLLM settings: temperature 0.0)
+    co14 = write_checkout(tmp_path / "v14", "1.4.1")
+    tree14 = write_tree(tmp_path / "data14", "1.4.1", {"jamp": {}})
+    calls.clear()
+    run = _run(tiny_overrides, tmp_path, [
+        "eval.protocol=llm-jp-eval-1.4", f"eval.llm_jp_eval_dir={co14}", f"eval.datasets_dir={tree14}",
+        f"model.path={model}", "eval.max_samples=3",
+    ])  # fmt: skip
+    evaluate.run(run, progress=False)
+    m = json.loads((run.metrics_dir / "eval.json").read_text())
+    assert m["decoding"]["greedy"] is True and calls[0]["gen"].temperature == 0.0
+    assert "temperature 0.0" in m["decoding"]["source"]
+
+    # a setting the inference layer cannot reproduce is refused, naming the file and the key
+    (model / "generation_config.json").write_text(json.dumps({**own, "num_beams": 4}))
+    run = _run(tiny_overrides, tmp_path, [*base, f"model.path={model}"])
+    with pytest.raises(ProtocolError, match=r"generation_config.json: key 'num_beams': 4"):
+        evaluate.run(run, progress=False)
+
+
 def test_v1_protocol_refuses_v2_files_and_missing_train(
     tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -270,7 +420,16 @@ def test_v14_strips_runs_zero_shot_datasets_and_flags_cg(
     assert d["xlsum_ja"]["few_shots"] == 0 and d["jamp"]["few_shots"] == 4  # xlsum_ja is 0-shot in v1.4
     assert d["xlsum_ja"]["main_metric"] == "rouge2" and d["xlsum_ja"]["score"] == 1.0
     assert d["mbpp"]["comparable"] is False and "code_exec" in d["mbpp"]["not_comparable_reason"]
-    assert "CG" in m["avg_excludes"] and "CG" not in m["avg_categories"] and m["avg_comparable"] is True
+    assert "CG" in m["avg_excludes"] and "CG" not in m["avg_categories"]
+    # SUM: v1.4's ROUGE-2 aggregation and scale are unconfirmed: xlsum_ja keeps its score and SUM counts, but the
+    # dataset and the AVG it counts in are marked not comparable, with the rules file's reason
+    why = load_eval_protocol("llm-jp-eval-1.4").unconfirmed_metrics["rouge2"]
+    assert d["xlsum_ja"]["comparable"] is False and d["xlsum_ja"]["not_comparable_reason"] == why
+    assert "SUM" in m["avg_categories"] and m["categories"]["SUM"]["unconfirmed"] == ["xlsum_ja"]
+    assert m["avg_comparable"] is False and m["avg_not_comparable"] == [f"SUM: xlsum_ja: {why}"]
+    assert m["not_comparable"]["xlsum_ja"] == why and "rouge2" in why and "v1.4" in why
+    assert m["avg"] == pytest.approx(sum(c["score"] for c in m["categories"].values() if c["score"] is not None
+                                         and c is not m["categories"]["CG"]) / len(m["avg_categories"]))  # fmt: skip
     xl = next(p for p in calls[0]["prompts"] if "xlsum_ja" in p)
     assert "## Answer:\n" not in xl.split("## Task:")[1].split("## Question:\nxlsum_ja question")[0]
 
@@ -289,6 +448,11 @@ def test_v2_tree_with_patterns_and_per_file_k(
             "jamp": {"num_few_shots": 2, "answer_pattern_id": "answer_tags_jp", "language": "ja"},
             "jnli": {"num_few_shots": None, "answer_extract_pattern": r"Label: (\w+)", "language": "en"},
             "jsquad": {"num_few_shots": 0, "metrics": ["char_f1"], "language": "ja"},
+            # answer_parser's precedence: an id other than custom uses its own pattern, whatever the file says;
+            # the file's pattern only under custom; custom without one: the default pattern
+            "jsem": {"answer_pattern_id": "answer_tags_jp", "answer_extract_pattern": r"Label: (\w+)"},
+            "janli": {"answer_pattern_id": "custom", "answer_extract_pattern": r"Label: (\w+)"},
+            "jsick": {"answer_pattern_id": "custom", "language": "en"},
         },
         v2=True,
     )
@@ -297,23 +461,60 @@ def test_v2_tree_with_patterns_and_per_file_k(
         answers[f"jamp question {i}"] = f"I think <ans>{i}</ans>." if i != 3 else f"{i}"  # no tags: empty
         answers[f"jnli question {i}"] = f"Label: {i}\n"
         answers[f"jsquad question {i}"] = f"{i}\n\nmore"
+        answers[f"jsem question {i}"] = f"Label: x{i}\n<ans>{i}</ans>"  # the file's pattern would read "x{i}"
+        answers[f"janli question {i}"] = f"<ans>x</ans> Label: {i}"  # the tags would read "x"
+        answers[f"jsick question {i}"] = f"{i}\n\nLabel: x"
     calls: list = []
     monkeypatch.setattr(evaluate.stage, "generate_candidates", oracle_backend(answers, calls))
-    run = _run(tiny_overrides, tmp_path, [
-        "eval.protocol=llm-jp-eval-2", f"eval.llm_jp_eval_dir={co}", f"eval.datasets_dir={tree}",
-        "eval.max_samples=5",
-    ])  # fmt: skip
+    base = ["eval.protocol=llm-jp-eval-2", f"eval.llm_jp_eval_dir={co}", f"eval.datasets_dir={tree}",
+            "eval.max_samples=5"]  # fmt: skip
+    run = _run(tiny_overrides, tmp_path, base)
     evaluate.run(run, progress=False)
     m = json.loads((run.metrics_dir / "eval.json").read_text())
     d = m["datasets"]
     assert (d["jamp"]["few_shots"], d["jnli"]["few_shots"], d["jsquad"]["few_shots"]) == (2, 4, 0)
     assert d["jamp"]["score"] == pytest.approx(4 / 5) and d["jnli"]["score"] == 1.0 and d["jsquad"]["score"] == 1.0
+    assert (d["jsem"]["score"], d["janli"]["score"], d["jsick"]["score"]) == (1.0, 1.0, 1.0)
     assert calls[0]["add_special_tokens"] is True  # v2 tokenises with special tokens (BOS)
     jamp = next(p for p in calls[0]["prompts"] if "jamp question" in p)
     assert jamp.startswith("Task: Answer the jamp question.\nFormat: Answer inside <ans></ans>.\nQ: jamp-train")
     assert jamp.endswith("Q: jamp question 0\nA:")
     recs = read_jsonl(run.data_dir / "eval_predictions.jsonl")
     assert next(r for r in recs if r["dataset"] == "jamp" and r["index"] == 3)["prediction"] == ""
+    # No category definition in the checkout: the datasets are scored, AVG is null with the reason, and no other
+    # version's map stands in under v2's name.
+    assert m["avg"] is None and m["avg_comparable"] is False and m["categories"] == {}
+    assert m["categories_source"] is None and len(m["avg_not_comparable"]) == 1
+    assert "eval_configs/all_datasets.yaml: not found" in m["avg_not_comparable"][0]
+    assert all(v["category"] == "-" for v in d.values())
+
+    # With the checkout's eval dataset config: its categories, its metrics, and AVG over them.
+    (co / "eval_configs").mkdir()
+    (co / "eval_configs" / "all_datasets.yaml").write_text(yaml.safe_dump(V2_DATASET_CONFIG, sort_keys=False))
+    run = _run(tiny_overrides, tmp_path, base)
+    evaluate.run(run, progress=False)
+    m = json.loads((run.metrics_dir / "eval.json").read_text())
+    assert m["categories_source"] == str(co / "eval_configs" / "all_datasets.yaml")
+    assert list(m["categories"]) == ["INF", "READ"] and m["categories"]["INF"]["datasets"] == ["jamp", "jnli"]
+    assert m["avg"] == pytest.approx(((4 / 5 + 1.0) / 2 + 1.0) / 2) and m["avg_comparable"] is True
+    assert m["datasets"]["jsquad"]["main_metric"] == "char_f1" and m["uncategorised"] == ["janli", "jsem", "jsick"]
+    # ... or another file of the checkout, named by eval.dataset_config
+    (co / "eval_configs" / "only_jamp.yaml").write_text(
+        yaml.safe_dump({"datasets": ["jamp"], "categories": {"ONE": {"default_metric": "exact_match",
+                                                                     "datasets": ["jamp"]}}})
+    )  # fmt: skip
+    run = _run(tiny_overrides, tmp_path, [*base, "eval.dataset_config=eval_configs/only_jamp.yaml"])
+    evaluate.run(run, progress=False)
+    m = json.loads((run.metrics_dir / "eval.json").read_text())
+    assert list(m["categories"]) == ["ONE"] and m["avg"] == pytest.approx(4 / 5)
+
+    # An id the checkout's answer_parser.py does not define is refused even when the file has its own pattern.
+    tree2 = write_tree(tmp_path / "data2", "2.1.2", {
+        "jamp": {"answer_pattern_id": "choice_only_jp", "answer_extract_pattern": r"(\w+)", "language": "ja"},
+    }, v2=True)  # fmt: skip
+    run = _run(tiny_overrides, tmp_path, [*base[:2], f"eval.datasets_dir={tree2}"])
+    with pytest.raises(ProtocolError, match=r"jamp.json: field 'answer_pattern_id': 'choice_only_jp' has no pattern"):
+        evaluate.run(run, progress=False)
     # A v1.x tree under the v2 protocol names the file and the fields it found.
     tree1 = write_tree(tmp_path / "data1", "2.1.2", {"jamp": {}})
     run = _run(tiny_overrides, tmp_path, [
@@ -335,7 +536,7 @@ def test_each_version_tree_on_the_tiny_model(
     tiny_overrides: list[str], tmp_path: Path, protocol: str, version: str, v2: bool, bos: bool
 ) -> None:
     """The real generation path under each protocol: k shots in every prompt in the checkout's layout."""
-    co = write_checkout(tmp_path, version)
+    co = write_checkout(tmp_path, version, V2_DATASET_CONFIG if v2 else None)
     extra = {"language": "en", "num_few_shots": None} if v2 else {}
     tree = write_tree(tmp_path / "data", version, {"jamp": extra, "jsquad": {**extra, "metrics": ["char_f1"]}}, v2=v2)
     run = _run(tiny_overrides, tmp_path, [

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import re
-import subprocess
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from selftrain.evaluate.datasets import V2_FIELDS, Dataset, _pairs
 from selftrain.io import DataError, read_json
 from selftrain.metrics import normalize, prepare_prediction
 from selftrain.paths import resolve_path
+from selftrain.provenance import git_commit
 
 
 class ProtocolError(DataError):
@@ -183,8 +183,9 @@ class Protocol:
     checkout_commit: str | None = None
     layout: V1Layout | V2Layout | None = None
     tree_version: str | None = None
-    categories_source: str = "eval.categories"
+    categories_source: str | None = "eval.categories"
     categories: dict[str, dict[str, str | None]] = field(default_factory=dict)  # cat -> dataset -> main metric
+    no_avg_reason: str | None = None  # why this protocol has no AVG here (v2 without a category definition)
 
     @property
     def own(self) -> bool:
@@ -203,7 +204,34 @@ class Protocol:
             "add_bos": self.add_bos,
             "extraction": self.spec.extraction if self.spec else "first-block-stripped",
             "empty_category": self.empty_category,
+            "empty_category_evidence": self.spec.empty_category_evidence if self.spec else "own rule",
+            "comet_device": self.comet_device,
         }
+
+    # ---------------------------------------------------------------- COMET, decoding
+    @property
+    def comet_device(self) -> dict[str, str]:
+        """Where COMET runs ("cpu" | "auto") and where that came from: eval.comet_device, else the version's rule
+        (v1.3: the CPU, as its utils.py calls predict(gpus=0)); own: auto."""
+        if self.cfg.comet_device != "protocol":
+            return {"value": self.cfg.comet_device, "source": "eval.comet_device"}
+        if self.spec is None:
+            return {"value": "auto", "source": "own protocol"}
+        return {"value": self.spec.comet_device, "source": f"{self.rules_file}: {self.spec.comet_device_evidence}"}
+
+    @property
+    def rules_file(self) -> str:
+        return str(self.cfg.protocol_file or f"params/eval/{self.name}.yaml")
+
+    def decoding(self, folder: Path) -> dict[str, Any]:
+        """How the answers are decoded, and why: greedy, or (v1.3) the model's generation_config with the version's
+        generator settings on top, as transformers' pipeline merges them. Keys: greedy, temperature, top_p, top_k,
+        repetition_penalty, source, and for generation-config the model's own values read."""
+        if self.spec is None or self.spec.decoding == "greedy":
+            source = "own protocol" if self.spec is None else f"{self.rules_file}: {self.spec.decoding_evidence}"
+            return {"greedy": True, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
+                    "source": source}  # fmt: skip
+        return model_decoding(folder, self.spec.generator, f"{self.rules_file}: {self.spec.decoding_evidence}")
 
     @property
     def add_bos(self) -> bool:
@@ -226,6 +254,12 @@ class Protocol:
                 if ds.name in names:
                     return names[ds.name]
         return ds.main_metric
+
+    def unconfirmed(self, ds: Dataset) -> str | None:
+        """Why this dataset's main metric is not confirmed for the version (scored, marked not comparable)."""
+        if self.spec is None:
+            return None
+        return self.spec.unconfirmed_metrics.get(self.main_metric(ds) or "")
 
     def category_names(self) -> dict[str, list[str]]:
         return {c: list(names) for c, names in self.categories.items()}
@@ -278,11 +312,20 @@ class Protocol:
             return normalize(raw.split("\n\n")[0])
         if kind == "first-block-stripped":
             return prepare_prediction(raw)
-        pattern = ds.answer_extract_pattern
-        if not pattern and ds.answer_pattern_id and isinstance(self.layout, V2Layout):
-            pattern = self.layout.patterns.get(ds.answer_pattern_id.lower(), ("", ""))[1] or None
-        m = re.search(pattern or self.spec.default_pattern, raw, re.DOTALL)
+        m = re.search(self.answer_regex(ds), raw, re.DOTALL)
         return normalize("".join(g or "" for g in m.groups()).strip()) if m else ""
+
+    def answer_regex(self, ds: Dataset) -> str:
+        """v2's answer_parser: the file's answer_extract_pattern only when its answer_pattern_id is custom (the
+        default pattern when it gives none); any other id's own pattern, whatever the file's pattern says. A file
+        without an id counts as custom (assumed)."""
+        assert self.spec is not None
+        pid = (ds.answer_pattern_id or "custom").lower()
+        if pid == "custom":
+            return ds.answer_extract_pattern or self.spec.default_pattern
+        if not isinstance(self.layout, V2Layout) or pid not in self.layout.patterns:
+            raise ProtocolError(f"{ds.path}: field 'answer_pattern_id': {ds.answer_pattern_id!r} is not readable here")
+        return self.layout.patterns[pid][1]
 
     def gold(self, text: str) -> str:
         return normalize(text)
@@ -303,13 +346,69 @@ class Protocol:
                 f"{ds.path}: fields {ds.fields} have none of llm-jp-eval v2's ({', '.join(V2_FIELDS)}): "
                 f"a v1.x file, but eval.protocol is {self.name}"
             )
-        if self.spec.dataset_format == "v2" and ds.answer_pattern_id and not ds.answer_extract_pattern:
-            pid = ds.answer_pattern_id.lower()
+        if self.spec.dataset_format == "v2" and ds.answer_pattern_id:
+            pid = ds.answer_pattern_id.lower()  # its own pattern is used whatever answer_extract_pattern says
             if pid != "custom" and isinstance(self.layout, V2Layout) and pid not in self.layout.patterns:
                 raise ProtocolError(
                     f"{ds.path}: field 'answer_pattern_id': {ds.answer_pattern_id!r} has no pattern readable from "
                     f"the checkout's src/llm_jp_eval/answer_parser.py"
                 )
+
+
+# What transformers' generate used where a generation_config.json is silent, in the releases llm-jp-eval v1.3
+# ran with (4.3x); transformers 5 leaves them None and resolves them at generate time, so they are written here.
+GENERATE_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                                     "repetition_penalty": 1.0}  # fmt: skip
+# generation_config keys the inference layer cannot reproduce, with the value that makes them do nothing.
+NEUTRAL_GENERATE = {"num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "typical_p": 1.0, "min_p": None,
+                    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0,
+                    "encoder_repetition_penalty": 1.0, "bad_words_ids": None, "force_words_ids": None,
+                    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+                    "forced_eos_token_id": None, "sequence_bias": None, "min_new_tokens": None, "min_length": 0,
+                    "exponential_decay_length_penalty": None, "guidance_scale": None}  # fmt: skip
+
+
+def model_decoding(folder: Path, generator: dict[str, float], source: str) -> dict[str, Any]:
+    """llm-jp-eval v1.3's decoding for a model: its generation_config.json (transformers' defaults where silent)
+    with the version's generator settings passed on top, as transformers' text-generation pipeline merges them.
+    Greedy only when that says do_sample false. ProtocolError, naming the file and the key, for a setting the
+    inference layer cannot reproduce (beams, a repetition penalty, ...)."""
+    file = folder / "generation_config.json"
+    own: dict[str, Any] = {}
+    if file.is_file():
+        data = read_json(file)
+        if not isinstance(data, dict):
+            raise ProtocolError(f"{file}: expected a JSON object")
+        own = {k: data[k] for k in (*GENERATE_DEFAULTS, *NEUTRAL_GENERATE) if k in data and data[k] is not None}
+    for k, neutral in NEUTRAL_GENERATE.items():
+        if k in own and own[k] != neutral:
+            raise ProtocolError(
+                f"{file}: key '{k}': {own[k]!r} is part of llm-jp-eval v1.3's decoding of this model and cannot be "
+                "reproduced by selftrain's inference layer"
+            )
+    merged = {**GENERATE_DEFAULTS, **{k: v for k, v in own.items() if k in GENERATE_DEFAULTS}, **generator}
+    where = {k: "generator" if k in generator else str(file) if k in own else "transformers' default"
+             for k in GENERATE_DEFAULTS}  # fmt: skip
+    if merged["repetition_penalty"] != 1.0:
+        raise ProtocolError(
+            f"{where['repetition_penalty']}: repetition_penalty {merged['repetition_penalty']} cannot be reproduced by "
+            "selftrain's inference layer"
+        )
+    sample = bool(merged["do_sample"])
+    if sample and not float(merged["temperature"]) > 0:
+        raise ProtocolError(f"{where['temperature']}: do_sample with temperature {merged['temperature']}")
+    return {
+        "greedy": not sample,
+        "temperature": float(merged["temperature"]) if sample else 0.0,
+        "top_p": float(merged["top_p"]) if sample else 1.0,
+        "top_k": int(merged["top_k"] or 0) if sample else 0,
+        "repetition_penalty": float(merged["repetition_penalty"]),
+        "source": source,
+        "generation_config": str(file) if file.is_file() else None,
+        "model_settings": own,  # what the model's own file says (before the version's generator)
+        "generator": dict(generator),
+        "from": where,  # per setting: generator | the model's generation_config.json | transformers' default
+    }
 
 
 def _checkout_version(checkout: Path) -> str:
@@ -326,14 +425,6 @@ def _checkout_version(checkout: Path) -> str:
     if not isinstance(version, str):
         raise ProtocolError(f"{path}: no 'project.version' or 'tool.poetry.version'")
     return version
-
-
-def _git_commit(checkout: Path) -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() or None if r.returncode == 0 else None
 
 
 def _same_line(version: str, line: str) -> bool:
@@ -382,35 +473,56 @@ def load_protocol(cfg: EvalConfig) -> Protocol:
         raise ProtocolError(f"{folder}: a version {tv} tree, but eval.protocol is {cfg.protocol} ({spec.version}.x)")
     layout = read_v1_layout(checkout) if spec.prompt == "v1-utils" else read_v2_layout(checkout)
     cats: dict[str, dict[str, str | None]] = {c: dict(d) for c, d in spec.categories.items()}
-    source = cfg.protocol_file or f"params/eval/{cfg.protocol}.yaml"
-    if spec.dataset_format == "v2":
-        from_checkout = _v2_categories(checkout)
-        if from_checkout:
-            cats, source = from_checkout, str(checkout / "eval_configs" / "all_datasets.yaml")
+    source: str | None = str(cfg.protocol_file or f"params/eval/{cfg.protocol}.yaml")
+    no_avg = None
+    if spec.categories_from_checkout:  # v2: the checkout's category definition, or none at all
+        path = dataset_config_path(cfg)
+        from_checkout = _v2_categories(path)
+        if from_checkout is None:
+            cats, source = {}, None
+            what = "has no 'categories'" if path.is_file() else "not found"
+            no_avg = (
+                f"{path}: {what}; llm-jp-eval {spec.version}.x takes its categories (and so AVG) from the eval "
+                "dataset config (eval.dataset_config): per-dataset scores only, no AVG"
+            )
+        else:
+            cats, source = from_checkout, str(path)
     return Protocol(
         cfg.protocol,
         spec,
         cfg,
         checkout=checkout,
         checkout_version=version,
-        checkout_commit=_git_commit(checkout),
+        checkout_commit=git_commit(checkout),
         layout=layout,
         tree_version=tv,
-        categories_source=str(source),
+        categories_source=source,
         categories=cats,
+        no_avg_reason=no_avg,
     )
 
 
-def _v2_categories(checkout: Path) -> dict[str, dict[str, str | None]] | None:
-    """v2 keeps its category map in eval_configs/all_datasets.yaml: categories: {NAME: {default_metric,
-    metrics: {dataset: metric}, datasets: [...]}}. None when the checkout has none."""
+def dataset_config_path(cfg: EvalConfig) -> Path:
+    """v2's eval dataset config: eval.dataset_config, relative to the checkout unless absolute."""
+    p = Path(cfg.dataset_config)
+    return p if p.is_absolute() else resolve_path(cfg.llm_jp_eval_dir or ".") / p
+
+
+def _v2_categories(path: Path) -> dict[str, dict[str, str | None]] | None:
+    """v2 keeps its category map in the eval dataset config (eval_configs/all_datasets.yaml as LLM-jp's v2 scripts
+    pass it): categories: {NAME: {default_metric, metrics: {dataset: metric}, datasets: [...]}}. None when the file
+    is missing or defines no categories."""
     import yaml
 
-    path = checkout / "eval_configs" / "all_datasets.yaml"
     if not path.is_file():
         return None
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ProtocolError(f"{path}: not valid YAML: {e}") from None
     cats = data.get("categories") if isinstance(data, dict) else None
+    if cats is None:
+        return None
     if not isinstance(cats, dict):
         raise ProtocolError(f"{path}: key 'categories': expected a mapping")
     out: dict[str, dict[str, str | None]] = {}

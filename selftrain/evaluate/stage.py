@@ -62,6 +62,7 @@ class Predictions:
     examples: dict[str, str]
     wanted: dict[str, int]
     key: str
+    decoding: dict[str, Any]  # how the answers are decoded and why (the protocol's rule; recorded in eval.json)
 
     def groups(self) -> list[list[int]]:
         """Indices into `todo` per token cap, caps ascending: the backend batches each cap apart, in this order."""
@@ -105,9 +106,10 @@ def plan_predictions(
         # Batches are cut per token cap in list order: sorting by length keeps padding (wasted prefill) small.
         todo.sort(key=lambda j: (j["ds"].output_length, count(j["prompt"])))
     caps = [protocol.max_new_tokens(j["ds"]) for j in todo]
+    decoding = protocol.decoding(folder)  # greedy, or (v1.3) the model's generation_config under the version's
     gen = GenerationConfig(
-        backend=backend, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max(caps, default=1), seed=seed,
-        batch_size=cfg.batch_size,
+        backend=backend, n=1, temperature=decoding["temperature"], top_p=decoding["top_p"],
+        max_new_tokens=max(caps, default=1), seed=seed, batch_size=cfg.batch_size,
     )  # fmt: skip
     inputs: list[Any] = (
         [[{"role": "user", "content": j["prompt"]}] for j in todo]
@@ -121,10 +123,13 @@ def plan_predictions(
         "seed": seed,
         # transformers' batches (padding) shape greedy answers; vLLM's batching differs with the shard count
         **({"batch_size": cfg.batch_size} if backend == "transformers" else {"shards": cfg.shards}),
+        # sampled decoding (a model whose generation_config samples, under v1.3) answers otherwise
+        **({} if decoding["greedy"] else {"decoding": {k: decoding[k] for k in ("temperature", "top_p", "top_k")}}),
     }  # fmt: skip
     return Predictions(
-        jobs, todo, inputs, caps, gen, cfg.chat_template, protocol.add_bos, examples, wanted, sha256_json(shape)[:16]
-    )
+        jobs, todo, inputs, caps, gen, cfg.chat_template, protocol.add_bos, examples, wanted, sha256_json(shape)[:16],
+        decoding,
+    )  # fmt: skip
 
 
 def _prediction_producer(
@@ -138,7 +143,7 @@ def _prediction_producer(
         sel = list(range(len(p.todo))) if parts is None else [groups[g][i] for g, r in parts for i in r]
         outs = generate_candidates(
             folder, model_cfg, p.gen, [p.inputs[i] for i in sel], backend, progress, chat=p.chat,
-            max_new_tokens=[p.caps[i] for i in sel], add_special_tokens=p.add_bos,
+            max_new_tokens=[p.caps[i] for i in sel], add_special_tokens=p.add_bos, top_k=p.decoding["top_k"],
         )  # fmt: skip
         return [{**o, "prompt_index": sel[o["prompt_index"]]} for o in outs]
 
@@ -221,6 +226,8 @@ def evaluate(
             main=protocol.main_metric(ds),
             inputs=[r["input"] for r in recs],
             prepared=True,
+            comet_device=protocol.comet_device["value"],
+            unconfirmed=protocol.unconfirmed(ds),
         )
         row = {"dataset": ds.name, **scored}
         row["few_shots"] = min(r["few_shots"] for r in recs)
@@ -238,6 +245,7 @@ def evaluate(
         "shards_predicted_here": made,  # the others came from `selftrain shard --stage eval`
         "shard_folder": shard_folder,
         "prompt_examples": p.examples,
+        "decoding": p.decoding,
     }
     return records, pd.DataFrame(rows), facts
 
@@ -250,6 +258,11 @@ def _score_columns(df: pd.DataFrame, categories: Mapping[str, Sequence[str]]) ->
     for m in metric_names:
         out[m] = [d.get(m) for d in df["metrics"]]
     return out
+
+
+def _no_score(row: dict[str, Any]) -> bool:
+    v = row.get("score")
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def _no_nan(row: dict[str, Any]) -> dict[str, Any]:
@@ -279,8 +292,12 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         )
         shard_folder = facts.pop("shard_folder")
         categories = protocol.category_names()
-        blocked = [r["dataset"] for r in table.to_dict(orient="records") if not r["comparable"]]
-        agg = aggregate(table, categories, protocol.avg_excludes, protocol.empty_category, blocked)
+        rows = table.to_dict(orient="records")
+        # not comparable without a score: the metric could not run; with one: the version's metric is unconfirmed
+        blocked = {r["dataset"]: r["not_comparable_reason"] for r in rows if not r["comparable"] and _no_score(r)}
+        unsure = {r["dataset"]: r["not_comparable_reason"] for r in rows if not r["comparable"] and not _no_score(r)}
+        agg = aggregate(table, categories, protocol.avg_excludes, protocol.empty_category, blocked, unsure,
+                        protocol.no_avg_reason)  # fmt: skip
         pred_file = run.data_dir / "eval_predictions.jsonl"
         write_jsonl(pred_file, records)
         saved = _score_columns(table, categories)
@@ -306,6 +323,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             "avg": agg["avg"],
             "avg_complete": agg["avg_complete"],
             "avg_comparable": agg["avg_comparable"],
+            "avg_not_comparable": agg["avg_not_comparable"],
             "not_comparable": {
                 r["dataset"]: r["not_comparable_reason"] for r in table.to_dict(orient="records") if not r["comparable"]
             },
