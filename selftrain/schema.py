@@ -182,7 +182,8 @@ class JudgeMetrics(TypedDict, total=False):
     judge_seconds: float
     endpoint_stats: list[dict[str, Any]] | None
     protocol: str  # "own" | "llm-jp-judge" (judge.protocol); absent in files written before it existed
-    # judge.protocol=llm-jp-judge: path, commit, files (sha256), benchmarks, settings, and llm-jp-judge's own
+    # judge.protocol=llm-jp-judge: path, commit, files (sha256), benchmarks, client, settings (max_retries,
+    # disable_system_prompt, model: each {"value", "source"}: judge.* or the client YAML), and llm-jp-judge's own
     # "score_table" / "error_rate_table" (its keys, e.g. "quality_ja:正確性", "safety_ja:api(%)"; percent units)
     llm_jp_judge: dict[str, Any]
     quality: JudgeSetSummary
@@ -205,6 +206,10 @@ class EvalMetrics(TypedDict, total=False):
     chat_template: bool
     avg: float | None
     avg_complete: bool
+    avg_comparable: bool  # AVG is the version's (no category lost a dataset, none counts an unconfirmed metric)
+    avg_not_comparable: list[str]  # every reason it is not
+    decoding: dict[str, Any]  # greedy or sampled, temperature / top_p / top_k, and where each came from
+    comet_device: dict[str, str]  # {"value": cpu | auto, "source"}
     avg_categories: list[str]
     avg_excludes: list[str]
     categories: dict[str, CategoryScore]
