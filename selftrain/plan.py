@@ -134,7 +134,7 @@ class Shape:
     kv_heads: int
     head_dim: int
     tied: bool = False
-    dtype_bytes: int = 2  # of the saved weights (config.json's dtype): what a final model takes per parameter
+    dtype_bytes: int = 2  # of the weights as config.json says they are stored (M0's files)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Shape:
@@ -342,7 +342,10 @@ def estimate_setting(shape: Shape, s: Setting, preset: str = "single", gpus: int
         "weights": w * n / shard,
         "gradients": w * n / shard,
         "optimizer": 2 * w * n / shard,
-        "reference": (0.0 if s.precompute_ref else 2.0 * n / shard) if s.kind == "dpo" else 0.0,
+        # DPO's reference: bf16 under mixed and bf16 (selftrain.train.precision_plan), float32 under fp32
+        "reference": (0.0 if s.precompute_ref else (4 if s.precision == "fp32" else 2) * n / shard)
+        if s.kind == "dpo"
+        else 0.0,
         "activations": phases[peak_phase] + gathered,
     }
     out["total"] = sum(out.values())
@@ -421,7 +424,7 @@ def stage_setting(cfg: RunConfig, kind: str) -> Setting:
         seq_len=seq_len,
         checkpointing=bool(_block_value(block, "gradient_checkpointing")),
         precompute_ref=kind == "dpo" and bool(_block_value(block, "precompute_ref_log_probs")),
-        precision=getattr(cfg.training, "precision", None) or "mixed",
+        precision=cfg.training.precision,
         attn=getattr(cfg.training, f"{kind}_attn_implementation") or "sdpa",
         padding_free=kind == "sft" and (bool(_block_value(block, "padding_free")) or (packing and not wrapped)),
         accumulation=int(_block_value(block, "gradient_accumulation_steps")),
@@ -566,8 +569,10 @@ def checkpoint_bytes(shape: Shape, precision: str) -> float:
     return float(shape.params() * 3 * w)
 
 
-def final_model_bytes(shape: Shape) -> float:
-    return float(shape.params() * shape.dtype_bytes)
+def final_model_bytes(shape: Shape, precision: str = "mixed") -> float:
+    """A final model as a GPU run saves it: bf16 under mixed and bf16, float32 under fp32 (a CPU run saves the
+    float32 it trained in)."""
+    return float(shape.params() * (4 if precision == "fp32" else 2))
 
 
 def trained_kinds(cfg: RunConfig) -> list[str]:
@@ -619,7 +624,7 @@ def cell_disk(cfg: RunConfig, shape: Shape, world: int = 1) -> dict[str, Any]:
     """Bytes one cell leaves on disk (final models, its copy of the candidates and its training data, kept
     checkpoints) and holds at most while one of its stages trains."""
     kinds = trained_kinds(cfg)
-    ckpt = checkpoint_bytes(shape, getattr(cfg.training, "precision", None) or "mixed")
+    ckpt = checkpoint_bytes(shape, cfg.training.precision)
     peak, kept, unbounded = 0.0, 0.0, False
     for k in kinds:
         counts = _checkpoints(cfg, k, world)
@@ -633,7 +638,7 @@ def cell_disk(cfg: RunConfig, shape: Shape, world: int = 1) -> dict[str, Any]:
     # sft.jsonl holds one target per prompt, dpo.jsonl two: about 3 / n of the candidates
     data = gen * (1 + 3 / max(cfg.generation.n, 1)) if kinds else gen
     return {
-        "final_models": len(kinds) * final_model_bytes(shape),
+        "final_models": len(kinds) * final_model_bytes(shape, cfg.training.precision),
         "run_data": data,
         "kept_checkpoints": kept,
         "checkpoints_peak": peak,
@@ -663,7 +668,7 @@ def plan_study(study_path: str, gpus: int = 1, gpu_mem_gb: float = 80.0) -> dict
                     cfg = resolve_run_config(model, method, path, replicate=seed, point=point)
                     if model not in models:
                         shape = run_shape(cfg)
-                        models[model] = {"shape": shape, "weights": final_model_bytes(shape)}
+                        models[model] = {"shape": shape, "weights": float(shape.params() * shape.dtype_bytes)}
                     shape = models[model]["shape"]
                     name = method + (f".seed{seed}" if seed is not None else "")
                     name += "".join(f"@{k}={v}" for k, v in point.items())
@@ -715,8 +720,9 @@ def format_study(p: dict[str, Any]) -> str:
             lines.append(f"  {c['model']:<16}{c['cell']:<20}{kind:<6}{setting:<50}{st['bytes'] / GIB:>6.1f}  {verdict}")
     lines += [
         "",
-        "Disk (GB, rough): final models in the model's own dtype; Trainer checkpoints in the training dtype, removed",
-        "once the stage's final model is written (training.keep_trainer_checkpoints keeps them)",
+        "Disk (GB, rough): final models as a GPU run saves them (bf16; float32 under precision fp32 or on a CPU);",
+        "Trainer checkpoints in the training dtype with AdamW's moments, removed once the stage's final model is",
+        "written (training.keep_trainer_checkpoints keeps them); M0 weights in their own dtype",
         f"  {'model':<16}{'cell':<20}{'final models':>13}{'run data':>10}{'kept ckpts':>11}"
         f"{'ckpts while training':>22}",
     ]
