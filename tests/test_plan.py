@@ -286,7 +286,9 @@ def test_shape_from_a_local_config_and_a_clear_error(tmp_path: Path, capsys: pyt
     assert main(["plan", "--model", str(tmp_path / "nothing")]) == 2
 
 
-def test_plan_sizes_the_projects_own_models_from_their_folders(tiny_model: Path, cache_dir: Path) -> None:
+def test_plan_sizes_the_projects_own_models_from_their_folders(
+    tiny_model: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -295,6 +297,13 @@ def test_plan_sizes_the_projects_own_models_from_their_folders(tiny_model: Path,
     count = sum(p.numel() for p in real.parameters())
     assert model_shape("tiny:", str(cache_dir)).params() == count  # tied embeddings, float32 weights
     assert model_shape("tiny:", str(cache_dir)).dtype_bytes == 4
+    # the CLI by params name and by path, from the built folder (issue 29: "download config.json" before)
+    monkeypatch.setenv("SELFTRAIN_MODELS_DIR", str(tiny_model.parent))
+    for name in ("tiny", "tiny:"):
+        assert main(["plan", "--model", name]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{count / 1e9:.2f}B parameters on 1 GPU(s)") and "sft: fits with single" in out
+        assert ("tiny's own training settings" in out) == (name == "tiny")  # a params model: its settings too
 
 
 @pytest.mark.parametrize(
