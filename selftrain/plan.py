@@ -11,7 +11,10 @@ Model state, bytes per parameter N (`training.precision`):
   ends, and each linear layer saves its bf16 weight for its input gradient);
 - `bf16` (pure bf16, only when asked): 2 + 2 + 4 = 8 bytes/param, no copies;
 - `fp32` (no autocast): 16 bytes/param, no copies;
-- DPO's reference model: 2 bytes/param (loaded apart in bf16), 0 with `precompute_ref_log_probs: true`.
+- DPO's reference model: 2 bytes/param (loaded apart in bf16; float32 under `fp32`), 0 with
+  `precompute_ref_log_probs: true`;
+- LoRA (`training.use_lora`): the frozen weights only (the adapters, their gradients and AdamW moments are well
+  under 1% of the model and not counted), no reference copy (peft turns the adapters off for it).
 - `fsdp` / `zero3` shard all of it over the G GPUs; `single` / `ddp` hold a full copy per GPU.
 
 Activations of one micro-batch: R rows of S tokens, T = R * S (DPO: chosen + rejected, R = 2 x the micro-batch,
@@ -27,9 +30,11 @@ hidden size, I the MLP width, q / kv the query / key-value widths (heads x head_
   difference. The constants are measured, not assumed: tests/test_plan.py sums the tensors autograd saves for
   the backward pass of a small Llama on the CPU and compares them with this formula.
 - attention masks: with `sdpa` and padded rows (DPO) transformers passes a boolean (R, 1, S, S) mask, which
-  SDPA converts per layer into a bf16 bias that its memory-efficient kernel saves: 2 * S^2 bytes per row and
-  layer; padding-free SFT rows under `sdpa` get one block-diagonal (T x T) mask; `eager` keeps each head's
-  attention weights (6 * a * S^2 bytes per row and layer); `flex_attention` and `flash_attention_2` none;
+  SDPA converts per layer into a bias of the query's dtype that its kernel saves: 2 * S^2 bytes per row and layer
+  (4 under fp32); padding-free SFT rows under `sdpa` get one block-diagonal (T x T) mask (transformers'
+  find_packed_sequence_indices); `eager` keeps each head's attention weights (6 * a * S^2 bytes per row and
+  layer, 4 under fp32); with a mask, or under `eager`, transformers repeats k and v to every head first (kv = q
+  above); `flex_attention` and `flash_attention_2` hold no mask;
 - gradient checkpointing keeps each layer's input (4h bytes per token, 2h in bf16) and recomputes one layer at
   a time in the backward pass;
 - the last norm (8h, 6h in bf16) and TRL's fused LM head: the head never materialises the (T x vocab) logits: it
@@ -49,8 +54,8 @@ against them.
 Disk (rough): a Trainer checkpoint holds the weights in the training dtype (float32 under `mixed`) and the AdamW
 moments (8 bytes/param; 4 in bf16): 12 bytes/param under `mixed`; the Trainer writes the next one before it
 removes the oldest, so a stage holds up to `save_total_limit` + 1 while it trains (removed once its final model
-is written unless `training.keep_trainer_checkpoints`); a final model is saved in the starting model's dtype
-(bf16 for llm-jp-3); the generation cache holds n candidates per prompt (planned at `max_new_tokens`, about 4
+is written unless `training.keep_trainer_checkpoints`); a GPU run saves its final model in bf16 (float32 under
+`fp32`; a CPU run in the float32 it trained in); the generation cache holds n candidates per prompt (planned at `max_new_tokens`, about 4
 bytes of UTF-8 JSON a token, Japanese text included), each run folder a copy of them, the embedding cache
 (n + 1) float32 vectors of the hidden size per prompt.
 """
@@ -178,6 +183,7 @@ class Setting:
     attn: str = "sdpa"  # transformers' attn_implementation (None = its default for Llama, sdpa)
     padding_free: bool = False  # SFT rows flattened into one, no padding
     accumulation: int = 1
+    lora: bool = False  # training.use_lora: frozen weights, no reference copy (peft turns the adapters off)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -331,19 +337,21 @@ def estimate_setting(shape: Shape, s: Setting, preset: str = "single", gpus: int
     phases = {
         # checkpointed: autocast's cache holds every layer's copy until the forward's autocast region ends
         "forward": held + (sv["copies"] if s.checkpointing else 0.0),
-        "head backward": held + 4 * t * shape.hidden + 4.0 * shape.vocab * shape.hidden + tile,
+        # the head's float32 input gradient, and its weight gradient unless the weights are frozen (LoRA)
+        "head backward": held + 4 * t * shape.hidden + (0.0 if s.lora else 4.0 * shape.vocab * shape.hidden) + tile,
         "layer backward": held + sv["one_layer"] + t * _act_bytes(shape, s)["ws"],
     }
-    if s.kind == "dpo" and not s.precompute_ref:  # the bf16 reference runs one layer at a time, without grad
+    if s.kind == "dpo" and not s.precompute_ref and not s.lora:  # the bf16 reference, one layer at a time, no grad
         ref = t * (12 * shape.hidden + 4 * shape.q + 4 * shape.kv + 6 * shape.intermediate)
         phases["reference forward"] = held + ref + sv["mask_layer"] + tile
     peak_phase = max(phases, key=lambda k: phases[k])
     out: dict[str, Any] = {
         "weights": w * n / shard,
-        "gradients": w * n / shard,
-        "optimizer": 2 * w * n / shard,
+        # LoRA: the adapters' weights, gradients and AdamW moments are not counted (well under 1% of the model)
+        "gradients": 0.0 if s.lora else w * n / shard,
+        "optimizer": 0.0 if s.lora else 2 * w * n / shard,
         # DPO's reference: bf16 under mixed and bf16 (selftrain.train.precision_plan), float32 under fp32
-        "reference": (0.0 if s.precompute_ref else (4 if s.precision == "fp32" else 2) * n / shard)
+        "reference": (0.0 if s.precompute_ref or s.lora else (4 if s.precision == "fp32" else 2) * n / shard)
         if s.kind == "dpo"
         else 0.0,
         "activations": phases[peak_phase] + gathered,
@@ -428,6 +436,7 @@ def stage_setting(cfg: RunConfig, kind: str) -> Setting:
         attn=getattr(cfg.training, f"{kind}_attn_implementation") or "sdpa",
         padding_free=kind == "sft" and (bool(_block_value(block, "padding_free")) or (packing and not wrapped)),
         accumulation=int(_block_value(block, "gradient_accumulation_steps")),
+        lora=cfg.training.use_lora,
     )
 
 

@@ -364,3 +364,20 @@ def test_the_planner_against_the_last_gpu_measurement() -> None:
         assert entry["peak_gb"] <= planned <= 1.15 * entry["peak_gb"], (name, planned, entry["peak_gb"])
         checked += 1
     assert checked >= 1
+
+
+def test_lora_is_planned_as_frozen_weights_without_a_reference_copy() -> None:
+    # A LoRA run must not be refused for the full fine-tuning's optimizer: 3.7b DPO with 4 pairs in memory does
+    # not fit as full fine-tuning, and does with adapters (peft turns them off for the reference).
+    over = [
+        "training.dpo.per_device_train_batch_size=4",
+        "training.dpo.gradient_accumulation_steps=16",
+        "training.dpo.precompute_ref_log_probs=false",
+    ]
+    with pytest.raises(P.DoesNotFit):
+        P.check_fits(resolve_run_config("llm-jp-3-3.7b", "central", overrides=over), "dpo", 1, H100_80GB)
+    lora = resolve_run_config("llm-jp-3-3.7b", "central", overrides=[*over, "training.use_lora=true"])
+    assert P.check_fits(lora, "dpo", 1, H100_80GB)["gib"] < 0.9 * 79.6
+    est = P.estimate_setting(P.run_shape(lora), P.stage_setting(lora, "dpo"))
+    assert est["gradients"] == est["optimizer"] == est["reference"] == 0
+    assert est["weights"] == 4 * P.run_shape(lora).params()
