@@ -55,9 +55,9 @@ Disk (rough): a Trainer checkpoint holds the weights in the training dtype (floa
 moments (8 bytes/param; 4 in bf16): 12 bytes/param under `mixed`; the Trainer writes the next one before it
 removes the oldest, so a stage holds up to `save_total_limit` + 1 while it trains (removed once its final model
 is written unless `training.keep_trainer_checkpoints`); a GPU run saves its final model in bf16 (float32 under
-`fp32`; a CPU run in the float32 it trained in); the generation cache holds n candidates per prompt (planned at `max_new_tokens`, about 4
-bytes of UTF-8 JSON a token, Japanese text included), each run folder a copy of them, the embedding cache
-(n + 1) float32 vectors of the hidden size per prompt.
+`fp32`; a CPU run in the float32 it trained in); the generation cache holds n candidates per prompt (planned at
+`max_new_tokens`, about 4 bytes of UTF-8 JSON a token, Japanese text included), each run folder a copy of them,
+the embedding cache (n + 1) float32 vectors of the hidden size per prompt.
 """
 
 from __future__ import annotations
