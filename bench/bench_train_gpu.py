@@ -1,17 +1,21 @@
 """GPU throughput of the project's SFT path against a plain PyTorch loop (needs one CUDA GPU).
 
-A randomly initialised llm-jp-3-1.8b-shaped Llama (24 layers, hidden 2048, FFN 7168, 16 heads, vocab
-99,584) is trained for a few steps at 2048 tokens per sequence:
+A randomly initialised llm-jp-3-1.8b-shaped Llama (selftrain.plan.KNOWN_SHAPES: 24 layers, hidden 2048, FFN 7168,
+16 heads, vocab 99,584) is trained for a few steps at 2048 tokens per sequence, in the precision stage 03 uses on
+a GPU (`--precision mixed`, the default: float32 master weights under bf16 autocast; `bf16`: pure bf16 weights
+and optimizer, the project's GPU path before mixed precision became its default):
   1. the card's bf16 matmul rate (8192^3 products), the MFU denominator;
-  2. a plain bf16 AdamW loop on random tokens (no padding anywhere): the baseline;
-  3. the project's SFT path (selftrain.train: the TRL SFTTrainer built from params/models/llm-jp-3-1.8b.yaml)
-     on conversational examples of mixed length (100-1800 tokens), in several batching modes:
-     packed + padding-free (block-diagonal attention), packed rows without document masking, and
+  2. a plain PyTorch loop on random tokens (no padding anywhere) in that precision: autocast + fused AdamW over
+     float32 weights (mixed), or bf16 weights (bf16): the baseline;
+  3. the project's SFT path (selftrain.train: the TRL SFTTrainer built from params/models/llm-jp-3-1.8b.yaml with
+     training.precision set to the same) on conversational examples of mixed length (100-1800 tokens), in several
+     batching modes: packed + padding-free (block-diagonal attention), packed rows without document masking, and
      plain padded batches (what the packing saves).
 tokens/s counts real tokens only (no padding); MFU uses 6 N + 12 L d S FLOPs per token (PaLM appendix B),
-N = parameters without the input embedding. Prints and writes bench/out/train_gpu.json (or $OUT).
+N = parameters without the input embedding. Each SFT entry records its peak GPU memory beside the planner's
+estimate (selftrain.plan) for the same setting. Prints and writes bench/out/train_gpu.json (or $OUT).
 
-    python bench/bench_train_gpu.py [--steps 8] [--warmup 3] [--batch 8]
+    python bench/bench_train_gpu.py [--steps 8] [--warmup 3] [--batch 8] [--precision mixed|bf16]
 """
 
 from __future__ import annotations
@@ -32,16 +36,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPE = dict(
-    vocab_size=99_584,
-    hidden_size=2048,
-    intermediate_size=7168,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-)
+from selftrain.plan import KNOWN_SHAPES  # noqa: E402  (after the path insert)
+
+SHAPE = {
+    **{k: v for k, v in KNOWN_SHAPES["llm-jp/llm-jp-3-1.8b"].items() if k != "torch_dtype"},
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+}
 SEQ = 2048
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -70,26 +71,29 @@ def flops_per_token(model: torch.nn.Module) -> float:
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * SEQ
 
 
-def build_model(attn: str = "sdpa") -> torch.nn.Module:
+def build_model(attn: str = "sdpa", dtype: torch.dtype = torch.float32, shape: dict | None = None) -> torch.nn.Module:
+    """A randomly initialised Llama of `shape` (default SHAPE) on the device, in `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(**SHAPE, attn_implementation=attn)
+    cfg = LlamaConfig(**(shape or SHAPE), attn_implementation=attn)
     with torch.device(DEV):
         model = LlamaForCausalLM(cfg)
-    return model.to(torch.bfloat16)
+    return model.to(dtype)
 
 
-def plain_loop(batch: int, warmup: int, steps: int) -> dict:
-    """The baseline: bf16 weights, fused AdamW, random tokens, no padding, no trainer."""
-    model = build_model()
+def plain_loop(batch: int, warmup: int, steps: int, precision: str = "mixed") -> dict:
+    """The baseline: random tokens, no padding, no trainer; `mixed`: float32 weights and fused AdamW with the
+    forward under bf16 autocast (what stage 03 runs on a GPU); `bf16`: bf16 weights and optimizer states."""
+    model = build_model(dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     fpt = flops_per_token(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     gen = torch.Generator(device=DEV).manual_seed(0)
     times = []
     for i in range(warmup + steps):
         x = torch.randint(0, SHAPE["vocab_size"], (batch, SEQ), device=DEV, generator=gen)
-        loss = model(input_ids=x, labels=x).loss
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=precision == "mixed"):
+            loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -99,7 +103,7 @@ def plain_loop(batch: int, warmup: int, steps: int) -> dict:
             print(f"  plain step 0 loss {loss.item():.3f}", flush=True)
     secs = times[-1] - times[warmup - 1]
     tps = batch * SEQ * steps / secs
-    out = {"tokens_per_second": round(tps), "flops_per_token": fpt, "peak_gb": _peak_gb()}
+    out = {"precision": precision, "tokens_per_second": round(tps), "flops_per_token": fpt, "peak_gb": _peak_gb()}
     del model, opt
     _free()
     return out
@@ -116,12 +120,13 @@ def _free() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def save_random_model(folder: Path) -> Path:
-    """The same random model as a HF folder with a ChatML tokenizer (ids fit in the 99,584 vocab)."""
+def save_random_model(folder: Path, shape: dict | None = None) -> Path:
+    """A random model of `shape` (default SHAPE) as a HF folder in bf16 (as llm-jp-3 ships) with a ChatML
+    tokenizer (the tiny model's: its ids fit any vocabulary of 512 or more)."""
     from selftrain.models import build_tiny_model
 
     tiny = build_tiny_model(folder.parent / "tiny-tokenizer")
-    model = build_model()
+    model = build_model(dtype=torch.bfloat16, shape=shape)
     model.config.eos_token_id = 2  # <|im_end|> in the tiny tokenizer
     model.config.pad_token_id = 0
     model.save_pretrained(folder, safe_serialization=True)
@@ -171,12 +176,14 @@ def _robust_fingerprints() -> None:
     ad.generate_fingerprint = safe
 
 
-def sft_path(model_dir: Path, name: str, overrides: list[str], batch: int, warmup: int, steps: int) -> dict:
+def sft_path(
+    model_dir: Path, name: str, overrides: list[str], batch: int, warmup: int, steps: int, precision: str = "mixed"
+) -> dict:
     """Steps of selftrain's own trainer construction (what train.train_stage runs) on synthetic data."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
 
-    from selftrain import train
+    from selftrain import plan, train
     from selftrain.config import resolve_run_config
 
     cfg = resolve_run_config(
@@ -190,10 +197,13 @@ def sft_path(model_dir: Path, name: str, overrides: list[str], batch: int, warmu
             f"training.sft.max_steps={warmup + steps}",
             'training.sft.save_strategy="no"',
             "training.sft.logging_steps=1",
+            f"training.precision={precision}",
             *overrides,
         ],
         check_trainer=True,
     )
+    setting = plan.stage_setting(cfg, "sft")
+    planned = plan.estimate_setting(plan.model_shape(str(model_dir)), setting)["total"] / plan.GIB
     _robust_fingerprints()
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = Dataset.from_list(synthetic_sft(1500, tok))
@@ -220,6 +230,9 @@ def sft_path(model_dir: Path, name: str, overrides: list[str], batch: int, warmu
         "tokens_per_step": round(tokens / steps),
         "flops_per_token": fpt,
         "peak_gb": _peak_gb(),
+        # the planner's worst case (every row full) for the same setting, GiB like peak_gb
+        "planned_gib": round(planned, 1),
+        "plan_setting": {k: v for k, v in vars(setting).items() if k != "accumulation"},
         "loss_last": hist[warmup + steps].get("loss"),
         "batch_check": batch0,
         "attn": trainer.model.config._attn_implementation,
@@ -235,6 +248,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--only", nargs="*", default=None, help="SFT variants to run (default: all)")
+    ap.add_argument(
+        "--precision", choices=["mixed", "bf16"], default="mixed", help="mixed (stage 03's GPU default) or bf16"
+    )
     ap.add_argument("--smoke", action="store_true", help="a tiny shape on CPU: checks the script, not the numbers")
     a = ap.parse_args()
     global SEQ
@@ -252,6 +268,7 @@ def main() -> None:
         "seq": SEQ,
         "batch": a.batch,
         "steps": a.steps,
+        "precision": a.precision,
     }
 
     def save() -> None:
@@ -261,11 +278,11 @@ def main() -> None:
     import trl
 
     res["transformers"], res["trl"] = transformers.__version__, trl.__version__
-    peak = matmul_tflops(1024 if a.smoke else 8192)
+    peak = matmul_tflops(256 if a.smoke else 8192)
     res["matmul_tflops"] = round(peak, 1)
     print(f"bf16 matmul: {peak:.0f} TFLOP/s", flush=True)
 
-    base = plain_loop(a.batch, a.warmup, a.steps)
+    base = plain_loop(a.batch, a.warmup, a.steps, a.precision)
     base["mfu"] = round(base["tokens_per_second"] * base["flops_per_token"] / 1e12 / peak, 3)
     res["plain"] = base
     print("plain loop:", base, flush=True)
@@ -289,7 +306,7 @@ def main() -> None:
         print(f"SFT path, {name} ...", flush=True)
         t = time.perf_counter()
         try:
-            r = sft_path(model_dir, name, ov, a.batch, a.warmup, a.steps)
+            r = sft_path(model_dir, name, ov, a.batch, a.warmup, a.steps, a.precision)
             r["mfu"] = round(r["tokens_per_second"] * r["flops_per_token"] / 1e12 / peak, 3)
             r["vs_plain"] = round(r["tokens_per_second"] / base["tokens_per_second"], 3)
         except Exception as e:  # one failing mode must not lose the others' numbers

@@ -7,6 +7,7 @@ import sys
 
 from selftrain.config import ConfigError, validate_params_file
 from selftrain.io import DataError
+from selftrain.models import ModelNotAvailable
 from selftrain.paths import project_root
 from selftrain.runs import StageNotDone
 
@@ -64,17 +65,24 @@ def main(argv: list[str] | None = None) -> int:
         "first version of each run is the reference)",
     )
     cp.add_argument("--strict", action="store_true", help="exit 1 when a difference lies outside the band")
-    pl = sub.add_parser("plan", help="estimate SFT / DPO memory per GPU for each multi-GPU preset")
-    pl.add_argument("--model", required=True, help="a params model name (params/models/), a folder or a hub id")
+    pl = sub.add_parser(
+        "plan", help="GPU memory and disk: a model's presets (--model) or every cell of a study (--study)"
+    )
+    what = pl.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--model", help="a params model name (params/models/), a folder, tiny: / embedded:NAME or a hub id"
+    )
+    what.add_argument("--study", help="a study YAML: memory of each cell's training stages, disk, totals, fits")
     pl.add_argument("--gpus", type=int, default=1, help="GPUs (default 1)")
-    pl.add_argument("--gpu-mem", type=float, default=80, help="GB per GPU (default 80)")
-    pl.add_argument("--micro-batch", type=int, default=1, help="rows per GPU per step (DPO: pairs; default 1)")
-    pl.add_argument("--seq-len", type=int, default=4096, help="tokens per row (default 4096)")
-    pl.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
-    pl.add_argument("--precompute-ref", action="store_true", help="DPO with precompute_ref_log_probs: true")
+    pl.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU (default 80)")
+    pl.add_argument("--micro-batch", type=int, default=1, help="--model: rows per GPU per step (DPO: pairs; default 1)")
+    pl.add_argument("--seq-len", type=int, default=4096, help="--model: tokens per row (default 4096)")
+    pl.add_argument("--no-checkpointing", action="store_true", help="--model: without gradient checkpointing")
+    pl.add_argument("--precompute-ref", action="store_true", help="--model: DPO with precompute_ref_log_probs: true")
     pl.add_argument(
-        "--precision", choices=["bf16", "mixed"], default="bf16",
-        help="bf16: the project's GPU path (8 bytes/param); mixed: float32 master weights (16)",
+        "--precision", choices=["mixed", "bf16", "fp32"], default="mixed",
+        help="--model: mixed (the GPU default: float32 master weights under bf16 autocast, 16 bytes/param), bf16 "
+        "(pure, 8) or fp32",
     )  # fmt: skip
     sl = sub.add_parser("slurm", help="write sbatch scripts for a study: generation first, then one task per cell")
     sl.add_argument("--study", required=True, help="study YAML, e.g. params/studies/poster.yaml")
@@ -157,17 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.strict and cmp.counts().get("outside"):
                 return 1
         elif args.cmd == "plan":
-            from selftrain.plan import format_plan, model_shape, plan
-
-            path = args.model
-            if (project_root() / "params" / "models" / f"{args.model}.yaml").is_file():
-                from selftrain.config import resolve_run_config
-
-                path = resolve_run_config(args.model, "central").model.path
-            shape = model_shape(path)
-            rows = plan(shape, args.gpus, args.gpu_mem, args.micro_batch, args.seq_len, not args.no_checkpointing,
-                        args.precompute_ref, args.precision)  # fmt: skip
-            print(format_plan(rows, shape, args.gpus, args.gpu_mem))
+            for line in plan_lines(args):
+                print(line)
         elif args.cmd == "slurm":
             from selftrain.slurm import render, write
 
@@ -195,13 +194,43 @@ def main(argv: list[str] | None = None) -> int:
             freed = clean(items, args.dry_run)
             verb = "would free" if args.dry_run else "freed"
             print(f"{len(items)} item(s), {verb} {human(freed)}")
-    except (ConfigError, FileNotFoundError, DataError, OSError, StageNotDone) as e:
+    except (ConfigError, FileNotFoundError, DataError, OSError, StageNotDone, ModelNotAvailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 SHARDED = ("generate", "judge", "eval")
+
+
+def plan_lines(args: argparse.Namespace) -> list[str]:
+    """`plan`: its bounds checked first (one line each), then a model's presets or a study's cells."""
+    from selftrain import plan
+
+    for flag, value, ok in (("--gpus", args.gpus, args.gpus >= 1), ("--gpu-mem", args.gpu_mem, args.gpu_mem > 0),
+                            ("--micro-batch", args.micro_batch, args.micro_batch >= 1),
+                            ("--seq-len", args.seq_len, args.seq_len >= 1)):  # fmt: skip
+        if not ok:
+            raise ConfigError(f"plan {flag} must be {'more than 0' if flag == '--gpu-mem' else 'at least 1'}, "
+                              f"got {value:g}")  # fmt: skip
+    if args.study:
+        return plan.format_study(plan.plan_study(args.study, args.gpus, args.gpu_mem)).splitlines()
+    cfg = None
+    if (project_root() / "params" / "models" / f"{args.model}.yaml").is_file():
+        from selftrain.config import resolve_run_config
+
+        cfg = resolve_run_config(args.model, "central")
+        shape = plan.run_shape(cfg)
+    else:
+        shape = plan.model_shape(args.model)
+    rows = plan.plan(shape, args.gpus, args.gpu_mem, args.micro_batch, args.seq_len, not args.no_checkpointing,
+                     args.precompute_ref, args.precision)  # fmt: skip
+    lines = plan.format_plan(rows, shape, args.gpus, args.gpu_mem).splitlines()
+    if cfg is not None:  # the model file's own settings, as stage 03/04 would run them
+        lines.append(f"{args.model}'s own training settings on {args.gpus} GPU(s) of {args.gpu_mem:g} GiB:")
+        for kind in ("sft", "dpo"):
+            lines.append("  " + plan.describe(cfg, kind, args.gpus, args.gpu_mem * plan.GIB))
+    return lines
 
 
 def shard(

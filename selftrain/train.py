@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from selftrain import cpu_head, launch
+from selftrain import cpu_head, launch, plan
 from selftrain.config import RunConfig, check_trainer_keys
 from selftrain.inference import cpu_has_bf16
 from selftrain.io import read_jsonl, sha256_file, write_json
@@ -242,6 +242,10 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
     check_trainer_keys(cfg, default_source=str(run.dir / "params.resolved.yaml"))
 
     with run.stage(stage, inputs=[data_file]) as info:
+        import torch
+
+        if torch.cuda.is_available():  # a stage its plan says will not fit is refused before anything is loaded
+            plan.check_fits(cfg, kind, torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory)
         n = len(read_jsonl(data_file))
         if n == 0:
             raise TrainingError(
