@@ -396,22 +396,22 @@ def _truncate(
     return [*head, *turns[:-1], {**turns[-1], "content": last[lo:]}]
 
 
-def run_prompt_set(cfg: RunConfig, folder: Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_prompt_set(
+    cfg: RunConfig, count: Callable[[list[dict[str, str]]], int] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A run's prompts, the one way stages 01 and 02 (and `selftrain shard`) read them: prompts.* applied in
-    LLM-jp's order (system line, shuffle, limit), then, with the model `folder`, the context guard (tokens of the
-    rendered prompt + generation.max_new_tokens within model.max_model_len; prompts.too_long). Returns (prompts,
-    facts for generate.json)."""
+    LLM-jp's order (system line, shuffle, limit), then, given the model's token `count` of a conversation
+    (inference.prompt_token_counter), the context guard (tokens of the rendered prompt + generation.max_new_tokens
+    within model.max_model_len; prompts.too_long). Returns (prompts, facts for generate.json)."""
     pc = cfg.prompts
     system = system_line(pc.system, pc.system_from)
     prompts, facts = load_prompt_set(
         pc.path, pc.limit, pc.hub_files, pc.skip_blank, system, pc.shuffle_seed if pc.shuffle else None
     )
     facts["system_from"] = pc.system_from
-    if folder is not None:
-        from selftrain.inference import prompt_token_counter
-
+    if count is not None:
         budget = cfg.model.max_model_len - cfg.generation.max_new_tokens
-        prompts, guard = fit_context(prompts, prompt_token_counter(folder), budget, pc.too_long)
+        prompts, guard = fit_context(prompts, count, budget, pc.too_long)
         facts.update(guard, prompt_token_budget=budget)
         if not prompts:
             raise DataError(

@@ -20,7 +20,7 @@ import pandas as pd
 
 from selftrain.config import GenerationConfig, RunConfig
 from selftrain.data import prompt_inputs, run_prompt_set
-from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend
+from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend, prompt_token_counter
 from selftrain.io import read_json, read_jsonl, sha256_json, write_json, write_jsonl
 from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
@@ -136,7 +136,7 @@ def _target(cfg: RunConfig) -> tuple[list[dict], dict[str, Any], Path, str, str,
     """What a run's candidates come from and where they are cached: (prompts, what loading them did (see
     data.run_prompt_set), model folder, backend, generation key, cache folder)."""
     folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
-    prompts, facts = run_prompt_set(cfg, folder)
+    prompts, facts = run_prompt_set(cfg, prompt_token_counter(folder))
     backend = pick_backend(cfg.generation.backend)
     dtype = inference_dtype(cfg.model.dtype, backend)
     key = generation_key(

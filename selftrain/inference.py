@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from selftrain.config import GenerationConfig, ModelConfig, SamplingConfig
+from selftrain.provenance import bf16_native, cpu_has_bf16  # noqa: F401 - bf16_native: the rule, re-exported
 
 
 def pick_dtype(dtype: str) -> Any:
@@ -27,14 +28,6 @@ def pick_dtype(dtype: str) -> Any:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     return getattr(torch, dtype)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX-512 BF16); elsewhere bf16 is emulated and slow."""
-    import torch
-
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def inference_dtype(dtype: str, backend: str) -> str:

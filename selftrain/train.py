@@ -310,14 +310,14 @@ def train_in_process(
     )
     batch_report = check_batch(next(iter(trainer.get_train_dataloader())), tok)
     args = trainer.args
-    plan = trainer.selftrain_precision
+    prec = trainer.selftrain_precision
     ref = getattr(trainer, "ref_model", None)
     numerics = {
         # mixed: float32 master weights under bf16/fp16 autocast; bf16: the weights and AdamW states themselves bf16.
-        "precision": plan["precision"],
+        "precision": prec["precision"],
         "dtype": "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32",
         "weights": str(trainer.model.dtype).removeprefix("torch."),
-        "pure_bf16": plan["precision"] == "bf16",
+        "pure_bf16": prec["precision"] == "bf16",
         "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
         "reference": str(ref.dtype).removeprefix("torch.") if ref is not None else None,
         "device": str(args.device),
@@ -399,13 +399,13 @@ def _build_trainer(
 
     device = device or Device.here()
     block = dict(getattr(cfg.training, kind))
-    plan = precision_plan(cfg.training.precision, block, device)
+    prec = precision_plan(cfg.training.precision, block, device)
     common = {
         "output_dir": str(out_dir),
         "report_to": "none",
         "seed": cfg.seed,
         "disable_tqdm": not progress,
-        **plan["flags"],
+        **prec["flags"],
     }
     tok = AutoTokenizer.from_pretrained(start)
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
@@ -418,13 +418,13 @@ def _build_trainer(
         # FlexAttention has no backward pass on a CPU (torch raises); sdpa masks packed rows by their position ids.
         attn = "sdpa"
     extra = {"attn_implementation": attn} if attn else {}
-    model = AutoModelForCausalLM.from_pretrained(start, dtype=plan["weights"], **extra)
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=prec["weights"], **extra)
     peft = _peft_config(cfg)
     ref = None
     own_ref = kind == "dpo" and peft is None and not block.get("precompute_ref_log_probs")
-    if own_ref and plan["reference"] != plan["weights"]:
+    if own_ref and prec["reference"] != prec["weights"]:
         # TRL would build the reference in the policy's float32; it is never updated, so bf16 holds it.
-        ref = AutoModelForCausalLM.from_pretrained(start, dtype=plan["reference"], **extra)
+        ref = AutoModelForCausalLM.from_pretrained(start, dtype=prec["reference"], **extra)
     # On a CPU, TRL's chunked LM head is the slow part of a step: swap in the plain one (selftrain/cpu_head.py).
     head = contextlib.nullcontext() if device.cuda else cpu_head.plain_lm_head()
     with head:
