@@ -54,18 +54,20 @@ def run_cli(args: list[str], smi_dir: Path | None, **env: str) -> subprocess.Com
     )
 
 
-# `--stages nosuch` makes the old code fail at once (unknown stage) instead of running a study.
+# `--stages nosuch` / `--model nosuch` make the old code fail at once instead of running a study.
 RUN = ["run", "--study", "params/studies/quick.yaml", "--stages", "nosuch"]
+SHARD = ["shard", "--study", "params/studies/quick.yaml", "--model", "nosuch", "--shard", "0"]
 
 
-def test_run_stops_before_any_stage_when_torch_cannot_see_the_listed_gpu(tmp_path):
-    r = run_cli(RUN, fake_smi(tmp_path / "bin"))
+@pytest.mark.parametrize("args", [RUN, SHARD], ids=["run", "shard"])
+def test_run_stops_before_any_stage_when_torch_cannot_see_the_listed_gpu(tmp_path, args):
+    r = run_cli(args, fake_smi(tmp_path / "bin"))
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip().splitlines()[-1]
     assert err.startswith("error: nvidia-smi lists 1 GPU(s) (GPU 0: NVIDIA H100 80GB HBM3) but torch 2.13.0")
     assert "CPU build (torch.version.cuda is None; driver 535.104.05 runs CUDA <= 12.2)" in err
     assert "locks/cuda12-linux-x86_64.txt" in err and f"{ALLOW_CPU_ENV}=1" in err
-    assert "unknown stage" not in r.stderr  # stopped before the study was even read
+    assert "unknown stage" not in r.stderr and "not in the study" not in r.stderr  # before the study was read
 
 
 def test_allowed_cpu_and_hidden_gpus_run_on(tmp_path):
