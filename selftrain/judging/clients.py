@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from selftrain.config import GenerationConfig, JudgeConfig, ModelConfig, SamplingConfig
+from selftrain.hardware import require_vllm_expected_scoring
 from selftrain.inference import (
     free_memory,
     generate_candidates,
@@ -56,6 +57,8 @@ class LocalJudge:
         self.folder = resolve_model_path(cfg.local_model, cache_dir)
         self.model_cfg = ModelConfig(name="judge", path=str(self.folder), max_model_len=cfg.local_max_model_len)
         self.backend = pick_backend(cfg.local_backend)
+        if self.backend == "vllm" and cfg.scoring == "expected":
+            require_vllm_expected_scoring()  # before any answer is judged: vLLM < 0.21 returns no such log-probs
         self.cache = resolve_path(cache_dir) / "judge" / "local"
         self.fingerprint = model_fingerprint(self.folder)
         self._hf: tuple[Any, Any] | None = None
