@@ -429,7 +429,7 @@ def _build_trainer(
     head = contextlib.nullcontext() if device.cuda else cpu_head.plain_lm_head()
     with head:
         trainer = _make_trainer(kind, model, common, block, dataset, tok, callbacks, peft, ref)
-    trainer.selftrain_precision = plan  # what train_in_process records
+    trainer.selftrain_precision = prec  # what train_in_process records
     return trainer, tok
 
 
