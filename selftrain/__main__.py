@@ -8,7 +8,7 @@ import sys
 from selftrain.config import ConfigError, validate_params_file
 from selftrain.io import DataError
 from selftrain.models import ModelNotAvailable
-from selftrain.paths import project_root
+from selftrain.paths import UnsafePath, output_folder, project_root
 from selftrain.runs import StageNotDone
 
 
@@ -182,10 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                 out = write(args.study, files)
                 print(f"wrote {', '.join(files)} to {out}; submit with: bash {out / 'submit.sh'}")
         elif args.cmd == "index":
-            from selftrain.paths import resolve_path
             from selftrain.report import write_study_index
 
-            study_dir = resolve_path(args.study_dir)
+            study_dir = output_folder(args.study_dir, "--study-dir")  # it writes <study-dir>/README.md
             if not study_dir.is_dir():
                 raise FileNotFoundError(f"{study_dir}: no such study folder")
             print(write_study_index(study_dir))
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             freed = clean(items, args.dry_run)
             verb = "would free" if args.dry_run else "freed"
             print(f"{len(items)} item(s), {verb} {human(freed)}")
-    except (ConfigError, FileNotFoundError, DataError, OSError, StageNotDone, ModelNotAvailable) as e:
+    except (ConfigError, FileNotFoundError, DataError, OSError, StageNotDone, ModelNotAvailable, UnsafePath) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -241,9 +240,12 @@ def shard(
     study_path: str, model: str, stage: str, method: str | None, index: int, seed: int | None, overrides: list[str]
 ) -> list[str]:
     """Fill shard `index` of one stage for one cell of a study, at every sweep point of it; a line per point."""
-    from selftrain.config import load_study, resolve_run_config
+    from selftrain.config import SEED_MAX, load_study, resolve_run_config
     from selftrain.hardware import check_gpu_visible
+    from selftrain.runs import check_output_dirs
 
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"command line: --seed {seed}: a seed must be in 0..{SEED_MAX}")
     check_gpu_visible()  # an array task on a GPU torch cannot use stops here
     study, _, path = load_study(study_path)
     if model not in study.models:
@@ -256,6 +258,7 @@ def shard(
     for point in study.points():
         # Generation depends on model, prompts and sampling only: any method of the study resolves them.
         cfg = resolve_run_config(model, method or study.methods[0], path, overrides, replicate=seed, point=point)
+        check_output_dirs(cfg)  # the cache (and, for judge/eval, the results) folder it writes into
         if stage == "generate":
             from selftrain.generate import run_shard
         elif stage == "judge":  # judge and eval: the cell's own run version, its training done

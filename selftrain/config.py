@@ -60,6 +60,10 @@ class _Section(BaseModel):
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 Slug = Annotated[str, StringConstraints(pattern=SLUG)]
 
+# Seeds are unsigned 32-bit wherever they end up: numpy's legacy seeding (transformers.set_seed, vLLM's engine seed)
+# refuses anything outside 0..2**32-1, and a negative seed would name a folder "<method>.seed-5".
+SEED_MAX = 2**32 - 1
+
 
 class ModelConfig(_Section):
     name: Slug = Field(description="Short name used in run folders, e.g. 'smollm2-135m' (letters, digits, . _ -).")
@@ -150,8 +154,11 @@ class SamplingConfig(_Section):
     max_new_tokens: int = Field(128, ge=1, description="Upper bound on generated tokens per answer.")
     seed: int = Field(
         1234,
-        description="Base seed: vLLM's engine seed (seeding: engine), or the base of each request's seed (seeding: "
-        "per-request); transformers seeds each batch with seed + index of its first prompt (llm-jp-judge: 1234).",
+        ge=0,
+        le=SEED_MAX,
+        description="Base seed (0..2**32-1): vLLM's engine seed (seeding: engine), or the base of each request's seed "
+        "(seeding: per-request); transformers seeds each batch with seed + index of its first prompt (llm-jp-judge: "
+        "1234).",
     )
     seeding: Literal["engine", "per-request"] = Field(
         "engine",
@@ -638,8 +645,8 @@ class StudyConfig(_Section):
 
     @model_validator(mode="after")
     def _replicates(self) -> StudyConfig:
-        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
-            raise ValueError(f"study.seeds must be distinct seeds >= 0, got {self.seeds}")
+        if len(set(self.seeds)) != len(self.seeds) or any(not 0 <= s <= SEED_MAX for s in self.seeds):
+            raise ValueError(f"study.seeds must be distinct seeds in 0..{SEED_MAX}, got {self.seeds}")
         clash = [m for m in self.methods if REPLICATE.match(m)]
         if clash:
             raise ValueError(f"study.methods {clash}: a method name cannot end in .seed<N> (a replicate's folder)")
@@ -652,13 +659,17 @@ class RunConfig(_Section):
     study: Slug = Field("scratch", description="Study name (a folder name: letters, digits, . _ -).")
     model: ModelConfig
     method: Slug = Field(description="Method params name (the run folder's third level).")
-    seed: int = Field(1234, description="Global seed: the trainers' seed, recorded in the manifest.")
+    seed: int = Field(
+        1234, ge=0, le=SEED_MAX, description="Global seed (0..2**32-1): the trainers' seed, recorded in the manifest."
+    )
     sweep: dict[str, Any] = Field(
         default_factory=dict,
         description="The sweep point of this cell (study.sweep), already applied to the params above; {}: none.",
     )
     replicate: int | None = Field(
         None,
+        ge=0,
+        le=SEED_MAX,
         description="The replicate seed of a study with `study.seeds` (its run folder is <method>.seed<N>); None: "
         "the params' own seeds (the plain <method> folder).",
     )

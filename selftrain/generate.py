@@ -21,12 +21,21 @@ import pandas as pd
 from selftrain.config import GenerationConfig, RunConfig
 from selftrain.data import prompt_inputs, run_prompt_set
 from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend, prompt_token_counter
-from selftrain.io import read_json, read_jsonl, sha256_json, write_json, write_jsonl
+from selftrain.io import (
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+    recorded_problem,
+    sha256_file,
+    sha256_json,
+    write_json,
+    write_jsonl,
+)
 from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
 from selftrain.plots import plt
 from selftrain.runs import Run
-from selftrain.shards import Part, check_shard, group_shards, produce_shard, remove_shards, run_sharded
+from selftrain.shards import Part, check_shard, group_shards, holding, produce_shard, remove_shards, run_sharded
 
 STAGE = "generate"
 
@@ -82,40 +91,15 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     with run.stage(STAGE, inputs=files) as info:
         prompts, prompt_facts, folder, backend, key, cache = _target(cfg)
         info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, backend), "backend": backend}
-        if (cache / "_SUCCESS").is_file():
-            meta = read_json(cache / "meta.json")
-            meta["cache_hit"] = True
-        else:
-            t0 = time.time()
-            shards = cfg.generation.shards
-            produce = _producer(folder, cfg, prompts, backend, progress)
-            plan = group_shards([len(prompts)], shards, _align(cfg, backend))
-            if shards == 1:
-                records, made = produce(plan[0]), [0]
+        # One process fills an entry at a time (two methods' stage 01 at once: the second waits and reads the
+        # merged result); a shard task fills its shard beside others under the shared lock.
+        with holding(cache):
+            meta = _cached(cache)
+            if meta is not None:
+                meta["cache_hit"] = True
             else:
-                records, made = run_sharded(cache, plan, produce)
-            seconds = time.time() - t0
-            write_jsonl(cache / "candidates.jsonl", records)
-            n_tok = sum(r["num_tokens"] for r in records)
-            meta = {
-                "key": key,
-                "backend": backend,
-                "model_folder": str(folder),
-                "device": device(),
-                "prompts": len(prompts),
-                "candidates": len(records),
-                "generated_tokens": n_tok,
-                "seconds": round(seconds, 2),
-                "tokens_per_second": round(n_tok / max(seconds, 1e-9), 1),
-                "sampling": cfg.generation.model_dump(),
-                "cache_hit": False,
-                "shards": shards,
-                "shards_generated_here": made,  # the others came from `selftrain shard` (an array task, a GPU)
-            }
-            write_json(cache / "meta.json", meta)
-            (cache / "_SUCCESS").write_text("ok\n")
-            remove_shards(cache)
-        shutil.copyfile(cache / "candidates.jsonl", run.data_dir / ".candidates.jsonl.tmp")
+                meta = _fill(cache, cfg, prompts, folder, backend, key, progress)
+            shutil.copyfile(cache / "candidates.jsonl", run.data_dir / ".candidates.jsonl.tmp")
         os.replace(run.data_dir / ".candidates.jsonl.tmp", out_file)
         df = pd.DataFrame(read_jsonl(out_file))
         summary = summarise(df)
@@ -130,6 +114,61 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             prompts_skipped_long=len(prompt_facts["skipped_long"]), prompts_truncated=len(prompt_facts["truncated"]),
         )  # fmt: skip
     return df
+
+
+def _cached(cache: Path) -> dict[str, Any] | None:
+    """The entry's meta when it is complete and its candidates are the ones written (their sha256 as recorded in
+    meta.json, checked on every hit); else None, saying why when an entry was there, so the stage generates it
+    again (a hand-edited or truncated file, an entry from before hashes were recorded)."""
+    if not (cache / "_SUCCESS").is_file():
+        return None
+    try:
+        meta = read_json(cache / "meta.json")
+        problem = recorded_problem(cache / "candidates.jsonl", meta.get("sha256"))
+    except (OSError, ValueError) as e:
+        problem = f"meta.json unreadable ({e})"
+    if problem is None:
+        return meta
+    print(f"generation cache entry {cache}: candidates.jsonl {problem}; generating it again")
+    (cache / "_SUCCESS").unlink(missing_ok=True)
+    return None
+
+
+def _fill(
+    cache: Path, cfg: RunConfig, prompts: list[dict], folder: Path, backend: str, key: str, progress: bool
+) -> dict[str, Any]:
+    """Generate a cache entry (the shards still missing, then merged); its meta, with the candidates' sha256."""
+    t0 = time.time()
+    shards = cfg.generation.shards
+    produce = _producer(folder, cfg, prompts, backend, progress)
+    plan = group_shards([len(prompts)], shards, _align(cfg, backend))
+    if shards == 1:
+        records, made = produce(plan[0]), [0]
+    else:
+        records, made = run_sharded(cache, plan, produce)
+    seconds = time.time() - t0
+    write_jsonl(cache / "candidates.jsonl", records)
+    n_tok = sum(r["num_tokens"] for r in records)
+    meta = {
+        "key": key,
+        "backend": backend,
+        "model_folder": str(folder),
+        "device": device(),
+        "prompts": len(prompts),
+        "candidates": len(records),
+        "generated_tokens": n_tok,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(n_tok / max(seconds, 1e-9), 1),
+        "sampling": cfg.generation.model_dump(),
+        "cache_hit": False,
+        "shards": shards,
+        "shards_generated_here": made,  # the others came from `selftrain shard` (an array task, a GPU)
+        "sha256": sha256_file(cache / "candidates.jsonl"),  # what every later hit checks the file against
+    }
+    write_json(cache / "meta.json", meta)
+    atomic_write_text(cache / "_SUCCESS", "ok\n")
+    remove_shards(cache)
+    return meta
 
 
 def _target(cfg: RunConfig) -> tuple[list[dict], dict[str, Any], Path, str, str, Path]:
@@ -176,9 +215,9 @@ def run_shard(cfg: RunConfig, shard: int, progress: bool = True) -> dict[str, An
     check_shard(shard, shards, "generation.shards")
     prompts, _, folder, backend, _, cache = _target(cfg)
     parts = group_shards([len(prompts)], shards, _align(cfg, backend))[shard]
-    made = False
-    if not (cache / "_SUCCESS").is_file():  # already merged: nothing left to do
-        made = produce_shard(cache, shard, shards, parts, _producer(folder, cfg, prompts, backend, progress))
+    # Already merged: nothing left to do (asked under the entry's lock, so the merge cannot slip in between).
+    made = produce_shard(cache, shard, shards, parts, _producer(folder, cfg, prompts, backend, progress),
+                         lambda: (cache / "_SUCCESS").is_file())  # fmt: skip
     return {"cache": str(cache), "shard": shard, "shards": shards, "items": sum(len(r) for _, r in parts),
             "generated": bool(made)}  # fmt: skip
 

@@ -1,13 +1,17 @@
-"""Atomic writes, strict JSONL reading and content hashes."""
+"""Atomic writes, strict JSONL reading, content hashes, file locks and umask-following permissions."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,15 +74,50 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_npy(path: str | Path, array: Any) -> Path:
-    """A numpy array as a .npy file, written atomically (as atomic_write_bytes)."""
+def follow_umask(path: str | Path) -> Path:
+    """Give a file, or a folder and everything in it, the permissions a plain open()/mkdir() would: safetensors
+    writes its files 0600 and tempfile.mkdtemp makes folders 0700, which a group sharing caches and checkpoints
+    cannot read. Executable files stay executable (for those who may read them)."""
+    path = Path(path)
+    mask = current_umask()
+    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in entries:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode
+        full = 0o777 if p.is_dir() or mode & 0o111 else 0o666
+        os.chmod(p, full & ~mask)
+    return path
+
+
+def write_npy(path: str | Path, array: Any, record: bool = False) -> Path:
+    """A numpy array as a .npy file, written atomically (as atomic_write_bytes); record=True also records its
+    sha256 beside it (`write_recorded`), as a cache entry needs."""
     import io as _io
 
     import numpy as np
 
     buf = _io.BytesIO()
     np.save(buf, array)
-    return atomic_write_bytes(path, buf.getvalue())
+    return (write_recorded if record else atomic_write_bytes)(path, buf.getvalue())
+
+
+def load_cached_npy(path: str | Path, what: str) -> Any | None:
+    """A cached array, only when its file is the one written (the sha256 recorded beside it, checked on every hit);
+    None when there is no entry or, said in one line naming the entry, when it no longer matches (computed again)."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    problem = recorded_problem(path)
+    if problem is None:
+        try:
+            return np.load(path)
+        except (OSError, ValueError, EOFError) as e:
+            problem = f"unreadable ({e})"
+    print(f"{what} cache entry {path}: {problem}; computing it again")
+    return None
 
 
 def _finite(obj: Any) -> Any:
@@ -180,3 +219,118 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------- recorded hashes
+
+
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def write_recorded(path: str | Path, data: bytes) -> Path:
+    """Write `path` atomically and record its sha256 beside it (`<name>.sha256`), so a reader can tell the file
+    is the one that was written (`recorded_problem`)."""
+    path = atomic_write_bytes(path, data)
+    atomic_write_text(_digest_file(path), hashlib.sha256(data).hexdigest() + "\n")
+    return path
+
+
+def recorded_problem(path: str | Path, digest: str | None = None) -> str | None:
+    """None when `path` matches the sha256 recorded when it was written (`digest`, else its `<name>.sha256`
+    file); else what is wrong, in a few words."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    if digest is None:
+        try:
+            digest = _digest_file(path).read_text().strip()
+        except OSError:
+            return "no sha256 was recorded when it was written"
+    if not digest:
+        return "no sha256 was recorded when it was written"
+    return None if sha256_file(path) == digest else "its content no longer matches the sha256 recorded when written"
+
+
+def remove_recorded(path: str | Path) -> None:
+    """Remove a file written by `write_recorded` and its recorded hash."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    _digest_file(path).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- locks
+
+
+class FileLock:
+    """An flock on a lock file, exclusive or shared. The kernel releases it when the holder closes it or dies, so
+    a killed owner never blocks anyone; nothing is left to clean up by hand. An exclusive holder writes who it is
+    into the file (`owner`) for the messages of those who wait. Works wherever flock does (local disks; NFS
+    emulates it with byte-range locks, which is what array tasks on a shared file system need)."""
+
+    def __init__(self, path: str | Path, shared: bool = False) -> None:
+        self.path = Path(path)
+        self.shared = shared
+        self.fd: int | None = None
+
+    def _open(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies: a group can share it
+        except PermissionError:  # someone else's lock file we may read but not write: flock needs no write access
+            return os.open(self.path, os.O_RDONLY)
+
+    def acquire(self, wait: bool = True) -> bool:
+        """Take the lock; False (without waiting) when `wait` is False and someone else holds it."""
+        if self.fd is not None:
+            return True
+        op = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, op)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            # The holder before us may have removed the file (`remove`): a lock on an unlinked file guards nothing.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        if not self.shared:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}\n"
+                          .encode(), 0)  # fmt: skip
+        return True
+
+    def owner(self) -> str:
+        """Who holds (or last held) the lock, as its holder wrote it; empty when unknown."""
+        try:
+            return self.path.read_text().strip()
+        except OSError:
+            return ""
+
+    def remove(self) -> None:
+        """Delete the lock file while holding it exclusively (whoever waits on it then locks a fresh one)."""
+        assert self.fd is not None and not self.shared
+        self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

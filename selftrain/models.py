@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from selftrain.io import follow_umask
 from selftrain.paths import resolve_path
 
 EMBEDDED = {
@@ -39,8 +40,10 @@ def _finished(folder: Path) -> bool:
 
 
 def _publish(tmp: Path, final: Path) -> Path:
-    """Mark a built folder complete and move it into place; a concurrent builder's copy wins ties."""
+    """Mark a built folder complete and move it into place; a concurrent builder's copy wins ties. The folder and
+    its files get the umask's permissions (mkdtemp made it 0700, safetensors writes 0600), so a group can share it."""
     (tmp / "_SUCCESS").write_text("ok\n")
+    follow_umask(tmp)
     try:
         os.replace(tmp, final)
     except OSError:  # someone else finished first (target exists and is not empty)

@@ -25,3 +25,44 @@ def resolve_path(path: str | os.PathLike) -> Path:
     """Relative paths in params are relative to the project root, not to the current folder."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else project_root() / p
+
+
+# Inside the repository only these folders are written (git-ignored, but for results/' committed studies); anything
+# else there (params/, data/, notebooks/, the root itself) is source that no command may overwrite.
+WRITABLE = ("results", "checkpoints", ".cache", "bench/out")
+
+
+class UnsafePath(ValueError):
+    """A folder a command would write into lies where nothing may be written; the message says which and why."""
+
+
+def output_folder(path: str | os.PathLike, what: str, below: bool = True) -> Path:
+    """The resolved folder `path` (relative: to the project root) that a command writes into, or UnsafePath.
+
+    Outside the repository any folder is taken (a cluster's scratch disk, a temp folder), except one that holds the
+    repository ('/', '..'); inside it, only a folder under results/, checkpoints/, .cache/ or bench/out/ (below:
+    strictly under, as a study's folder must be; else the folder itself may be one of them)."""
+    p = resolve_path(path).resolve()
+    root = project_root().resolve()
+    if root.is_relative_to(p):
+        raise UnsafePath(f"{what} {str(path)!r} is {p}, which holds the project {root}: refused")
+    if not p.is_relative_to(root):
+        return p
+    for name in WRITABLE:
+        base = (root / name).resolve()
+        if p.is_relative_to(base) and (p != base or not below):
+            return p
+    where = " or ".join(f"{w}/" for w in WRITABLE)
+    raise UnsafePath(f"{what} {str(path)!r} is {p}: inside the repository only {where} are written, refused")
+
+
+def study_folder(results_dir: str | os.PathLike, study: str) -> Path:
+    """results/<study> for a command that writes a study's figures, tables or index: the name must be a folder name
+    (letters, digits, . _ -; no '/', no '..') and the folder a place where results may be written (output_folder)."""
+    import re
+
+    from selftrain.config import SLUG
+
+    if not re.fullmatch(SLUG, study):
+        raise UnsafePath(f"study name {study!r} is not a folder name (letters, digits, . _ -): refused")
+    return output_folder(Path(resolve_path(results_dir)) / study, "study folder")

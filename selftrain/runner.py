@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from selftrain.config import ConfigError, load_study, resolve_run_config
+from selftrain.config import SEED_MAX, ConfigError, RunConfig, load_study, resolve_run_config
 from selftrain.data import check_sources
 from selftrain.hardware import check_gpu_visible
 from selftrain.paths import project_root
 from selftrain.report import write_study_index
-from selftrain.runs import Run, create_run
+from selftrain.runs import Run, check_output_dirs, create_run
 from selftrain.schema import NOTEBOOKS, STAGES, run_folder
 
 
 class StageFailed(RuntimeError):
     """A notebook cell raised; the message names the notebook, the cell and the error."""
+
+
+class NotebookNotWritten(StageFailed):
+    """papermill could not write the executed notebook (a full disk, a file size limit): the stage counts as
+    failed even if its kernel finished it; the message names the file."""
 
 
 @dataclass
@@ -41,21 +50,29 @@ class CellResult:
 def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = False) -> Path:
     """Execute one stage notebook with papermill; the executed copy lands in the run's notebooks/.
 
-    stream=True echoes the kernel's output (progress bars included) through the `papermill` logger.
-    """
+    stream=True echoes the kernel's output (progress bars included) through the `papermill` logger. papermill
+    writes its copy as the cells run: it writes a temp file beside it that replaces the copy once complete, so a
+    write that fails half-way leaves no truncated notebook. The kernel gets a temp folder of its own (TMPDIR),
+    removed when it ends however it ends: what a killed engine leaves there (vLLM's vllm_dist_* rendezvous files)
+    goes with it."""
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     src = project_root() / "notebooks" / NOTEBOOKS[stage]
     dst = run.notebooks_dir / NOTEBOOKS[stage]
+    part = dst.with_name(f".{dst.stem}.partial{dst.suffix}")
     # The kernel is started as `python`; make that this interpreter (the venv's), whatever PATH says.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     os.environ.setdefault("SELFTRAIN_ROOT", str(project_root()))
+    tempfile.gettempdir()  # this process keeps the system's temp folder; only the kernel gets the one below
+    scratch = tempfile.mkdtemp(prefix=f"selftrain-{stage}-")
+    old_tmp = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = scratch
     try:
         pm.execute_notebook(
             str(src),
-            str(dst),
+            str(part),
             parameters={"run_dir": str(run.dir)},
             cwd=str(project_root()),
             kernel_name="python3",
@@ -63,17 +80,83 @@ def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = F
             log_output=stream,
         )
     except PapermillExecutionError as e:
+        _keep_copy(part, dst)
         raise StageFailed(
             f"notebook {src.relative_to(project_root())} failed in cell {e.cell_index} "
             f"(executed copy: {dst}):\n  {e.ename}: {e.evalue}"
         ) from None
     except (DeadKernelError, CellTimeoutError, RuntimeError) as e:
         # The kernel died (OOM killer, segfault) or a cell ran past its timeout: this stage's failure only.
+        _keep_copy(part, dst)
         cause = "kernel died" if isinstance(e, DeadKernelError) else type(e).__name__
         raise StageFailed(
             f"notebook {src.relative_to(project_root())}: {cause} (executed copy: {dst}):\n  {str(e)[:300]}"
         ) from None
+    except OSError as e:  # papermill's own write of the executed copy (its reads are of the project's notebooks)
+        part.unlink(missing_ok=True)
+        name = dst if e.filename in (str(part), None) else e.filename
+        raise NotebookNotWritten(
+            f"notebook {src.relative_to(project_root())}: cannot write {name}: {e.strerror or e}"
+        ) from None
+    finally:
+        if old_tmp is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old_tmp
+        shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        os.replace(part, dst)
+    except OSError as e:
+        raise NotebookNotWritten(f"cannot write {dst}: {e.strerror or e}") from None
     return dst
+
+
+def _keep_copy(part: Path, dst: Path) -> None:
+    """A failed stage's executed copy stays for inspection when papermill wrote it whole; a truncated one goes."""
+    try:
+        json.loads(part.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        part.unlink(missing_ok=True)
+        return
+    with contextlib.suppress(OSError):
+        os.replace(part, dst)
+
+
+def preflight(cfg: RunConfig, stages: list[str]) -> list[str]:
+    """What a cell's stages need that can be checked before any cell runs, instead of failing hours later in
+    notebook 03, 05 or 06: the judge endpoint's API key variable, llm-jp-judge's checkout, the benchmark datasets
+    folder and llm-jp-eval checkout, a training launch preset that needs GPUs. One line per problem."""
+    problems: list[str] = []
+    run = [s for s in cfg.stages if s in stages]
+    trains = cfg.selection.method != "baseline" and {"sft", "dpo"} & set(run)
+
+    def check(what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as e:  # every kind of refusal these checks raise, each reported as one line
+            problems.append(f"{what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+    judge_used = "judge" in run or ("select" in run and cfg.selection.utility == "judge")
+    if judge_used and cfg.judge.backend == "endpoint":
+        from selftrain.judging.api import EndpointJudge, EndpointSettings
+
+        check("judge.endpoint", lambda: EndpointJudge(
+            EndpointSettings(**{"max_tokens": cfg.judge.max_new_tokens, **cfg.judge.endpoint})).close())  # fmt: skip
+    if "judge" in run and cfg.judge.protocol == "llm-jp-judge":
+        from selftrain.judge import llmjp
+
+        check("judge.llm_jp_judge", lambda: llmjp.load_for(cfg.judge))
+    if "eval" in run:
+        from selftrain.evaluate import dataset_paths
+        from selftrain.evaluate.protocols import load_protocol
+
+        check("eval", lambda: load_protocol(cfg.eval))
+        check("eval.datasets_dir", lambda: dataset_paths(cfg.eval.datasets_dir, cfg.eval.datasets))
+    if trains and cfg.training.launch:
+        from selftrain.launch import check_device
+
+        check("training.launch", lambda: check_device(cfg))
+    return problems
 
 
 def run_study(
@@ -94,6 +177,9 @@ def run_study(
     seeds: replicate seeds (some of `study.seeds`, or any); None: the study's `seeds`, or the params' own."""
     check_gpu_visible()  # a GPU that torch cannot use stops the run here, not after hours of CPU training
     study, _, path = load_study(study_path)
+    bad_seeds = [s for s in seeds or [] if not 0 <= s <= SEED_MAX]
+    if bad_seeds:
+        raise ConfigError(f"command line: --seeds {bad_seeds}: a seed must be in 0..{SEED_MAX} (no cell was run)")
     replicates: list[int | None] = list(seeds if seeds is not None else study.seeds) or [None]
     points = study.points()
     models = models or study.models
@@ -107,7 +193,8 @@ def run_study(
     if bad:
         raise ConfigError(f"command line: unknown stage(s) {bad} (known: {', '.join(STAGES)})")
     # Every cell's params before any cell runs: a typo in the last method's file is found in seconds, not after
-    # the first cells ran for an hour; each distinct problem is reported once.
+    # the first cells ran for an hour; each distinct problem is reported once. So is what the stages need beyond
+    # the params (an API key, a datasets folder, GPUs for a sharded launch), and where the cells would write.
     problems: list[str] = []
     for model in models:
         for method in methods:
@@ -116,6 +203,8 @@ def run_study(
                     for pt in points:
                         cfg = resolve_run_config(model, method, study_path, overrides, True, replicate=rep, point=pt)
                         check_sources(cfg)
+                        check_output_dirs(cfg)
+                        problems += preflight(cfg, wanted)
             except ConfigError as e:
                 problems += [x for x in str(e).replace("invalid params:", "").split("\n") if x.strip()]
     if problems:
@@ -164,7 +253,7 @@ def _run_cell(
     try:
         cfg = resolve_run_config(model, method, study_path, overrides, True, replicate=replicate, point=point)
         method = run_folder(method, cfg.replicate, cfg.sweep)  # the cell's name in the log and the summary
-        run = create_run(cfg, new_version=new_version)
+        run = create_run(cfg, new_version=new_version, hold=True, log=lambda m: log(f"[{model}/{method}] {m}"))
         if run.note:
             log(f"[{model}/{method}] {run.note} -> {run.dir.name}")
         for stage in [s for s in cfg.stages if s in wanted]:
@@ -180,8 +269,14 @@ def _run_cell(
     except (StageFailed, ConfigError, OSError) as e:
         log(f"[{model}/{method}] {stage}: FAILED; the other cells go on\n  {e}")
         if run is not None and stage in run.config.stages:
-            run.mark_failed(stage, str(e))  # a dead kernel could not record it itself
+            try:  # a dead kernel could not record it itself; an unwritten notebook undoes a finished stage
+                run.mark_failed(stage, str(e), even_if_done=isinstance(e, NotebookNotWritten))
+            except OSError as w:  # the disk that failed the stage may refuse the manifest too: say so, go on
+                log(f"[{model}/{method}] {stage}: could not record the failure in {run.manifest_path}: {w}")
         return CellResult(
             model, method, run.dir if run else None, done, skipped, round(time.time() - t0, 1), stage, str(e)
         )
+    finally:
+        if run is not None:
+            run.release()
     return CellResult(model, method, run.dir, done, skipped, round(time.time() - t0, 1))

@@ -10,17 +10,17 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from selftrain.config import ConfigError, RunConfig, dump_config, load_resolved, resolve_run_config
 from selftrain.inference import exact_numerics
-from selftrain.io import atomic_write_text, read_json, sha256_file, sha256_json, write_json
+from selftrain.io import FileLock, atomic_write_text, read_json, sha256_file, sha256_json, write_json
 from selftrain.models import resolve_model_path
-from selftrain.paths import resolve_path
+from selftrain.paths import UnsafePath, output_folder, resolve_path
 from selftrain.provenance import cached_sha256, git_state, hardware, input_fingerprint, package_versions
 from selftrain.quiet import quiet_logs
 from selftrain.schema import NOTEBOOKS, VERSION, read_metrics, run_folder
@@ -46,6 +46,13 @@ class Run:
     config: RunConfig
     note: str = ""  # why create_run started this version rather than resuming the last one
     verbose: bool = False  # show third-party library logs in the cell instead of logs/<stage>.log
+    lock: FileLock | None = field(default=None, repr=False, compare=False)  # held while a runner runs this version
+
+    def release(self) -> None:
+        """Let another run of this cell have the version (the kernel drops the lock anyway when this process dies)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------------ layout
     @property
@@ -121,6 +128,12 @@ class Run:
 
             self._update_manifest(fn)
 
+        def _failed(e: BaseException) -> None:
+            self.marker(name).unlink(missing_ok=True)
+            # A full disk can refuse the manifest too: the stage's own error is the one to raise.
+            with contextlib.suppress(OSError):
+                _set("failed", error=f"{type(e).__name__}: {e}", seconds=round(time.time() - start, 2))
+
         self.marker(name).unlink(missing_ok=True)
         _set("running", started=_now())
         exact_numerics(self.config.numerics == "exact")
@@ -129,8 +142,19 @@ class Run:
             with quiet_logs(log_file, self.verbose):
                 yield info
         except BaseException as e:
-            _set("failed", error=f"{type(e).__name__}: {e}", seconds=round(time.time() - start, 2))
+            _failed(e)
             raise
+        try:
+            record = self._finish(name, info, start, inputs)
+        except BaseException as e:  # the manifest or the marker could not be written: failed, never "done"
+            _failed(e)
+            raise
+        facts = ", ".join(f"{k} {v}" for k, v in info["metrics"].items() if isinstance(v, int | float | str))[:160]
+        logs = f"; library logs: {log_file.relative_to(self.dir)}" if log_file.is_file() and not self.verbose else ""
+        print(f"{name}: done in {record['seconds']:.0f} s" + (f"; {facts}" if facts else "") + logs)
+
+    def _finish(self, name: str, info: dict[str, Any], start: float, inputs: list[Path] | None) -> dict[str, Any]:
+        """Record a finished stage in the manifest, then write its marker, last."""
         record = {
             "status": "done",
             "finished": _now(),
@@ -145,18 +169,24 @@ class Run:
             # What changes the numbers across machines: the dtype and backend this stage actually ran.
             "numerics": {"mode": self.config.numerics, **info.get("numerics", {})},
         }
-        _set(**record)
-        atomic_write_text(self.marker(name), json.dumps(record, indent=2, default=str) + "\n")
-        facts = ", ".join(f"{k} {v}" for k, v in info["metrics"].items() if isinstance(v, int | float | str))[:160]
-        logs = f"; library logs: {log_file.relative_to(self.dir)}" if log_file.is_file() and not self.verbose else ""
-        print(f"{name}: done in {record['seconds']:.0f} s" + (f"; {facts}" if facts else "") + logs)
 
-    def mark_failed(self, name: str, error: str) -> None:
-        """Record a stage as failed from outside its process (its kernel died before it could)."""
+        def fn(m: dict) -> None:
+            m["stages"][name] = record
+
+        self._update_manifest(fn)
+        atomic_write_text(self.marker(name), json.dumps(record, indent=2, default=str) + "\n")
+        return record
+
+    def mark_failed(self, name: str, error: str, even_if_done: bool = False) -> None:
+        """Record a stage as failed from outside its process (its kernel died before it could). even_if_done: also
+        when the stage finished in its kernel but what the runner writes after it (the executed notebook) failed:
+        its marker goes, so the manifest never says "done" for a stage the run reports as failed."""
         if self.is_done(name):
-            return
+            if not even_if_done:
+                return
+            self.marker(name).unlink(missing_ok=True)
         stages = self.manifest().get("stages", {})
-        if stages.get(name, {}).get("status") == "failed":
+        if stages.get(name, {}).get("status") == "failed" and not even_if_done:
             return
 
         def fn(m: dict) -> None:
@@ -258,8 +288,20 @@ def _versions_of(parent: Path) -> list[Path]:
     return sorted((p for p in parent.iterdir() if p.is_dir() and VERSION.match(p.name)), key=lambda p: p.name)
 
 
+def check_output_dirs(cfg: RunConfig) -> None:
+    """The folders a run writes into (results, checkpoints, cache) must not be source folders of the repository:
+    inside it only results/, checkpoints/, .cache/ (and bench/out/) are written; outside it anything but a folder
+    holding the repository."""
+    for key in ("results_dir", "checkpoints_dir", "cache_dir"):
+        try:
+            output_folder(getattr(cfg.output, key), f"output.{key}", below=False)
+        except UnsafePath as e:
+            raise ConfigError(str(e)) from None
+
+
 def run_parent(cfg: RunConfig) -> Path:
     """results/<study>/<model>/<method>[.seed<N>]; refuses any name that would lead outside the results folder."""
+    check_output_dirs(cfg)
     root = resolve_path(cfg.output.results_dir).resolve()
     parent = (root / cfg.study / cfg.model.name / run_folder(cfg.method, cfg.replicate, cfg.sweep)).resolve()
     if not parent.is_relative_to(root) or len(parent.relative_to(root).parts) != 3:
@@ -313,20 +355,53 @@ def find_run(cfg: RunConfig) -> Run:
     return run
 
 
-def create_run(cfg: RunConfig, new_version: bool = False) -> Run:
+def version_lock(run_dir: Path) -> FileLock:
+    """The lock a runner holds on a version folder while it runs it: one run of a cell at a time."""
+    return FileLock(run_dir / ".lock")
+
+
+def create_run(
+    cfg: RunConfig, new_version: bool = False, hold: bool = False, log: Callable[[str], None] | None = None
+) -> Run:
     """Resume the newest version made with the same params, or start the next version.
 
-    A version whose params differ is never touched; `new_version=True` always starts a fresh one.
-    """
+    A version whose params differ is never touched; `new_version=True` always starts a fresh one. The choice is made
+    under a lock on the cell's folder, so two processes never both start (or both pick) a version. hold=True (the
+    runner): the returned run holds its version's lock until `release()` or this process ends; a version another
+    runner holds is waited for (`log` says by whom), then resumed, so two runs of one cell never share a version
+    at once, and a version whose runner died (the kernel dropped its lock) is resumed as any unfinished one."""
     parent = run_parent(cfg)
+    while True:
+        with FileLock(parent / ".lock"):
+            run, busy = _claim(cfg, parent, new_version, hold)
+            if run is not None:
+                return run
+        # Another runner runs this cell's version: wait for it to end outside the cell's lock, then decide again
+        # (its stages are then done and skipped, or it failed and this run resumes it).
+        if log is not None:
+            owner = busy.owner()
+            log(f"{busy.path.parent} is in use by another run of this cell{f' ({owner})' if owner else ''}; waiting "
+                "for it to finish")  # fmt: skip
+        with busy:
+            pass
+
+
+def _claim(cfg: RunConfig, parent: Path, new_version: bool, hold: bool) -> tuple[Run | None, FileLock | None]:
+    """Under the cell's lock: (the run to use, None), or (None, the lock of the version another runner holds)."""
     versions = _versions_of(parent)
-    resolved = dump_config(cfg)
-    inputs = input_fingerprint(cfg)
     note = ""
-    if not new_version:
+    if not new_version and versions:
+        lock = version_lock(versions[-1])
+        if hold and not lock.acquire(wait=False):
+            p = versions[-1] / "params.resolved.yaml"
+            if p.is_file() and p.read_text() == dump_config(cfg):
+                return None, lock  # same params, in use: wait for it
+            # other params: never this run's version anyway
         run, why = _resumable(cfg, versions)
         if run is not None:
-            return run
+            run.lock = lock if hold else None
+            return run, None
+        lock.release()
         note = f"new version: {why}" if why else ""
     num = int(VERSION.match(versions[-1].name).group(1)) + 1 if versions else 1
     while True:
@@ -336,9 +411,12 @@ def create_run(cfg: RunConfig, new_version: bool = False) -> Run:
             break
         except FileExistsError:
             num += 1
+    lock = version_lock(d)
+    if hold:
+        lock.acquire()  # nobody else can know this folder yet: the cell's lock is held
     for sub in ("data", "metrics", "figures", "notebooks", "stages"):
         (d / sub).mkdir()
-    atomic_write_text(d / "params.resolved.yaml", resolved)
+    atomic_write_text(d / "params.resolved.yaml", dump_config(cfg))
     manifest = {
         "study": cfg.study,
         "model": cfg.model.name,
@@ -355,11 +433,11 @@ def create_run(cfg: RunConfig, new_version: bool = False) -> Run:
             "replicate": cfg.replicate,
         },
         "params_sha256": sha256_json(cfg.model_dump(mode="json")),
-        "inputs": inputs,
+        "inputs": input_fingerprint(cfg),
         "stages": {s: {"status": "pending"} for s in cfg.stages},
     }
     write_json(d / "manifest.json", manifest)
-    return Run(d, cfg, note)
+    return Run(d, cfg, note, lock=lock if hold else None), None
 
 
 SCRATCH = "scratch"  # the study name of interactive runs: results/scratch/..., never a study's own folders

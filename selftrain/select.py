@@ -21,7 +21,16 @@ import pandas as pd
 from selftrain.config import EmbeddingConfig, RunConfig
 from selftrain.data import run_prompt_set
 from selftrain.inference import free_memory, inference_dtype, load_hf, prompt_token_counter, release_frames
-from selftrain.io import DataError, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl, write_npy
+from selftrain.io import (
+    DataError,
+    load_cached_npy,
+    read_jsonl,
+    sha256_file,
+    sha256_json,
+    write_json,
+    write_jsonl,
+    write_npy,
+)
 from selftrain.judging.clients import make_judge
 from selftrain.judging.utility import judge_sim
 from selftrain.models import model_fingerprint, resolve_model_path
@@ -315,8 +324,8 @@ def _embeddings(
     )[:16]
     cache = resolve_path(cfg.output.cache_dir) / "embeddings" / f"{key}.npy"
     P, K = len(prompts), len(texts[0]) + 1
-    if cache.is_file():
-        emb = np.load(cache)
+    emb = load_cached_npy(cache, "embedding")
+    if emb is not None:
         return emb.reshape(P, K, -1), key
     model, tok = load_hf(folder, cfg.model.dtype, padding_side="right")
     convs = [p["messages"] for p in prompts for _ in range(K)]
@@ -329,7 +338,7 @@ def _embeddings(
     finally:
         del model
         free_memory()
-    write_npy(cache, emb)
+    write_npy(cache, emb, record=True)
     return emb.reshape(P, K, -1), key
 
 

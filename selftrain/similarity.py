@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from selftrain.config import EmbedderConfig
-from selftrain.io import sha256_file, sha256_json, write_npy
+from selftrain.io import load_cached_npy, sha256_file, sha256_json, write_npy
 from selftrain.models import ModelNotAvailable
 from selftrain.paths import resolve_path
 
@@ -177,11 +177,9 @@ def embedder_embeddings(
     build, fingerprint = load_embedder(cfg)
     key = "embedder-" + sha256_json({"embedder": fingerprint, "texts": sha256_json(flat)})[:16]
     cache = resolve_path(cache_dir) / "embeddings" / f"{key}.npy"  # the stem is the key `selftrain clean` reads
-    if cache.is_file():
-        try:
-            return np.load(cache).reshape(P, K, -1), key
-        except (OSError, ValueError, EOFError):
-            pass  # an unreadable entry (a disk that filled up): computed again and replaced
+    cached = load_cached_npy(cache, "embedder")  # None: none, or not the file written (computed again, replaced)
+    if cached is not None:
+        return cached.reshape(P, K, -1), key
     unique = sorted({t for t in flat if t.strip()})  # each distinct answer once
     encode = build()  # only on a cache miss: a cached pool loads no model
     chunk = max(cfg.batch_size * 16, 256)
@@ -195,5 +193,5 @@ def embedder_embeddings(
     for i, t in enumerate(flat):
         if t in where:
             emb[i] = vecs[where[t]]
-    write_npy(cache, emb)
+    write_npy(cache, emb, record=True)
     return emb.reshape(P, K, -1), key

@@ -24,11 +24,13 @@ config for every trained cell, or the extra nodes would idle). Generation stays 
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
 from selftrain.config import ConfigError, load_study, resolve_run_config
-from selftrain.paths import project_root, resolve_path
+from selftrain.io import atomic_write_text, current_umask
+from selftrain.paths import project_root, study_folder
 from selftrain.schema import STAGES
 
 INFERENCE = ("judge", "eval")  # the stages whose generation can be sharded after training
@@ -144,10 +146,12 @@ def render(
 
 
 def write(study_path: str, files: dict[str, str], results_dir: str = "results") -> Path:
+    """Write the scripts into <results_dir>/<study>/slurm/ (a folder where results may be written), each atomically
+    with the umask's permissions (submit.sh executable)."""
     study, _, _ = load_study(study_path)
-    out = resolve_path(results_dir) / study.name / "slurm"
-    out.mkdir(parents=True, exist_ok=True)
+    out = study_folder(results_dir, study.name) / "slurm"
     for name, text in files.items():
-        (out / name).write_text(text)
-        (out / name).chmod(0o755 if name.endswith(".sh") else 0o644)
+        atomic_write_text(out / name, text)
+        if name.endswith(".sh"):
+            os.chmod(out / name, 0o777 & ~current_umask())
     return out

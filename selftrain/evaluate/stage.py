@@ -384,10 +384,9 @@ def run_shard(cfg: RunConfig, shard: int, progress: bool = True) -> dict[str, An
     p = plan_predictions(folder, cfg.model, ev, datasets, backend, cfg.seed, protocol)
     parts = _split(p, ev, backend)[shard]
     shard_folder = prediction_shards(cfg.output.cache_dir, p.key)
-    made = False
-    if not run.is_done(STAGE):  # done: merged and scored, nothing left to do
-        produce = _prediction_producer(folder, cfg.model, p, backend, progress)
-        made = produce_shard(shard_folder, shard, ev.shards, parts, produce)
+    produce = _prediction_producer(folder, cfg.model, p, backend, progress)
+    # done: merged and scored, nothing left to do (asked under the shard folder's lock)
+    made = produce_shard(shard_folder, shard, ev.shards, parts, produce, lambda: run.is_done(STAGE))
     return {"cache": str(shard_folder), "shard": shard, "shards": ev.shards,
             "items": sum(len(r) for _, r in parts), "generated": bool(made)}  # fmt: skip
 

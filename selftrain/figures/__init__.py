@@ -14,7 +14,7 @@ from selftrain.figures.paired import controls_table, length_table, paired_table,
 from selftrain.figures.plots import PLOTS as _BASE_PLOTS
 from selftrain.figures.plots import plot_eval, plot_judge, plot_selection, plot_sweep, plot_training
 from selftrain.figures.tables import main_display, to_latex, to_markdown, views, write_tables
-from selftrain.paths import resolve_path
+from selftrain.paths import study_folder
 from selftrain.plots import save_figure
 from selftrain.report import write_study_index
 
@@ -34,8 +34,9 @@ def make_figures(
     study_file: str | Path | None = None,
     verbose: bool = True,
 ) -> StudyResults:
-    """Collect a study's results, write every figure (PNG + PDF) and table, refresh the study README."""
-    res = collect(resolve_path(results_dir) / study, spec_path, study_file)
+    """Collect a study's results, write every figure (PNG + PDF) and table, refresh the study README. The study must
+    be a folder name and its folder one where results may be written (paths.study_folder), or nothing is written."""
+    res = collect(study_folder(results_dir, study), spec_path, study_file)
     res.paired, res.lengths, res.controls = paired_table(res), length_table(res), controls_table(res)
     for name, plot in PLOTS.items():
         fig = plot(res)

@@ -25,7 +25,7 @@ import pandas as pd
 
 from selftrain.figures.collect import _is_complete, _num, _row, _seed_of
 from selftrain.figures.tables import write_table
-from selftrain.paths import resolve_path
+from selftrain.paths import resolve_path, study_folder
 from selftrain.report import hardware_label
 from selftrain.schema import QUALITY, VERSION, split_run_folder
 
@@ -82,7 +82,7 @@ def compare(study: str, results_dir: str | Path = "results", reference: str | Pa
     """Fresh runs of `study` under `results_dir` beside the reference folder (default: the same study folder).
     Writes ``tables/compare.{csv,md,tex}`` into the study folder when anything was compared; returns the table,
     notes and paths."""
-    fresh_dir = resolve_path(results_dir) / study
+    fresh_dir = study_folder(results_dir, study)  # a folder name where results may be written: tables go there
     ref_dir = resolve_path(reference) if reference else fresh_dir
     for d, what in ((fresh_dir, "study"), (ref_dir, "reference")):
         if not d.is_dir():

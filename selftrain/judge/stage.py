@@ -28,7 +28,7 @@ import pandas as pd
 
 from selftrain.config import JudgeConfig, RunConfig, SamplingConfig
 from selftrain.inference import generate_candidates, inference_dtype, pick_backend
-from selftrain.io import DataError, iter_jsonl, read_json, sha256_json, write_json, write_jsonl
+from selftrain.io import DataError, atomic_write_text, iter_jsonl, read_json, sha256_json, write_json, write_jsonl
 from selftrain.judge import llmjp
 from selftrain.judging.clients import LocalJudge, RemoteJudge, ask, judge_messages, load_rubric, make_judge
 from selftrain.judging.parse import LABELS
@@ -303,11 +303,12 @@ def run_shard(run_cfg: RunConfig, shard: int, progress: bool = True) -> dict[str
     plan, key = _answer_key(run, items, folder, plan)
     shard_folder, split, idx = _answer_shards(run, key, plan)
     meta_path = run.data_dir / "judge_answers.meta.json"
-    made = False
-    merged = run.is_done(STAGE) or (meta_path.is_file() and read_json(meta_path).get("key") == key)
-    if not merged:  # merged: nothing left to do
-        made = produce_shard(shard_folder, shard, shards, split[shard],
-                             _answer_producer(run, items, folder, plan, idx, progress))  # fmt: skip
+
+    def merged() -> bool:  # merged: nothing left to do (asked under the shard folder's lock)
+        return run.is_done(STAGE) or (meta_path.is_file() and read_json(meta_path).get("key") == key)
+
+    made = produce_shard(shard_folder, shard, shards, split[shard],
+                         _answer_producer(run, items, folder, plan, idx, progress), merged)  # fmt: skip
     return {"cache": str(shard_folder), "shard": shard, "shards": shards,
             "items": sum(len(r) for _, r in split[shard]), "generated": bool(made)}  # fmt: skip
 
@@ -362,7 +363,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             metrics["llm_jp_judge"] = llmjp.report(items, checkout, cfg, judge, str(folder))
         write_json(run.metrics_dir / "judge.json", metrics)
         table = summary_frame(summary)
-        table.to_csv(run.metrics_dir / "judge_summary.csv")
+        atomic_write_text(run.metrics_dir / "judge_summary.csv", table.to_csv())
         df = items_frame(items)
         run.save_figure(plot_quality(df), "judge_quality")
         run.save_figure(plot_safety(df), "judge_safety")
