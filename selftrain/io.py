@@ -328,6 +328,9 @@ class FileLock:
             os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = None
 
+    def __del__(self) -> None:  # a forgotten lock is dropped with its object, not only with its process
+        self.release()
+
     def __enter__(self) -> FileLock:
         self.acquire()
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import shutil
@@ -65,10 +66,16 @@ def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = F
     # The kernel is started as `python`; make that this interpreter (the venv's), whatever PATH says.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     os.environ.setdefault("SELFTRAIN_ROOT", str(project_root()))
-    tempfile.gettempdir()  # this process keeps the system's temp folder; only the kernel gets the one below
+    system_tmp = tempfile.gettempdir()  # this process keeps the system's temp folder; the kernel gets its own
     scratch = tempfile.mkdtemp(prefix=f"selftrain-{stage}-")
     old_tmp = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = scratch
+    # The cache torch's compiler keeps in the temp folder by default stays where it was, shared across stages.
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(system_tmp, f"torchinductor_{user}"))
     try:
         pm.execute_notebook(
             str(src),
@@ -92,12 +99,10 @@ def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = F
         raise StageFailed(
             f"notebook {src.relative_to(project_root())}: {cause} (executed copy: {dst}):\n  {str(e)[:300]}"
         ) from None
-    except OSError as e:  # papermill's own write of the executed copy (its reads are of the project's notebooks)
+    except OSError as e:  # papermill's own write of the executed copy (a full disk, a file size limit), mostly
         part.unlink(missing_ok=True)
-        name = dst if e.filename in (str(part), None) else e.filename
-        raise NotebookNotWritten(
-            f"notebook {src.relative_to(project_root())}: cannot write {name}: {e.strerror or e}"
-        ) from None
+        what = f"cannot write {dst}" if e.filename in (str(part), None) else str(e.filename)
+        raise NotebookNotWritten(f"notebook {src.relative_to(project_root())}: {what}: {e.strerror or e}") from None
     finally:
         if old_tmp is None:
             os.environ.pop("TMPDIR", None)

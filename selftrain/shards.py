@@ -111,17 +111,20 @@ def produce_shard(
 ) -> bool:
     """Produce one shard unless it is done (or `merged()` says the stage has merged them already: asked under the
     folder's lock, so a merge cannot slip in between); True when it had to be produced."""
-    with holding(folder, shared=True), FileLock(lock_path(shard_dir(folder, shard, shards))):
-        if (merged is not None and merged()) or shard_done(folder, shard, shards, parts):
+    with holding(folder, shared=True):
+        if merged is not None and merged():
             return False
         d = shard_dir(folder, shard, shards)
-        (d / "_SUCCESS").unlink(missing_ok=True)
-        records = produce(parts) if parts else []
-        write_jsonl(d / "records.jsonl", records)
-        write_json(d / "meta.json", {"parts": _spec(parts), "sha256": sha256_file(d / "records.jsonl"),
-                                     "records": len(records)})  # fmt: skip
-        atomic_write_text(d / "_SUCCESS", "ok\n")
-        return True
+        with FileLock(lock_path(d)):  # two tasks given the same shard: one produces it, the other finds it done
+            if shard_done(folder, shard, shards, parts):
+                return False
+            (d / "_SUCCESS").unlink(missing_ok=True)
+            records = produce(parts) if parts else []
+            write_jsonl(d / "records.jsonl", records)
+            write_json(d / "meta.json", {"parts": _spec(parts), "sha256": sha256_file(d / "records.jsonl"),
+                                         "records": len(records)})  # fmt: skip
+            atomic_write_text(d / "_SUCCESS", "ok\n")
+            return True
 
 
 def run_sharded(

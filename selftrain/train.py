@@ -23,7 +23,7 @@ import pandas as pd
 from selftrain import cpu_head, launch, plan
 from selftrain.config import RunConfig, check_trainer_keys
 from selftrain.inference import cpu_has_bf16
-from selftrain.io import read_jsonl, sha256_file, write_json
+from selftrain.io import follow_umask, read_jsonl, sha256_file, write_json
 from selftrain.models import resolve_model_path
 from selftrain.plots import plt
 from selftrain.runs import Run
@@ -212,6 +212,7 @@ def _save_final(trainer: Any, tok: Any, out: Path) -> Path:
     if main:
         tok.save_pretrained(tmp)
         (tmp / "_SUCCESS").write_text("ok\n")
+        follow_umask(tmp)  # safetensors writes 0600: a group sharing checkpoints could not read the model
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -17,7 +17,7 @@ import pytest
 
 from selftrain.__main__ import main
 from selftrain.config import ConfigError, resolve_run_config
-from selftrain.io import FileLock, read_jsonl
+from selftrain.io import read_jsonl
 from selftrain.runs import create_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +177,8 @@ def test_two_runs_of_one_cell_never_share_a_version(tiny_overrides: list[str], t
 
 def test_a_lock_dies_with_its_holder(tmp_path: Path) -> None:
     """A version whose runner was killed is free at once: the kernel drops an flock with its process."""
+    from selftrain.io import FileLock
+
     path = tmp_path / "v001" / ".lock"
     code = ("import sys, time; from selftrain.io import FileLock; l = FileLock(sys.argv[1]); l.acquire(); "
             "print('held', flush=True); time.sleep(60)")  # fmt: skip
@@ -276,6 +278,7 @@ def test_two_methods_generating_one_sharded_entry_at_once(
 
 def test_clean_lists_stray_shards_of_a_merged_generation(tmp_path: Path) -> None:
     from selftrain.clean import clean, unreferenced
+    from selftrain.io import FileLock
 
     entry = tmp_path / "cache" / "generations" / "0123456789abcdef"
     (entry / "shards" / "1-of-2").mkdir(parents=True)

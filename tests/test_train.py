@@ -14,7 +14,7 @@ import torch
 
 from selftrain import generate, select, train
 from selftrain.config import ConfigError, resolve_run_config
-from selftrain.io import read_jsonl
+from selftrain.io import current_umask, read_jsonl
 from selftrain.runs import Run, create_run
 from selftrain.train import TrainingError, check_batch, completion_logprobs
 
@@ -40,6 +40,9 @@ def test_sft_then_dpo_learn(tiny_overrides: list[str], tmp_path: Path, tiny_mode
     after = completion_logprobs(sft_dir, [r["prompt"] for r in sft], [r["completion"] for r in sft])
     assert np.mean(after) > np.mean(before) + 0.1  # the training completions became more likely
     assert (sft_dir / "model.safetensors").is_file() and (sft_dir / "chat_template.jinja").is_file()
+    mask = current_umask()  # a group sharing checkpoints can read the trained model (safetensors writes 0600)
+    assert (sft_dir / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert sft_dir.stat().st_mode & 0o777 == 0o777 & ~mask
     m = json.loads((run.metrics_dir / "sft.json").read_text())
     assert m["batch_check"]["rows_with_eos_label"] == m["batch_check"]["rows"] and m["global_steps"] == 12
 
