@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from selftrain.paths import project_root, resolve_path
+from selftrain.paths import SLUG, project_root, resolve_path
 from selftrain.schema import QUALITY, REPLICATE, STAGES, SWEEP_VALUE, VERSION
 
 
@@ -54,10 +54,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-# Names that become folders (study, model, method): a letter or digit first, then letters, digits, '.', '_',
-# '-'; never '..', '/', or empty, so nothing is written outside results/ and checkpoints/ (run_parent checks
-# the resolved folder too).
-SLUG = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# Names that become folders (study, model, method): paths.SLUG (run_parent checks the resolved folder too).
 Slug = Annotated[str, StringConstraints(pattern=SLUG)]
 
 # Seeds are unsigned 32-bit wherever they end up: numpy's legacy seeding (transformers.set_seed, vLLM's engine seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -26,6 +27,10 @@ def resolve_path(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else project_root() / p
 
+
+# Names that become folders (study, model, method): a letter or digit first, then letters, digits, '.', '_', '-';
+# never '..', '/', or empty, so a name cannot lead outside the folder it is joined to.
+SLUG = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 # Inside the repository only these folders are written (git-ignored, but for results/' committed studies); anything
 # else there (params/, data/, notebooks/, the root itself) is source that no command may overwrite.
@@ -59,10 +64,6 @@ def output_folder(path: str | os.PathLike, what: str, below: bool = True) -> Pat
 def study_folder(results_dir: str | os.PathLike, study: str) -> Path:
     """results/<study> for a command that writes a study's figures, tables or index: the name must be a folder name
     (letters, digits, . _ -; no '/', no '..') and the folder a place where results may be written (output_folder)."""
-    import re
-
-    from selftrain.config import SLUG
-
     if not re.fullmatch(SLUG, study):
         raise UnsafePath(f"study name {study!r} is not a folder name (letters, digits, . _ -): refused")
     return output_folder(Path(resolve_path(results_dir)) / study, "study folder")

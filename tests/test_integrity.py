@@ -151,7 +151,7 @@ def test_clean_frees_only_what_the_project_named(tmp_path: Path) -> None:
 
 def _cli_run(tiny_overrides: list[str], *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "selftrain", "run", "--study", "params/studies/tiny.yaml", "--methods", "central",
-           "--stages", "generate", "select", "--quiet", *extra]  # fmt: skip
+           "--stages", "generate", "select", "sft", "--quiet", *extra]  # fmt: skip
     cmd += [x for o in tiny_overrides for x in ("--set", o)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -166,13 +166,12 @@ def test_two_runs_of_one_cell_never_share_a_version(tiny_overrides: list[str], t
     assert [p.returncode for p in procs] == [0, 0, 0], outs
     cell = tmp_path / "results" / "tiny" / "tiny" / "central"
     assert sorted(p.name for p in cell.iterdir() if p.is_dir()) == ["v001"]
-    ran = [o for o in outs if "ran ['generate', 'select']" in o]
-    waited = [
-        o for o in outs if "in use by another run of this cell" in o and "ran -, skipped ['generate', 'select']" in o
-    ]
+    ran = [o for o in outs if "ran ['generate', 'select', 'sft']" in o]
+    skipped = "ran -, skipped ['generate', 'select', 'sft']"
+    waited = [o for o in outs if "in use by another run of this cell" in o and skipped in o]
     assert len(ran) == 1 and len(waited) == 2, outs
     m = json.loads((cell / "v001" / "manifest.json").read_text())
-    assert m["stages"]["generate"]["status"] == m["stages"]["select"]["status"] == "done"
+    assert {m["stages"][s]["status"] for s in ("generate", "select", "sft")} == {"done"}
 
 
 def test_a_lock_dies_with_its_holder(tmp_path: Path) -> None:

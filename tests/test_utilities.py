@@ -15,7 +15,7 @@ from openai_server import FakeJudgeServer
 
 from selftrain import generate, select
 from selftrain.config import EmbedderConfig, JudgeConfig, JudgeUtilityConfig, resolve_run_config
-from selftrain.io import read_jsonl
+from selftrain.io import read_jsonl, write_npy
 from selftrain.judging.clients import make_judge
 from selftrain.judging.utility import judge_sim, request_count
 from selftrain.models import ModelNotAvailable
@@ -50,9 +50,11 @@ def test_wordllama_embedder_is_the_mean_of_its_token_vectors(tmp_path: Path) -> 
     assert sim[0, 0, 1] > 0.8 > sim[0, 0, 2]  # paraphrases close, an unrelated sentence far
     cache = tmp_path / "embeddings" / f"{key}.npy"
     assert cache.is_file()
-    np.save(cache, np.zeros_like(emb).reshape(8, -1))  # a second call reads the cache...
+    write_npy(cache, np.zeros_like(emb).reshape(8, -1), record=True)  # a second call reads the cache...
     assert not embedder_embeddings(POOLS, EmbedderConfig(), str(tmp_path))[0].any()
-    cache.write_bytes(cache.read_bytes()[:100])  # ...and recomputes an entry it cannot read
+    cache.write_bytes(cache.read_bytes()[:100])  # ...and recomputes an entry that is not the one written
+    assert np.allclose(embedder_embeddings(POOLS, EmbedderConfig(), str(tmp_path))[0], emb)
+    np.save(cache, np.zeros_like(emb).reshape(8, -1))  # a valid array, but not the one written: recomputed too
     assert np.allclose(embedder_embeddings(POOLS, EmbedderConfig(), str(tmp_path))[0], emb)
 
 
