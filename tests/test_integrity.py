@@ -149,9 +149,8 @@ def test_clean_frees_only_what_the_project_named(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- two runs of one cell
 
 
-def _cli_run(tiny_overrides: list[str], *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "selftrain", "run", "--study", "params/studies/tiny.yaml", "--methods", "central",
-           "--stages", "generate", "select", "sft", "--quiet", *extra]  # fmt: skip
+def _cli_run(study: Path, tiny_overrides: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "selftrain", "run", "--study", str(study), "--quiet"]
     cmd += [x for o in tiny_overrides for x in ("--set", o)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -159,19 +158,23 @@ def _cli_run(tiny_overrides: list[str], *extra: str) -> subprocess.Popen:
 def test_two_runs_of_one_cell_never_share_a_version(tiny_overrides: list[str], tmp_path: Path) -> None:
     """Two runs of a cell started together and a third 10 s later (a resubmitted array task): one runs the stages,
     the others wait for its version and then skip its done stages; one version, nothing run twice."""
-    first = [_cli_run(tiny_overrides), _cli_run(tiny_overrides)]
+    study = tmp_path / "pair.yaml"  # three notebooks (about 30 s): the third run starts while the first still runs
+    study.write_text(
+        "study:\n  name: pair\n  models: [tiny]\n  methods: [baseline]\n  stages: [generate, select, judge]\n"
+    )
+    first = [_cli_run(study, tiny_overrides), _cli_run(study, tiny_overrides)]
     time.sleep(10)
-    procs = [*first, _cli_run(tiny_overrides)]
+    procs = [*first, _cli_run(study, tiny_overrides)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outs
-    cell = tmp_path / "results" / "tiny" / "tiny" / "central"
+    cell = tmp_path / "results" / "pair" / "tiny" / "baseline"
     assert sorted(p.name for p in cell.iterdir() if p.is_dir()) == ["v001"]
-    ran = [o for o in outs if "ran ['generate', 'select', 'sft']" in o]
-    skipped = "ran -, skipped ['generate', 'select', 'sft']"
+    ran = [o for o in outs if "ran ['generate', 'select', 'judge']" in o]
+    skipped = "ran -, skipped ['generate', 'select', 'judge']"
     waited = [o for o in outs if "in use by another run of this cell" in o and skipped in o]
     assert len(ran) == 1 and len(waited) == 2, outs
     m = json.loads((cell / "v001" / "manifest.json").read_text())
-    assert {m["stages"][s]["status"] for s in ("generate", "select", "sft")} == {"done"}
+    assert {m["stages"][s]["status"] for s in ("generate", "select", "judge")} == {"done"}
 
 
 def test_a_lock_dies_with_its_holder(tmp_path: Path) -> None:
