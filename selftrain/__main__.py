@@ -8,7 +8,8 @@ import sys
 from selftrain.config import ConfigError, validate_params_file
 from selftrain.io import DataError
 from selftrain.models import ModelNotAvailable
-from selftrain.paths import UnsafePath, output_folder, project_root
+from selftrain.paths import UnsafePath, project_root
+from selftrain.paths import study_dir as study_dir_of
 from selftrain.runs import StageNotDone
 
 
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "index":
             from selftrain.report import write_study_index
 
-            study_dir = output_folder(args.study_dir, "--study-dir")  # it writes <study-dir>/README.md
+            study_dir = study_dir_of(args.study_dir, "--study-dir")  # it writes <study-dir>/README.md
             if not study_dir.is_dir():
                 raise FileNotFoundError(f"{study_dir}: no such study folder")
             print(write_study_index(study_dir))

@@ -61,9 +61,21 @@ def output_folder(path: str | os.PathLike, what: str, below: bool = True) -> Pat
     raise UnsafePath(f"{what} {str(path)!r} is {p}: inside the repository only {where} are written, refused")
 
 
+def study_dir(path: str | os.PathLike, what: str) -> Path:
+    """A study's folder that a command writes its figures, tables or index into: a place where results may be
+    written (output_folder) and, outside the project's results/, a folder that already holds run folders
+    (<model>/<method>/v<N>/manifest.json), so `--results-dir /etc --study ssl` writes nothing."""
+    p = output_folder(path, what)
+    if p.is_dir() and not p.is_relative_to((project_root() / "results").resolve()):
+        if next(p.glob("*/*/v*/manifest.json"), None) is None:
+            raise UnsafePath(f"{what} {str(path)!r} is {p}, which holds no run folders (<model>/<method>/v<N>/"
+                             "manifest.json): not a study folder, refused")  # fmt: skip
+    return p
+
+
 def study_folder(results_dir: str | os.PathLike, study: str) -> Path:
     """results/<study> for a command that writes a study's figures, tables or index: the name must be a folder name
-    (letters, digits, . _ -; no '/', no '..') and the folder a place where results may be written (output_folder)."""
+    (letters, digits, . _ -; no '/', no '..') and the folder a study folder where results may be written."""
     if not re.fullmatch(SLUG, study):
         raise UnsafePath(f"study name {study!r} is not a folder name (letters, digits, . _ -): refused")
-    return output_folder(Path(resolve_path(results_dir)) / study, "study folder")
+    return study_dir(Path(resolve_path(results_dir)) / study, "study folder")

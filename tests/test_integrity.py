@@ -32,6 +32,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     command that writes where it must not damages the copy, never the checkout."""
     proj = tmp_path / "proj"
     proj.mkdir()
+    (tmp_path / "elsewhere" / "etc").mkdir(parents=True)  # a folder outside the repository that is no study
     for name in ("params", "data"):
         shutil.copytree(ROOT / name, proj / name)
     for name in ("pyproject.toml", "README.md"):
@@ -60,10 +61,13 @@ PATH_CASES = [
     ["figures", "--study", "{tmp}/elsewhere"],
     ["figures", "--results-dir", "data", "--study", "judge"],
     ["figures", "--results-dir", "{tmp}", "--study", "."],
+    ["figures", "--results-dir", "{tmp}", "--study", "proj"],  # outside results/ and holding no runs
+    ["figures", "--results-dir", "{proj}/..", "--study", "elsewhere"],
     ["index", "--study-dir", "data/judge"],
     ["index", "--study-dir", ".."],
     ["index", "--study-dir", "{proj}"],
     ["index", "--study-dir", "results"],
+    ["index", "--study-dir", "{tmp}/elsewhere"],  # outside the repository, but no study folder
     ["compare", "--study", ".."],
     ["compare", "--results-dir", "data", "--study", "judge"],
     ["compare", "--results-dir", "{tmp}", "--study", "proj"],
