@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the fake server lives with the tests
 
 from openai_server import FakeJudgeServer  # noqa: E402
 
-from selftrain.judging.api import EndpointJudge, EndpointSettings  # noqa: E402
+from selftrain.graders.api import EndpointJudge, EndpointSettings  # noqa: E402
 
 
 def timed_batch(base_url: str, convs: list[list[dict]], concurrency: int) -> float:

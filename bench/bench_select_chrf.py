@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _backends import save_result  # noqa: E402
 
 from selftrain.select import select  # noqa: E402
-from selftrain.similarity import chrf_sim  # noqa: E402
+from selftrain.select.similarity import chrf_sim  # noqa: E402
 
 WORDS = ("the model answers each prompt several times and the most central answer becomes the training target "
          "while a judge scores quality and safety on held out prompts with reasons first").split()  # fmt: skip

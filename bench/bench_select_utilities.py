@@ -32,12 +32,12 @@ from _backends import save_result  # noqa: E402
 from openai_server import FakeJudgeServer  # noqa: E402
 
 from selftrain.config import EmbedderConfig, EmbeddingConfig, JudgeConfig, JudgeUtilityConfig  # noqa: E402
+from selftrain.graders.clients import make_judge  # noqa: E402
 from selftrain.inference import load_hf  # noqa: E402
-from selftrain.judging.clients import make_judge  # noqa: E402
-from selftrain.judging.utility import judge_sim, request_count  # noqa: E402
 from selftrain.models import resolve_model_path  # noqa: E402
 from selftrain.select import embed_responses, select  # noqa: E402
-from selftrain.similarity import cosine_sim, embedder_embeddings  # noqa: E402
+from selftrain.select.judge_utility import judge_sim, request_count  # noqa: E402
+from selftrain.select.similarity import cosine_sim, embedder_embeddings  # noqa: E402
 
 WORDS = ("the model answers each prompt several times and the most central answer becomes the training target "
          "while a judge scores quality and safety on held out prompts with reasons first").split()  # fmt: skip

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from selftrain.plan import KNOWN_SHAPES  # noqa: E402  (after the path insert)
+from selftrain.train import stage as train_stage_mod  # noqa: E402
 
 SHAPE = {
     **{k: v for k, v in KNOWN_SHAPES["llm-jp/llm-jp-3-1.8b"].items() if k != "torch_dtype"},
@@ -216,7 +217,7 @@ def sft_path(
             times.append(time.perf_counter())
 
     out_dir = Path("/tmp/selftrain-bench") / name
-    trainer, _ = train._build_trainer(cfg, "sft", model_dir, data, out_dir, [], progress=False)
+    trainer, _ = train_stage_mod._build_trainer(cfg, "sft", model_dir, data, out_dir, [], progress=False)
     trainer.add_callback(Clock())  # after the dataset map: a __main__ class must not reach datasets' hasher
     batch0 = train.check_batch(next(iter(trainer.get_train_dataloader())), tok)
     fpt = flops_per_token(trainer.model)

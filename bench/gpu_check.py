@@ -47,6 +47,7 @@ import bench_train_gpu as btg  # noqa: E402
 
 from selftrain import plan  # noqa: E402
 from selftrain.config import resolve_run_config  # noqa: E402
+from selftrain.train import stage as train_stage_mod  # noqa: E402
 
 PARTS = ("precision", "memory", "throughput", "vllm")
 DEV = btg.DEV
@@ -89,8 +90,6 @@ def precision_check(model_dir: Path, lrs: list[float], seq: int, work: Path) -> 
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from selftrain import train
-
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = Dataset.from_list(btg.synthetic_sft(4, tok))
     w0 = {k: v.to(DEV) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
@@ -106,7 +105,9 @@ def precision_check(model_dir: Path, lrs: list[float], seq: int, work: Path) -> 
                 f"training.sft.learning_rate={lr}", 'training.sft.lr_scheduler_type="constant"',
                 'training.sft.save_strategy="no"', "training.sft.logging_steps=1",
             ], check_trainer=True)  # fmt: skip
-            trainer, _ = train._build_trainer(cfg, "sft", model_dir, data, work / f"precision-{precision}", [], False)
+            trainer, _ = train_stage_mod._build_trainer(
+                cfg, "sft", model_dir, data, work / f"precision-{precision}", [], False
+            )
             trainer.train()
             num = dot = ref_sq = 0.0
             moved = moved_bf16 = total = 0
@@ -151,8 +152,6 @@ def dpo_memory(name: str, model_dir: Path, smoke: bool, work: Path) -> dict[str,
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from selftrain import train
-
     overrides = [f"model.path={model_dir}", "training.dpo.max_steps=1", "training.dpo.gradient_accumulation_steps=2",
                  'training.dpo.save_strategy="no"', "training.dpo.logging_steps=1"]  # fmt: skip
     if smoke:
@@ -168,7 +167,9 @@ def dpo_memory(name: str, model_dir: Path, smoke: bool, work: Path) -> dict[str,
               "rejected": text(tok, short, rng)} for _ in range(2 * setting.micro_batch)]  # fmt: skip
     free()
     t = time.perf_counter()
-    trainer, _ = train._build_trainer(cfg, "dpo", model_dir, Dataset.from_list(pairs), work / f"dpo-{name}", [], False)
+    trainer, _ = train_stage_mod._build_trainer(
+        cfg, "dpo", model_dir, Dataset.from_list(pairs), work / f"dpo-{name}", [], False
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.train()
     out: dict[str, Any] = {

@@ -405,7 +405,7 @@ class JudgeConfig(_Section):
     )
     endpoint: dict[str, Any] = Field(
         default_factory=dict,
-        description="selftrain.judging.api.EndpointSettings fields (model, base_url, api_key_env, concurrency, "
+        description="selftrain.graders.api.EndpointSettings fields (model, base_url, api_key_env, concurrency, "
         "timeout_s, max_attempts, retry_budget, ...). The key itself comes from the environment only.",
     )
     local_model: str = Field(

@@ -33,7 +33,7 @@ from selftrain.io import (
 )
 from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
-from selftrain.plots import plt
+from selftrain.plotting import plt
 from selftrain.runs import Run
 from selftrain.shards import Part, check_shard, group_shards, holding, produce_shard, remove_shards, run_sharded
 

@@ -145,6 +145,11 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: not valid JSON: {e}") from e
 
 
+def write_csv(path: str | Path, frame: Any, index: bool = False) -> Path:
+    """A pandas frame as CSV, atomically (as atomic_write_bytes)."""
+    return atomic_write_text(path, frame.to_csv(index=index))
+
+
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     lines = [json.dumps(_finite(r), ensure_ascii=False, allow_nan=False) for r in records]
     return atomic_write_text(path, "".join(line + "\n" for line in lines))

@@ -8,17 +8,8 @@ import numbers
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from selftrain.io import DataError, atomic_write_text, read_json
-from selftrain.schema import STAGES, criterion, read_metrics
-
-
-def _metric(run_dir: Path, stage: str) -> dict[str, Any]:
-    try:
-        return read_metrics(run_dir, stage)
-    except (FileNotFoundError, DataError):
-        return {}
+from selftrain.schema import criterion, metrics_or_empty, planned_stages, run_state
 
 
 def fmt(x: Any, digits: int = 3, blank: str = "") -> str:
@@ -39,18 +30,14 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     """Status, per-stage seconds and the headline metrics of one run folder."""
     m = read_json(run_dir / "manifest.json")
     stages = m.get("stages", {})
-    params = run_dir / "params.resolved.yaml"
-    planned = (yaml.safe_load(params.read_text()) or {}).get("stages") if params.is_file() else None
-    planned = planned or [s for s in STAGES if s in stages]
-    status = {s: stages.get(s, {}).get("status", "not run") for s in planned}
-    failed = [s for s, st in status.items() if st == "failed"]
-    done = [s for s in planned if (run_dir / "stages" / s / "_SUCCESS").is_file()]
-    sel, sft, dpo = _metric(run_dir, "select"), _metric(run_dir, "sft"), _metric(run_dir, "dpo")
-    judge, ev = _metric(run_dir, "judge"), _metric(run_dir, "eval")
+    planned = planned_stages(run_dir)
+    failed = [s for s in planned if stages.get(s, {}).get("status") == "failed"]
+    sel, sft, dpo = (metrics_or_empty(run_dir, s) for s in ("select", "sft", "dpo"))
+    judge, ev = metrics_or_empty(run_dir, "judge"), metrics_or_empty(run_dir, "eval")
     q = criterion(judge, "quality", "overall")
     return {
         "dir": run_dir,
-        "state": "complete" if len(done) == len(planned) else f"failed at {failed[0]}" if failed else "incomplete",
+        "state": run_state(run_dir),
         "seconds": {k: stages[k].get("seconds") for k in planned if k in stages},
         "sft_examples": sel.get("sft_examples"),
         "dpo_pairs": sel.get("dpo_pairs"),

@@ -143,7 +143,7 @@ def preflight(cfg: RunConfig, stages: list[str]) -> list[str]:
 
     judge_used = "judge" in run or ("select" in run and cfg.selection.utility == "judge")
     if judge_used and cfg.judge.backend == "endpoint":
-        from selftrain.judging.api import EndpointJudge, EndpointSettings
+        from selftrain.graders.api import EndpointJudge, EndpointSettings
 
         check("judge.endpoint", lambda: EndpointJudge(
             EndpointSettings(**{"max_tokens": cfg.judge.max_new_tokens, **cfg.judge.endpoint})).close())  # fmt: skip
@@ -158,7 +158,7 @@ def preflight(cfg: RunConfig, stages: list[str]) -> list[str]:
         check("eval", lambda: load_protocol(cfg.eval))
         check("eval.datasets_dir", lambda: dataset_paths(cfg.eval.datasets_dir, cfg.eval.datasets))
     if trains and cfg.training.launch:
-        from selftrain.launch import check_device
+        from selftrain.train.launch import check_device
 
         check("training.launch", lambda: check_device(cfg))
     return problems

@@ -239,7 +239,7 @@ class Run:
 
     def save_figure(self, fig: Any, name: str) -> list[Path]:
         """figures/<name>.png and .pdf, then close the figure (the notebook draws its own copy)."""
-        from selftrain.plots import save_figure
+        from selftrain.plotting import save_figure
 
         return save_figure(fig, self.figures_dir / name)
 

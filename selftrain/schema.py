@@ -259,6 +259,58 @@ def read_metrics(run_dir: str | Path, stage: str) -> dict[str, Any]:
     return data
 
 
+def metrics_or_empty(run_dir: str | Path, stage: str) -> dict[str, Any]:
+    """A stage's metrics (read_metrics), or {} where the stage wrote none or a malformed one (the readers that
+    show many runs at once report what is missing elsewhere, not by failing)."""
+    try:
+        return read_metrics(run_dir, stage)
+    except (FileNotFoundError, DataError):
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------- run-folder facts
+# One reader each for what the study index, stage 07 and `clean` ask of a run folder.
+
+
+def planned_stages(run_dir: str | Path) -> list[str]:
+    """The stages a run was made to run: its params.resolved.yaml's `stages`, else the manifest's (an old run)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    params = run_dir / "params.resolved.yaml"
+    if params.is_file():
+        try:
+            stages = (yaml.safe_load(params.read_text()) or {}).get("stages")
+        except yaml.YAMLError:
+            stages = None
+        if stages:
+            return list(stages)
+    try:
+        manifest = read_json(run_dir / "manifest.json")
+    except (OSError, DataError):
+        return []
+    return [s for s in STAGES if s in (manifest.get("stages") or {})] if isinstance(manifest, dict) else []
+
+
+def stage_marked_done(run_dir: str | Path, stage: str) -> bool:
+    """The stage's _SUCCESS marker is there (runs.Run.is_done also checks its outputs' hashes)."""
+    return (Path(run_dir) / "stages" / stage / "_SUCCESS").is_file()
+
+
+def run_state(run_dir: str | Path) -> str:
+    """'complete' (every planned stage marked done), 'failed at <stage>' (the first the manifest says failed) or
+    'incomplete'."""
+    planned = planned_stages(run_dir)
+    if planned and all(stage_marked_done(run_dir, s) for s in planned):
+        return "complete"
+    try:
+        stages = read_json(Path(run_dir) / "manifest.json").get("stages") or {}
+    except (OSError, DataError, AttributeError):
+        stages = {}
+    failed = [s for s in planned if (stages.get(s) or {}).get("status") == "failed"]
+    return f"failed at {failed[0]}" if failed else "incomplete"
+
+
 def read_log(run_dir: str | Path, kind: str) -> list[dict[str, Any]]:
     """The trainer's log history of stage `kind` (sft or dpo); empty when there is none."""
     path = Path(run_dir) / "metrics" / f"{kind}_log.json"

@@ -1,4 +1,4 @@
-"""The plain CPU LM head (selftrain/cpu_head.py) gives what TRL's fused head gives: loss, per-token fields and
+"""The plain CPU LM head (selftrain/train/cpu_head.py) gives what TRL's fused head gives: loss, per-token fields and
 gradients, on a batch with prompt (-100) and padding positions; selftrain's CPU trainers carry it."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from selftrain import cpu_head, train
+from selftrain import train
 from selftrain.config import resolve_run_config
 from selftrain.inference import cpu_has_bf16
+from selftrain.train import cpu_head
+from selftrain.train import stage as train_stage_mod
 
 # On a CUDA machine the trainers keep TRL's own head and bf16 comes from the GPU: these checks are CPU-only.
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only training path; CUDA is present")
@@ -91,11 +93,11 @@ def test_cpu_trainers_use_the_plain_head(tiny_overrides: list[str], tmp_path: Pa
     cfg = resolve_run_config("tiny", "central", overrides=tiny_overrides, check_trainer=True)
     msgs = [{"role": "user", "content": "hi"}]
     sft = Dataset.from_list([{"prompt": msgs, "completion": [{"role": "assistant", "content": "hello"}]}] * 2)
-    trainer, _ = train._build_trainer(cfg, "sft", tiny_model, sft, tmp_path / "sft", [], False)
+    trainer, _ = train_stage_mod._build_trainer(cfg, "sft", tiny_model, sft, tmp_path / "sft", [], False)
     assert "use_plain_cpu_head" in trainer.model.forward.__qualname__
     answer = [{"role": "assistant", "content": "a"}]
     pairs = Dataset.from_list([{"prompt": msgs, "chosen": answer, "rejected": answer}] * 2)
-    trainer, _ = train._build_trainer(cfg, "dpo", tiny_model, pairs, tmp_path / "dpo", [], False)
+    trainer, _ = train_stage_mod._build_trainer(cfg, "dpo", tiny_model, pairs, tmp_path / "dpo", [], False)
     assert "use_plain_cpu_head" in trainer.model.forward.__qualname__
     # The patch is undone once the trainers are built: TRL's own function is back for anyone else.
     from trl.trainer import dpo_trainer, sft_trainer

@@ -71,8 +71,8 @@ def test_judge_expected_scores_on_vllm_match_the_transformers_pass() -> None:
     pieces and the same softmax over "1".."5" as the transformers pass (both bf16 here: close, not equal)."""
     pytest.importorskip("vllm")
     from selftrain.config import JudgeConfig
+    from selftrain.graders.clients import LocalJudge
     from selftrain.inference import free_memory, vllm_engine
-    from selftrain.judging.clients import LocalJudge
 
     j = LocalJudge(JudgeConfig(scoring="expected", local_backend="vllm"), ".cache/selftrain")
     labels = {"accuracy": "Accuracy", "fluency": "Fluency", "overall": "Overall"}

@@ -17,8 +17,9 @@ import pytest
 import yaml
 from test_judge_protocol import git_repo
 
-from selftrain import evaluate, metrics
+from selftrain import evaluate
 from selftrain.config import ConfigError, EvalConfig, load_eval_protocol, resolve_run_config
+from selftrain.evaluate import metrics
 from selftrain.evaluate.protocols import ProtocolError, V1Layout, load_protocol, read_v1_layout, tree_version
 from selftrain.io import read_jsonl
 from selftrain.provenance import git_commit, git_state

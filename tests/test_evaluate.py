@@ -14,9 +14,9 @@ import pytest
 from selftrain import evaluate
 from selftrain.config import EvalConfig, EvalMarkers, resolve_run_config
 from selftrain.evaluate import Dataset, aggregate, build_prompt, fit_prompt, load_dataset, load_datasets
+from selftrain.evaluate.metrics import out_of_label_rate, prepare_prediction, score
 from selftrain.evaluate.protocols import ProtocolError, load_protocol
 from selftrain.io import DataError, read_jsonl
-from selftrain.metrics import out_of_label_rate, prepare_prediction, score
 from selftrain.runner import execute_stage
 from selftrain.runs import Run, create_run
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from selftrain import figures
-from selftrain.__main__ import main
+from selftrain.cli import main
 from selftrain.config import ConfigError, dump_config, load_figures_spec, resolve_run_config
 from selftrain.schema import METHODS, QUALITY
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from selftrain.__main__ import main
+from selftrain.cli import main
 from selftrain.config import ConfigError, resolve_run_config
 from selftrain.io import read_jsonl
 from selftrain.runs import create_run
@@ -135,7 +135,7 @@ def test_study_folders_inside_results_or_outside_the_repository_are_taken(projec
 def test_clean_frees_only_what_the_project_named(tmp_path: Path) -> None:
     """Outside the repository clean searches a given folder, but frees only checkpoint versions, generation entries
     and embedding files named as the project names them."""
-    from selftrain.clean import unreferenced
+    from selftrain.cli.clean import unreferenced
 
     ck, cache = tmp_path / "ck", tmp_path / "cache"
     for d in (ck / "a" / "b" / "c" / "keepme", ck / "s" / "m" / "x" / "v001-0123abcd",
@@ -283,7 +283,7 @@ def test_two_methods_generating_one_sharded_entry_at_once(
 
 
 def test_clean_lists_stray_shards_of_a_merged_generation(tmp_path: Path) -> None:
-    from selftrain.clean import clean, unreferenced
+    from selftrain.cli.clean import clean, unreferenced
     from selftrain.io import FileLock
 
     entry = tmp_path / "cache" / "generations" / "0123456789abcdef"

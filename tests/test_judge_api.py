@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from openai_server import FakeJudgeServer, score_of
 
-from selftrain.judging.api import EndpointJudge, EndpointSettings, JudgeReply, request_key
+from selftrain.graders.api import EndpointJudge, EndpointSettings, JudgeReply, request_key
 
 KEY_ENV = "SELFTRAIN_TEST_JUDGE_KEY"
 SECRET = "sk-test-CANARY-7f3a9c1e5b"

@@ -23,9 +23,9 @@ from openai_server import FakeJudgeServer
 
 from selftrain import judge
 from selftrain.config import ConfigError, JudgeConfig, SamplingConfig, resolve_run_config
+from selftrain.graders.clients import RemoteJudge
 from selftrain.io import DataError, read_jsonl
 from selftrain.judge import llmjp
-from selftrain.judging.clients import RemoteJudge
 from selftrain.runs import create_run
 from selftrain.schema import QUALITY
 
@@ -864,7 +864,7 @@ def test_stage_with_a_local_judge_under_llm_jp_judge(
 ) -> None:
     """The tiny random model as the judge: evaluate.yaml's sampling drives it, every unparsed output is asked
     again up to max_retries (at the next seed: the same seed would give the same text), no API error occurs."""
-    from selftrain.judging import clients
+    from selftrain.graders import clients
 
     calls: list[tuple[Any, list]] = []
     real = clients.generate_candidates

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from selftrain import generate, launch, select, train
+from selftrain import generate, select, train
 from selftrain.config import ConfigError, resolve_run_config
 from selftrain.runs import Run, create_run
+from selftrain.train import launch
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -15,7 +15,9 @@ from selftrain.schema import STAGE_TABLE, STAGES
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "selftrain"
 STAGE_UNITS = {"generate", "select", "train", "judge", "evaluate", "figures"}
-TOP = {"runner", "__main__"}  # the runner and the CLI sit on top of the stages
+TOP = {"runner", "__main__", "cli"}  # the runner and the command line sit on top of the stages
+# A core module serves two floors or more; these serve one, for the reason given.
+ONE_USER = {"quiet": "Run.stage's capture of library logs; apart from runs.py, which is about run folders"}
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -81,6 +83,22 @@ def test_no_import_cycle() -> None:
         if m not in state:
             visit(m)
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_root_shows_two_floors() -> None:
+    """Each stage is one module or package named after it; every other module at the root is shared core, imported
+    from at least two places (stages, other core modules, the runner or the command line), or says why not."""
+    graph = import_graph()
+    users: dict[str, set[str]] = {}
+    for mod, deps in graph.items():
+        for d in deps:
+            users.setdefault(_unit(d), set()).add(_unit(mod))
+    root = {p.stem for p in PKG.glob("*.py")} | {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
+    core = root - STAGE_UNITS - TOP - {"__init__"}
+    lonely = {m: sorted(users.get(m, set()) - {m}) for m in core if len(users.get(m, set()) - {m, ""}) < 2}
+    assert set(lonely) == set(ONE_USER), f"core modules with fewer than two users: {lonely}"
+    helpers = {p.stem for p in PKG.glob("*.py")} & {"cpu_head", "launch", "similarity", "metrics", "slurm", "clean"}
+    assert not helpers, f"a stage's (or the command line's) helpers belong in its package: {helpers}"
 
 
 def test_the_graph_sees_function_level_and_package_imports(tmp_path: Path) -> None:

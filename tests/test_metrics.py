@@ -1,4 +1,4 @@
-"""selftrain.metrics against hand-computed values and against fuzzywuzzy itself (the reference for char_f1)."""
+"""selftrain.evaluate.metrics against hand-computed values and against fuzzywuzzy itself (the reference for char_f1)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import random
 import pytest
 from fuzzywuzzy import fuzz
 
-from selftrain import metrics
-from selftrain.metrics import (
+from selftrain.evaluate import metrics
+from selftrain.evaluate.metrics import (
     METRICS,
     UNPARSABLE_FLOAT,
     bleu_en,

@@ -20,8 +20,8 @@ from scipy.stats import pearsonr, spearmanr
 
 from selftrain.config import EvalConfig, load_eval_protocol
 from selftrain.evaluate.datasets import Dataset
+from selftrain.evaluate.metrics import score
 from selftrain.evaluate.protocols import Protocol
-from selftrain.metrics import score
 
 N = 400
 WORDS = ["東京", "大阪", "猫", "犬", "今日は", "天気", "良い", "です", "Tokyo", "cat", "the", "A", "b", "42", "3.5"]

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from selftrain import plan as P
-from selftrain.__main__ import main
+from selftrain.cli import main
 from selftrain.config import resolve_run_config
 from selftrain.plan import GIB, KNOWN_SHAPES, Setting, Shape, estimate, model_shape, plan
+from selftrain.train import stage as train_stage_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 # An "80 GB" H100 SXM as torch reports it (nvidia-smi: 81,559 MiB): what stage 03/04 passes to the check.
@@ -255,13 +256,13 @@ def test_a_trainer_checkpoint_and_final_model_have_the_planned_size(
     its saved model, against the planner's bytes."""
     from datasets import Dataset
 
-    from selftrain import train
-
     one_step = ["training.sft.max_steps=1", "training.sft.save_steps=1", "training.sft.max_length=64"]
     cfg = resolve_run_config("tiny", "central", overrides=[*tiny_overrides, *one_step])
     example = {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hi."}]}
     data = Dataset.from_list([example] * 4)
-    trainer, tok = train._build_trainer(cfg, "sft", tiny_model, data, tmp_path / "trainer", [], progress=False)
+    trainer, tok = train_stage_mod._build_trainer(
+        cfg, "sft", tiny_model, data, tmp_path / "trainer", [], progress=False
+    )
     trainer.train()
     ckpt = tmp_path / "trainer" / "checkpoint-1"
     size = sum(f.stat().st_size for f in ckpt.iterdir() if f.name in ("model.safetensors", "optimizer.pt"))

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from selftrain import figures, generate, select, train
-from selftrain.__main__ import main
+from selftrain.cli import main
 from selftrain.config import ConfigError, dump_config, load_study, resolve_run_config
 from selftrain.figures.compare import BAND, compare
 from selftrain.inference import inference_dtype

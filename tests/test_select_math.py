@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from selftrain.select import _records, centrality, select
+from selftrain.select.stage import _records, centrality, select
 
 
 def _norm(x: np.ndarray) -> np.ndarray:
@@ -160,7 +160,7 @@ def test_methods_agree_on_random_batches() -> None:
 
 
 def test_candidate_pool_derived_from_full_pool_matches_direct() -> None:
-    from selftrain.select import _without_original
+    from selftrain.select.stage import _without_original
 
     rng = np.random.default_rng(2)
     emb = _norm(rng.standard_normal((50, 6, 12))).astype(np.float32)

@@ -14,7 +14,7 @@ import yaml
 from openai_server import FakeJudgeServer
 
 from selftrain import evaluate, generate, judge
-from selftrain.__main__ import main
+from selftrain.cli import main
 from selftrain.config import resolve_run_config
 from selftrain.io import read_jsonl
 from selftrain.runs import create_run

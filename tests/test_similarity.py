@@ -8,7 +8,7 @@ import pytest
 from sacrebleu.metrics import CHRF
 
 from selftrain.select import centrality, centrality_from_sim, select
-from selftrain.similarity import centre, chrf_pool, chrf_sim, cosine_sim
+from selftrain.select.similarity import centre, chrf_pool, chrf_sim, cosine_sim
 
 WORDS = "the a cat dog sat ran on under mat rug quickly slowly big small red".split()
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selftrain.__main__ import main
+from selftrain.cli import main
+from selftrain.cli.slurm import render
 from selftrain.config import ConfigError
-from selftrain.slurm import render
 
 
 def _study(tmp_path: Path, seeds: list[int]) -> Path:

@@ -14,6 +14,7 @@ from selftrain.data import load_prompts
 from selftrain.inference import load_hf
 from selftrain.io import DataError, read_jsonl
 from selftrain.runs import StageNotDone, create_run
+from selftrain.select import stage as select_stage_mod
 
 KEYS = {"prompt_id": str, "candidate_index": int, "text": str, "finish_reason": str, "num_tokens": int, "seed": int}
 
@@ -146,7 +147,7 @@ def test_bad_candidates_file_is_named(tiny_overrides: list[str]) -> None:
     # The file itself, malformed, is named with the prompt whose candidates are incomplete.
     prompts = load_prompts(run.config.prompts.path)
     with pytest.raises(DataError, match=r"candidates.jsonl: prompt 'p5' has candidates \[0, 1\]"):
-        select._candidate_matrix(prompts, read_jsonl(path), 3, path)
+        select_stage_mod._candidate_matrix(prompts, read_jsonl(path), 3, path)
 
 
 def test_bad_prompt_file_fails_generate_cleanly(tiny_overrides: list[str], tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from selftrain.config import ConfigError, resolve_run_config
 from selftrain.io import current_umask, read_jsonl
 from selftrain.runs import Run, create_run
 from selftrain.train import TrainingError, check_batch, completion_logprobs
+from selftrain.train import stage as train_stage_mod
 
 
 def _selected_run(overrides: list[str], tmp_path: Path, method: str = "central", extra: list[str] | None = None) -> Run:
@@ -91,7 +92,7 @@ def test_labels_keep_eos_and_no_double_bos(tiny_model: Path, tmp_path: Path, pro
 
     from datasets import Dataset
 
-    from selftrain.train import _build_trainer
+    from selftrain.train.stage import _build_trainer
 
     cfg = resolve_run_config("tiny", "central", overrides=[f"model.path={folder}"])
     data = Dataset.from_list(
@@ -139,7 +140,7 @@ def test_labels_keep_eos_and_no_double_bos(tiny_model: Path, tmp_path: Path, pro
 def test_pad_equal_to_eos_is_refused(tiny_model: Path, tmp_path: Path) -> None:
     from datasets import Dataset
 
-    from selftrain.train import _build_trainer
+    from selftrain.train.stage import _build_trainer
 
     folder = _tokenizer_copy(tiny_model, tmp_path / "padeos", pad_token="<|im_end|>")
     cfg = resolve_run_config("tiny", "central")
@@ -256,7 +257,7 @@ def test_vllm_chat_prompts_get_one_bos(tiny_model: Path, tmp_path: Path) -> None
 
 
 def test_clean_frees_what_no_run_references(tiny_overrides: list[str], tmp_path: Path) -> None:
-    from selftrain.clean import clean, unreferenced
+    from selftrain.cli.clean import clean, unreferenced
 
     cache_dir = tmp_path / "cache"  # its own cache: cleaning must not touch the session's shared one
     extra = ["training.order=sft", "training.keep_trainer_checkpoints=true", f"output.cache_dir={cache_dir}"]
@@ -289,8 +290,8 @@ def test_clean_frees_what_no_run_references(tiny_overrides: list[str], tmp_path:
 
 def _one_step(cfg, start: Path, data: Path, out: Path, device: train.Device) -> tuple[dict, train.Any]:
     """The weight change of one optimizer step of the project's SFT trainer built for `device`."""
-    dataset, _ = train._load_dataset(data, "sft")
-    trainer, _ = train._build_trainer(cfg, "sft", start, dataset, out, [], False, device)
+    dataset, _ = train_stage_mod._load_dataset(data, "sft")
+    trainer, _ = train_stage_mod._build_trainer(cfg, "sft", start, dataset, out, [], False, device)
     before = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     delta = {n: p.detach().float() - before[n] for n, p in trainer.model.named_parameters()}

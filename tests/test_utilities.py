@@ -15,13 +15,13 @@ from openai_server import FakeJudgeServer
 
 from selftrain import generate, select
 from selftrain.config import EmbedderConfig, JudgeConfig, JudgeUtilityConfig, resolve_run_config
+from selftrain.graders.clients import make_judge
 from selftrain.io import read_jsonl, write_npy
-from selftrain.judging.clients import make_judge
-from selftrain.judging.utility import judge_sim, request_count
 from selftrain.models import ModelNotAvailable
 from selftrain.runs import create_run
 from selftrain.select import centrality_from_sim
-from selftrain.similarity import cosine_sim, embedder_embeddings, load_embedder
+from selftrain.select.judge_utility import judge_sim, request_count
+from selftrain.select.similarity import cosine_sim, embedder_embeddings, load_embedder
 
 POOLS = [
     ["The cat sat on the mat.", "A cat was sitting on a mat.", "Stock prices fell sharply today.", ""],

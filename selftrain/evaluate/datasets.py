@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selftrain.evaluate.metrics import METRICS, prepare_gold
 from selftrain.io import DataError, read_json
-from selftrain.metrics import METRICS, prepare_gold
 from selftrain.paths import resolve_path
 
 # Correlation metrics read the gold answers as numbers; a gold that is not one is a malformed file.

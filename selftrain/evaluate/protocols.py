@@ -19,8 +19,8 @@ from typing import Any
 
 from selftrain.config import ConfigError, EvalConfig, EvalProtocolSpec, load_eval_protocol
 from selftrain.evaluate.datasets import V2_FIELDS, Dataset, _pairs
+from selftrain.evaluate.metrics import normalize, prepare_prediction
 from selftrain.io import DataError, read_json
-from selftrain.metrics import normalize, prepare_prediction
 from selftrain.paths import resolve_path
 from selftrain.provenance import git_commit
 

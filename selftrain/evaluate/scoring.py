@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from selftrain.evaluate.datasets import Dataset
-from selftrain.metrics import METRICS, MetricUnavailable, out_of_label_rate, prepare_prediction, score
+from selftrain.evaluate.metrics import METRICS, MetricUnavailable, out_of_label_rate, prepare_prediction, score
 
 # Metrics reported on 0-100 (as sacrebleu does); divided by 100 for the 0-1 dataset score that
 # categories average, so one BLEU dataset does not outweigh a category of accuracies.

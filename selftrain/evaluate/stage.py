@@ -8,7 +8,7 @@ asked with llm-jp-eval v1.3.0's prompt layout::
     (\\n\\n{input marker}\\n{few-shot input}\\n\\n{response marker}\\n{few-shot output}) x k
     \\n\\n{input marker}\\n{input}\\n\\n{response marker}\\n
 
-decoded greedily up to ``output_length`` new tokens, and scored with :mod:`selftrain.metrics` (llm-jp-eval's
+decoded greedily up to ``output_length`` new tokens, and scored with :mod:`selftrain.evaluate.metrics` (llm-jp-eval's
 definitions). A dataset's score is its main metric (the first metric its file lists that we implement;
 BLEU rescaled from 0-100 to 0-1), a category's score the mean over its datasets, AVG the mean over the
 categories (``eval.categories`` / ``eval.avg_excludes``). A malformed dataset file is reported with its path
@@ -33,10 +33,10 @@ from selftrain.evaluate.prompts import bos_prefix, fit_prompt, token_counter
 from selftrain.evaluate.protocols import Protocol, ProtocolError, load_protocol
 from selftrain.evaluate.scoring import aggregate, category_of, score_dataset
 from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend
-from selftrain.io import DataError, read_jsonl, sha256_json, write_json, write_jsonl
+from selftrain.io import DataError, read_jsonl, sha256_json, write_csv, write_json, write_jsonl
 from selftrain.models import model_fingerprint
 from selftrain.paths import resolve_path
-from selftrain.plots import plt
+from selftrain.plotting import plt
 from selftrain.runs import Run, find_run
 from selftrain.schema import read_metrics
 from selftrain.shards import Part, check_shard, group_shards, produce_shard, remove_shards, run_sharded
@@ -301,9 +301,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         pred_file = run.data_dir / "eval_predictions.jsonl"
         write_jsonl(pred_file, records)
         saved = _score_columns(table, categories)
-        tmp = scores_file.with_name(".eval_scores.csv.tmp")
-        saved.to_csv(tmp, index=False)
-        tmp.replace(scores_file)
+        write_csv(scores_file, saved)
         per_dataset = {
             r["dataset"]: {**_no_nan(r), "category": category_of(r["dataset"], categories)}
             for r in table.to_dict(orient="records")

@@ -15,7 +15,7 @@ from selftrain.figures.plots import PLOTS as _BASE_PLOTS
 from selftrain.figures.plots import plot_eval, plot_judge, plot_selection, plot_sweep, plot_training
 from selftrain.figures.tables import main_display, to_latex, to_markdown, views, write_tables
 from selftrain.paths import study_folder
-from selftrain.plots import save_figure
+from selftrain.plotting import save_figure
 from selftrain.report import write_study_index
 
 __all__ = [

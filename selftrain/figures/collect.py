@@ -38,10 +38,12 @@ from selftrain.schema import (
     VERSION,
     folder_sweep,
     judge_rows,
+    metrics_or_empty,
+    planned_stages,
     read_log,
+    run_state,
     split_run_folder,
 )
-from selftrain.schema import read_metrics as _read_metrics
 
 # The main table: these columns, with eval_<category> columns between eval_avg and sft_examples.
 MAIN_HEAD = [
@@ -125,32 +127,6 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _metrics(d: Path, stage: str) -> dict[str, Any]:
-    """A stage's metrics through the schema's reader; {} when absent or malformed (_missing_of reports it)."""
-    try:
-        return _read_metrics(d, stage)
-    except (FileNotFoundError, DataError):
-        return {}
-
-
-def _is_complete(d: Path) -> bool:
-    stages = _planned(d)
-    return bool(stages) and all((d / "stages" / s / "_SUCCESS").is_file() for s in stages)
-
-
-def _planned(d: Path) -> list[str]:
-    p = d / "params.resolved.yaml"
-    if p.is_file():
-        try:
-            stages = (yaml.safe_load(p.read_text()) or {}).get("stages")
-            if stages:
-                return list(stages)
-        except yaml.YAMLError:
-            pass
-    m = _read(d / "manifest.json") or {}
-    return list(m.get("stages", {}))
-
-
 def _pool_size(d: Path) -> int | None:
     """Candidates + original: the pool the original is ranked in (selection.n, the n-prefix, where it is set)."""
     p = d / "params.resolved.yaml"
@@ -186,7 +162,7 @@ def _choose(
         if not versions:
             notes.append({"model": model, "method": method, "version": "-", "what": "no run folder with a manifest"})
             continue
-        complete = [v for v in versions if _is_complete(v)]
+        complete = [v for v in versions if run_state(v) == "complete"]
         # No complete version: show the newest one's partial results (its missing stages get reported).
         chosen[(model, method)] = complete[-1] if complete else versions[-1]
     return chosen, notes
@@ -197,7 +173,7 @@ def _missing_of(model: str, method: str, d: Path) -> list[dict[str, str]]:
     out = []
     manifest = _read(d / "manifest.json") or {}
     stages = manifest.get("stages", {})
-    for s in _planned(d):
+    for s in planned_stages(d):
         rec = stages.get(s, {})
         if not (d / "stages" / s / "_SUCCESS").is_file():
             status = rec.get("status", "not run")
@@ -224,7 +200,7 @@ def _row(model: str, method: str, d: Path | None, state: str) -> tuple[dict, lis
     row: dict[str, Any] = {"model": model, "method": method, "version": d.name if d else "", "state": state}
     if d is None:
         return row, [], None, []
-    metric = {k: _metrics(d, k) for k in ("select", "judge", "eval")}
+    metric = {k: metrics_or_empty(d, k) for k in ("select", "judge", "eval")}
     judge = [{"model": model, "method": method, **_ci(r)} for r in judge_rows(metric["judge"])]
     crit = {(r["set"], r["criterion"]): r for r in judge}
     q = crit.get(("quality", "overall"), {})

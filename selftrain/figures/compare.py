@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from selftrain.figures.collect import _is_complete, _num, _row, _seed_of
+from selftrain.figures.collect import _num, _row, _seed_of
 from selftrain.figures.tables import write_table
 from selftrain.paths import resolve_path, study_folder
 from selftrain.report import hardware_label
-from selftrain.schema import QUALITY, VERSION, split_run_folder
+from selftrain.schema import QUALITY, VERSION, run_state, split_run_folder
 
 BAND = 2 * math.sqrt(2)  # in units of the reference's across-seed sd (see the module docstring)
 COLUMNS = ["model", "method", "seed", "metric", "reference", "fresh", "difference", "seed_sd", "seeds", "band",
@@ -69,7 +69,7 @@ class Comparison:
 
 def _versions(folder: Path) -> list[Path]:
     vs = [p for p in folder.iterdir() if p.is_dir() and VERSION.match(p.name)] if folder.is_dir() else []
-    return sorted((v for v in vs if _is_complete(v)), key=lambda p: int(p.name[1:]))
+    return sorted((v for v in vs if run_state(v) == "complete"), key=lambda p: int(p.name[1:]))
 
 
 def _metrics(row: dict) -> dict[str, float]:

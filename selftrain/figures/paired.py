@@ -26,7 +26,7 @@ import pandas as pd
 from selftrain.figures.collect import StudyResults, point_runs, with_sweep
 from selftrain.figures.plots import COLORS
 from selftrain.io import DataError, read_jsonl
-from selftrain.plots import plt
+from selftrain.plotting import plt
 from selftrain.schema import CONTROLS
 from selftrain.stats import holm, length_controlled_means, paired_bootstrap, permutation_p
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from selftrain.figures.collect import StudyResults, _num, _sweep_key, plain_rows, sweep_value
-from selftrain.plots import plt
+from selftrain.plotting import plt
 from selftrain.schema import CONTROLS, METHODS, QUALITY
 
 # One colour per method, fixed, so a method looks the same in every figure (control arms in muted tones).

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from selftrain.figures.collect import COUNT_COLUMNS, TEXT_COLUMNS, StudyResults
-from selftrain.io import atomic_write_text
+from selftrain.io import atomic_write_text, write_csv
 from selftrain.report import fmt
 from selftrain.schema import QUALITY
 
@@ -97,7 +97,7 @@ def write_table(df: pd.DataFrame, stem: Path, display: pd.DataFrame | None = Non
     """`stem`.csv holds the raw numbers; `stem`.md and `stem`.tex the display version (default: df)."""
     shown = df if display is None else display
     return [
-        atomic_write_text(stem.with_suffix(".csv"), df.to_csv(index=False)),
+        write_csv(stem.with_suffix(".csv"), df),
         atomic_write_text(stem.with_suffix(".md"), to_markdown(shown)),
         atomic_write_text(stem.with_suffix(".tex"), to_latex(shown, caption)),
     ]

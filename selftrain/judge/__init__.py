@@ -6,6 +6,8 @@ prompts, extraction and accounting read from the user's llm-jp-judge checkout), 
 summary, the stage function and its views). The names a notebook or a test needs are re-exported here.
 """
 
+from selftrain.graders.clients import LocalJudge, RemoteJudge, judge_messages, make_judge
+from selftrain.graders.parse import DIGITS, LABELS, ParseError, expected_from_tokens, expected_score, parse_scores
 from selftrain.judge.stage import (
     SETS,
     STAGE,
@@ -22,8 +24,6 @@ from selftrain.judge.stage import (
     summarise,
     summary_frame,
 )
-from selftrain.judging.clients import LocalJudge, RemoteJudge, judge_messages, make_judge
-from selftrain.judging.parse import DIGITS, LABELS, ParseError, expected_from_tokens, expected_score, parse_scores
 
 __all__ = [
     "DIGITS", "LABELS", "SETS", "STAGE", "LocalJudge", "ParseError", "RemoteJudge", "criteria_table",

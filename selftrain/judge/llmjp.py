@@ -42,7 +42,7 @@ import yaml
 from pydantic import ValidationError
 
 from selftrain.config import ConfigError, JudgeConfig, SamplingConfig
-from selftrain.judging.clients import LocalJudge, RemoteJudge
+from selftrain.graders.clients import LocalJudge, RemoteJudge
 from selftrain.paths import resolve_path
 from selftrain.provenance import git_commit
 from selftrain.schema import JUDGE_SETS, QUALITY

@@ -27,14 +27,22 @@ import numpy as np
 import pandas as pd
 
 from selftrain.config import JudgeConfig, RunConfig, SamplingConfig
+from selftrain.graders.clients import LocalJudge, RemoteJudge, ask, judge_messages, load_rubric, make_judge
+from selftrain.graders.parse import LABELS
 from selftrain.inference import generate_candidates, inference_dtype, pick_backend
-from selftrain.io import DataError, atomic_write_text, iter_jsonl, read_json, sha256_json, write_json, write_jsonl
+from selftrain.io import (
+    DataError,
+    iter_jsonl,
+    read_json,
+    sha256_json,
+    write_csv,
+    write_json,
+    write_jsonl,
+)
 from selftrain.judge import llmjp
-from selftrain.judging.clients import LocalJudge, RemoteJudge, ask, judge_messages, load_rubric, make_judge
-from selftrain.judging.parse import LABELS
 from selftrain.models import model_fingerprint
 from selftrain.paths import resolve_path
-from selftrain.plots import plt
+from selftrain.plotting import plt
 from selftrain.runs import Run, find_run
 from selftrain.schema import JUDGE_CRITERIA, JUDGE_SETS, judge_rows, read_metrics
 from selftrain.shards import Part, check_shard, group_shards, produce_shard, remove_shards, run_sharded
@@ -363,7 +371,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             metrics["llm_jp_judge"] = llmjp.report(items, checkout, cfg, judge, str(folder))
         write_json(run.metrics_dir / "judge.json", metrics)
         table = summary_frame(summary)
-        atomic_write_text(run.metrics_dir / "judge_summary.csv", table.to_csv())
+        write_csv(run.metrics_dir / "judge_summary.csv", table, index=True)
         df = items_frame(items)
         run.save_figure(plot_quality(df), "judge_quality")
         run.save_figure(plot_safety(df), "judge_safety")

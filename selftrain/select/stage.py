@@ -18,27 +18,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from selftrain.config import EmbeddingConfig, RunConfig
 from selftrain.data import run_prompt_set
-from selftrain.inference import free_memory, inference_dtype, load_hf, prompt_token_counter, release_frames
+from selftrain.inference import prompt_token_counter
 from selftrain.io import (
     DataError,
-    load_cached_npy,
     read_jsonl,
-    sha256_file,
-    sha256_json,
     write_json,
     write_jsonl,
-    write_npy,
 )
-from selftrain.judging.clients import make_judge
-from selftrain.judging.utility import judge_sim
-from selftrain.models import model_fingerprint, resolve_model_path
-from selftrain.paths import resolve_path
-from selftrain.plots import plt
+from selftrain.models import resolve_model_path
+from selftrain.plotting import plt
 from selftrain.runs import Run
 from selftrain.schema import CONTROLS, DECISIONS
-from selftrain.similarity import centre, chrf_sim, embedder_embeddings
+from selftrain.select.utilities import UTILITIES, Pools
 
 STAGE = "select"
 
@@ -47,24 +39,16 @@ STAGE = "select"
 
 
 def centrality(emb: np.ndarray, mask: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """Mean cosine of each pool member to the other members.
+    """Mean cosine of each pool member to the other members: `centrality_from_sim` of the cosines, in chunks of
+    prompts so the (P, K, K) matrix is never held whole.
 
     emb: (P, K, d) L2-normalised embeddings; mask: (P, K) bool, True where the member is in the pool.
     Returns (P, K) float32: NaN outside the pool, 0.0 for a pool of one (nothing to compare with).
     """
-    P, K, _ = emb.shape
-    out = np.full((P, K), np.nan, dtype=np.float32)
-    for s in range(0, P, chunk):
+    out = np.full(mask.shape, np.nan, dtype=np.float32)
+    for s in range(0, emb.shape[0], chunk):
         e = emb[s : s + chunk].astype(np.float32, copy=False)
-        m = mask[s : s + chunk].astype(np.float32)
-        sim = np.matmul(e, e.transpose(0, 2, 1))  # (p, K, K)
-        sim *= m[:, None, :]  # only pool members count as "others"
-        idx = np.arange(K)
-        sim[:, idx, idx] = 0.0  # and never oneself
-        others = m.sum(1, keepdims=True) - 1.0
-        c = sim.sum(2) / np.maximum(others, 1.0)
-        c[others[:, 0] <= 0] = 0.0
-        out[s : s + chunk] = np.where(mask[s : s + chunk], c, np.nan)
+        out[s : s + chunk] = centrality_from_sim(np.matmul(e, e.transpose(0, 2, 1)), mask[s : s + chunk])
     return out
 
 
@@ -158,7 +142,7 @@ def select(
 
     emb: (P, n+1, d) normalised, last column = original; cand_valid: (P, n) bool (non-empty candidates);
     lengths: (P, n) characters (the length controls); seed: the random control's seed; sim: (P, n+1, n+1)
-    pairwise utilities (selftrain.similarity) used instead of the embeddings' cosines (emb may then be None).
+    pairwise utilities (selftrain.select.similarity) used instead of the embeddings' cosines (emb may then be None).
     Returns arrays: decision (str), target (candidate index, -1 = original or none), rejected
     (candidate index or -1), original_rank (1 = most central in candidates + original), pool_size,
     centrality (P, n+1) of the pool the method uses (original column NaN for candidate-only pools).
@@ -215,79 +199,6 @@ def select(
     }
 
 
-# ------------------------------------------------------------------------------------------- embeddings
-
-
-def embed_responses(
-    model: Any,
-    tok: Any,
-    conversations: list[list[dict]],
-    responses: list[str],
-    cfg: EmbeddingConfig,
-    progress: bool = True,
-) -> np.ndarray:
-    """L2-normalised pooled hidden states over the response tokens of prompt + response sequences.
-
-    The prompt is rendered with the chat template (generation prompt on) and the response appended as
-    token ids, so exactly the response's tokens are pooled. Empty responses give a zero vector.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    rendered = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    cache: dict[str, list[int]] = {}
-    seqs: list[tuple[list[int], int]] = []  # (ids, number of response tokens at the end)
-    for prompt, resp in zip(rendered, responses, strict=True):
-        p_ids = cache.setdefault(prompt, tok(prompt, add_special_tokens=False)["input_ids"])
-        r_ids = tok(resp, add_special_tokens=False)["input_ids"] if resp.strip() else []
-        r_ids = r_ids[: cfg.max_length - 1]
-        p_ids = p_ids[-(cfg.max_length - len(r_ids)) :]  # cut the prompt from the left, never the response
-        seqs.append((p_ids + r_ids, len(r_ids)))
-    d = model.config.hidden_size
-    out = np.zeros((len(seqs), d), dtype=np.float32)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))  # similar lengths batch together
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    backbone = getattr(model, "base_model", model)
-    bar = tqdm(total=len(seqs), desc="embed", unit="seq", disable=not progress)
-    try:
-        _embed_batches(model, backbone, seqs, order, out, pad, cfg, bar, torch)
-    finally:
-        bar.close()  # on an interrupt too
-    return out
-
-
-def _embed_batches(
-    model: Any, backbone: Any, seqs: list, order: list[int], out: np.ndarray, pad: int, cfg: EmbeddingConfig,
-    bar: Any, torch: Any,
-) -> None:  # fmt: skip
-    for s in range(0, len(order), cfg.batch_size):
-        idx = order[s : s + cfg.batch_size]
-        width = max(len(seqs[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(idx), width), dtype=torch.long)
-        resp = torch.zeros((len(idx), width), dtype=torch.bool)
-        for row, i in enumerate(idx):
-            toks, n_resp = seqs[i]
-            ids[row, : len(toks)] = torch.tensor(toks)
-            attn[row, : len(toks)] = 1
-            resp[row, len(toks) - n_resp : len(toks)] = True
-        dev = model.device
-        with torch.inference_mode():
-            # The decoder alone: same hidden states, without the LM head's [batch, length, vocab] logits.
-            hs = backbone(input_ids=ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=True).hidden_states
-        h = hs[cfg.layer].float()
-        resp = resp.to(dev)
-        if cfg.pooling == "mean":
-            w = resp.unsqueeze(-1).float()
-            pooled = (h * w).sum(1) / w.sum(1).clamp(min=1.0)
-        else:  # last response token
-            last = (resp.long() * torch.arange(width, device=dev)).argmax(1)
-            pooled = h[torch.arange(len(idx), device=dev), last] * resp.any(1, keepdim=True)
-        pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        out[idx] = pooled.cpu().numpy()
-        bar.update(len(idx))
-
-
 # ------------------------------------------------------------------------------------------- stage
 
 
@@ -305,48 +216,6 @@ def _candidate_matrix(prompts: list[dict], cands: list[dict], n: int, path: Path
             raise DataError(f"{path}: prompt '{p['id']}' has candidates {sorted(got)}, expected 0..{n - 1}")
         out.append([got[j] for j in range(n)])
     return out
-
-
-def _embeddings(
-    cfg: RunConfig, prompts: list[dict], texts: list[list[str]], cand_file: Path, progress: bool
-) -> tuple[np.ndarray, str]:
-    """(P, n+1, d) embeddings and their cache key; cached by model + candidates + embedding params (shared by
-    methods)."""
-    folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
-    key = sha256_json(
-        {
-            "model": model_fingerprint(folder),
-            "candidates": sha256_file(cand_file),
-            "prompts": [(p["id"], p["messages"], p["original"]) for p in prompts],
-            "embedding": cfg.embedding.model_dump(exclude={"center"}),  # centring happens after the cache
-            "dtype": cfg.model.dtype,
-        }
-    )[:16]
-    cache = resolve_path(cfg.output.cache_dir) / "embeddings" / f"{key}.npy"
-    P, K = len(prompts), len(texts[0]) + 1
-    emb = load_cached_npy(cache, "embedding")
-    if emb is not None:
-        return emb.reshape(P, K, -1), key
-    model, tok = load_hf(folder, cfg.model.dtype, padding_side="right")
-    convs = [p["messages"] for p in prompts for _ in range(K)]
-    resps = [t for p, row in zip(prompts, texts, strict=True) for t in [*row, p["original"]]]
-    try:
-        emb = embed_responses(model, tok, convs, resps, cfg.embedding, progress)
-    except BaseException as e:
-        release_frames(e)  # an interrupted embedding pass must not keep the model alive in the traceback
-        raise
-    finally:
-        del model
-        free_memory()
-    write_npy(cache, emb, record=True)
-    return emb.reshape(P, K, -1), key
-
-
-def question_text(messages: list[dict]) -> str:
-    """The prompt as the judge utility shows it: the last user turn, with any earlier turns above it."""
-    if len(messages) == 1:
-        return str(messages[0].get("content", ""))
-    return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
 
 
 def run(run: Run, progress: bool = True) -> pd.DataFrame:
@@ -371,25 +240,11 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         n = cfg.selection.n or n_all
         valid = np.array([[bool(t.strip()) for t in row[:n]] for row in texts], dtype=bool).reshape(len(prompts), n)
         pool_valid = np.concatenate([valid, np.ones((len(prompts), 1), bool)], axis=1)
-        emb, emb_key, sim = None, None, None
         pools = [[*row[:n], p["original"]] for p, row in zip(prompts, texts, strict=True)]
         utility = cfg.selection.utility
-        if utility == "chrf":
-            sim = chrf_sim(pools, progress)
-            info["numerics"] = {"utility": "chrf"}
-        elif utility == "embedder":
-            emb, emb_key = embedder_embeddings(pools, cfg.selection.embedder, cfg.output.cache_dir, progress)
-            emb = centre(emb, pool_valid, cfg.embedding.center)
-            info["numerics"] = {"utility": "embedder", "embedder": cfg.selection.embedder.path}
-        elif utility == "judge":
-            judge = make_judge(cfg.judge, cfg.output.cache_dir)
-            questions = [question_text(p["messages"]) for p in prompts]
-            sim, judge_stats = judge_sim(judge, cfg.judge, cfg.selection.judge, questions, pools, pool_valid, progress)
-            info["numerics"] = {"utility": "judge", **judge.describe(), "scoring": cfg.judge.scoring}
-        else:
-            emb, emb_key = _embeddings(cfg, prompts, texts, cand_file, progress)  # every candidate: shared cache
-            emb = centre(emb[:, [*range(n), n_all]], pool_valid, cfg.embedding.center)
-            info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, "transformers"), "backend": "transformers"}
+        scored = UTILITIES[utility](Pools(cfg, prompts, texts, pools, pool_valid, n, cand_file, progress))
+        emb, sim = scored.emb, scored.sim
+        info["numerics"] = scored.numerics
         texts = [row[:n] for row in texts]
         lengths = np.array([[len(t) for t in row] for row in texts], dtype=np.int64).reshape(len(prompts), n)
         sel = select(
@@ -404,10 +259,9 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         ]
         df = pd.DataFrame(rows)
         metrics = summarise(df, cfg.selection.method, len(sft), len(dpo), identical)
-        metrics["embedding_cache"] = emb_key  # lets `selftrain clean` tell used cache entries from stale ones
+        metrics["embedding_cache"] = scored.cache_key  # lets `selftrain clean` tell used cache entries from stale ones
         metrics["utility"] = utility
-        if utility == "judge":
-            metrics["judge_utility"] = judge_stats
+        metrics.update(scored.metrics)
         metrics["pool_candidates"] = n
         outputs.append(write_json(run.metrics_dir / "select.json", metrics))
         run.save_figure(plot_selection(df, cfg.selection.method, utility), "select_overview")

@@ -24,6 +24,7 @@ from pathlib import Path
 from selftrain.io import DataError, FileLock, read_json, remove_recorded
 from selftrain.paths import output_folder, resolve_path
 from selftrain.runs import open_run
+from selftrain.schema import metrics_path
 from selftrain.shards import lock_path, stray_shards
 
 # What `Run.checkpoints_root`, the generation key and the embedding keys look like: nothing else is freed.
@@ -46,9 +47,10 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _metric(run_dir: Path, name: str, key: str) -> str | None:
+def _metric(run_dir: Path, stage: str, key: str) -> str | None:
+    """One key of a stage's metrics file, however partial the file (a cache key keeps its entry)."""
     try:
-        value = read_json(run_dir / "metrics" / name).get(key)
+        value = read_json(metrics_path(run_dir, stage)).get(key)
     except (OSError, DataError, AttributeError):
         return None
     return value if isinstance(value, str) else None
@@ -68,8 +70,8 @@ def unreferenced(
     gen_keys, emb_keys = set(), set()
     for manifest in sorted(results.glob("*/*/*/v*/manifest.json")):
         run_dir = manifest.parent
-        gen_keys.add(_metric(run_dir, "generate.json", "key"))
-        emb_keys.add(_metric(run_dir, "select.json", "embedding_cache"))
+        gen_keys.add(_metric(run_dir, "generate", "key"))
+        emb_keys.add(_metric(run_dir, "select", "embedding_cache"))
         try:
             run = open_run(run_dir)
             root = run.checkpoints_root()

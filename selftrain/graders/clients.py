@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from selftrain.config import GenerationConfig, JudgeConfig, ModelConfig, SamplingConfig
+from selftrain.graders.api import EndpointJudge, EndpointSettings
+from selftrain.graders.parse import DIGITS, ParseError, _reasons, expected_from_tokens, parse_scores
 from selftrain.hardware import require_vllm_expected_scoring
 from selftrain.inference import (
     free_memory,
@@ -19,8 +21,6 @@ from selftrain.inference import (
     vllm_engine,
 )
 from selftrain.io import DataError, read_json, sha256_json, write_json
-from selftrain.judging.api import EndpointJudge, EndpointSettings
-from selftrain.judging.parse import DIGITS, ParseError, _reasons, expected_from_tokens, parse_scores
 from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
 
@@ -193,7 +193,7 @@ class LocalJudge:
 
 
 class RemoteJudge:
-    """Any OpenAI-compatible endpoint (selftrain.judging.api); the key comes from the environment only."""
+    """Any OpenAI-compatible endpoint (selftrain.graders.api); the key comes from the environment only."""
 
     def __init__(self, cfg: JudgeConfig, cache_dir: str):
 

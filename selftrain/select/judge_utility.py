@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from selftrain.config import JudgeConfig, JudgeUtilityConfig
-from selftrain.judging.clients import LocalJudge, RemoteJudge, ask, judge_messages, load_rubric
-from selftrain.judging.parse import LABELS
+from selftrain.graders.clients import LocalJudge, RemoteJudge, ask, judge_messages, load_rubric
+from selftrain.graders.parse import LABELS
 
 PAIRWISE_PLACEHOLDERS = ("question", "answer_a", "answer_b")
 

@@ -20,14 +20,15 @@ from typing import Any
 
 import pandas as pd
 
-from selftrain import cpu_head, launch, plan
+from selftrain import plan
 from selftrain.config import RunConfig, check_trainer_keys
 from selftrain.inference import cpu_has_bf16
 from selftrain.io import follow_umask, read_jsonl, sha256_file, write_json
 from selftrain.models import resolve_model_path
-from selftrain.plots import plt
+from selftrain.plotting import plt
 from selftrain.runs import Run
 from selftrain.schema import read_log
+from selftrain.train import cpu_head, launch
 
 
 class TrainingError(RuntimeError):
@@ -224,7 +225,7 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
     """Run SFT (kind='sft') or DPO (kind='dpo') for a run folder; returns the trainer's log history.
 
     In the kernel by default; with `training.launch` in a child process group started by `accelerate launch`
-    (selftrain.launch), whose rank 0 hands back the same result; only this process writes the run folder."""
+    (selftrain.train.launch), whose rank 0 hands back the same result; only this process writes the run folder."""
     stage = kind
     log_file = run.metrics_dir / f"{kind}_log.json"
     cfg = run.config
@@ -426,7 +427,7 @@ def _build_trainer(
     if own_ref and prec["reference"] != prec["weights"]:
         # TRL would build the reference in the policy's float32; it is never updated, so bf16 holds it.
         ref = AutoModelForCausalLM.from_pretrained(start, dtype=prec["reference"], **extra)
-    # On a CPU, TRL's chunked LM head is the slow part of a step: swap in the plain one (selftrain/cpu_head.py).
+    # On a CPU, TRL's chunked LM head is the slow part of a step: swap in the plain one (selftrain/train/cpu_head.py).
     head = contextlib.nullcontext() if device.cuda else cpu_head.plain_lm_head()
     with head:
         trainer = _make_trainer(kind, model, common, block, dataset, tok, callbacks, peft, ref)
@@ -512,7 +513,7 @@ def completion_logprobs(model_dir: Path, prompts: list[list[dict]], completions:
 
 
 def _worker(argv: list[str]) -> None:
-    """One rank of a stage started by accelerate (selftrain.launch): ``python -m selftrain.train --worker RUN_DIR
+    """One rank of a stage started by accelerate (selftrain.train.launch): ``python -m selftrain.train --worker RUN_DIR
     KIND START RESULT``. It reads the run folder and writes nothing there; rank 0 writes RESULT, a failing rank
     ``error-rank<N>.txt`` beside it."""
     import traceback
@@ -533,11 +534,3 @@ def _worker(argv: list[str]) -> None:
         err = result_path.parent / f"error-rank{rank}.txt"
         err.write_text(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n\n{traceback.format_exc()}")
         raise
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] != ["--worker"] or len(sys.argv) != 6:
-        sys.exit("usage: python -m selftrain.train --worker RUN_DIR KIND START RESULT (started by selftrain.launch)")
-    _worker(sys.argv[2:])

@@ -18,7 +18,7 @@ stage, and stage 05/06 produce any shard that is still missing, so one failure d
 
 ``--gpus-per-node`` GPUs per task. With ``--nodes N`` above 1 each cell gets N nodes (one task a node): the cell's
 stages run on the first node, and its training stages start accelerate on all N through ``srun`` with each node's
-machine rank and the first node as the main address (selftrain.launch; `training.launch` must name an accelerate
+machine rank and the first node as the main address (selftrain.train.launch; `training.launch` must name an accelerate
 config for every trained cell, or the extra nodes would idle). Generation stays one node per task.
 """
 
