@@ -245,6 +245,25 @@ def test_compare_flags_differences_outside_the_reference_spread(tmp_path: Path) 
     assert out.loc[("central", "overall"), "fresh_run"] == "m/central/v002"
 
 
+def test_compare_says_where_another_dtype_ran(tmp_path: Path) -> None:
+    """A fresh run on a CPU without native bf16 runs float32 where the reference ran bfloat16: compare names the
+    stages, on the rows and in its summary, so an outside-band difference is read as possibly numerics."""
+    study = _seeded_study(tmp_path / "results")
+    fresh = _run_folder(study, "m", "central", "v002", 2.0, 3.0 + 10.0, 0.30)
+    for d, dtype in ((study / "m" / "central" / "v001", "bfloat16"), (fresh, "float32")):
+        m = json.loads((d / "manifest.json").read_text())
+        for st in ("generate", "judge"):
+            m["stages"][st]["numerics"] = {"mode": "default", "dtype": dtype, "backend": "vllm"}
+        (d / "manifest.json").write_text(json.dumps(m))
+    cmp = compare("rep", tmp_path / "results")
+    row = cmp.table.set_index(["method", "metric"]).loc[("central", "safety")]
+    assert row["verdict"] == "outside"
+    assert row["dtype_changes"] == "generate bfloat16 -> float32; judge bfloat16 -> float32"
+    text = cmp.summary()
+    assert "[ran generate bfloat16 -> float32; judge bfloat16 -> float32]" in text
+    assert "1 fresh run(s) ran another dtype than their reference" in text
+
+
 # ------------------------------------------------------------------------------------------- paired, length
 
 

@@ -25,13 +25,14 @@ import pandas as pd
 
 from selftrain.figures.collect import _num, _row, _seed_of
 from selftrain.figures.tables import write_table
+from selftrain.io import DataError, read_json
 from selftrain.paths import resolve_path, study_folder
 from selftrain.report import hardware_label
 from selftrain.schema import QUALITY, VERSION, run_state, split_run_folder
 
 BAND = 2 * math.sqrt(2)  # in units of the reference's across-seed sd (see the module docstring)
 COLUMNS = ["model", "method", "seed", "metric", "reference", "fresh", "difference", "seed_sd", "seeds", "band",
-           "verdict", "reference_run", "fresh_run", "same_hardware"]  # fmt: skip
+           "verdict", "reference_run", "fresh_run", "same_hardware", "dtype_changes"]  # fmt: skip
 
 
 @dataclass
@@ -54,12 +55,22 @@ class Comparison:
         lines = [head]
         out = self.table[self.table["verdict"] == "outside"]
         for r in out.itertuples(index=False):
+            ran = f" [ran {r.dtype_changes}]" if r.dtype_changes else ""
             lines.append(
                 f"  outside: {r.model}/{r.method} seed {r.seed} {r.metric}: {r.reference:.3f} -> {r.fresh:.3f} "
-                f"(difference {r.difference:+.3f}, band +-{r.band:.3f})"
+                f"(difference {r.difference:+.3f}, band +-{r.band:.3f}){ran}"
             )
         if len(self.table) and not self.table["same_hardware"].all():
             lines.append("  note: fresh and reference runs come from different hardware (bf16 numerics differ)")
+        changed = self.table[self.table["dtype_changes"].astype(bool)] if len(self.table) else self.table
+        if len(changed):
+            runs = changed.drop_duplicates("fresh_run")
+            example = runs["dtype_changes"].iloc[0]
+            lines.append(
+                f"  note: {len(runs)} fresh run(s) ran another dtype than their reference (e.g. {example}; `dtype: "
+                "auto` runs float32 on a CPU without native bf16): a difference outside the band there may be the "
+                "numerics, not the code"
+            )
         alone = [n for n in self.notes if n.endswith("(nothing fresh to compare)")]
         if len(alone) > 3:  # the reference's replicate folders, typically: one line, not one per folder
             lines.append(f"  {len(alone)} run folders have only their reference version (nothing fresh to compare)")
@@ -70,6 +81,22 @@ class Comparison:
 def _versions(folder: Path) -> list[Path]:
     vs = [p for p in folder.iterdir() if p.is_dir() and VERSION.match(p.name)] if folder.is_dir() else []
     return sorted((v for v in vs if run_state(v) == "complete"), key=lambda p: int(p.name[1:]))
+
+
+def _dtypes(run_dir: Path) -> dict[str, str]:
+    """The dtype each stage of a run actually ran in, as its manifest records it."""
+    try:
+        stages = read_json(run_dir / "manifest.json").get("stages") or {}
+    except (OSError, DataError, AttributeError):
+        return {}
+    return {s: v["numerics"]["dtype"] for s, v in stages.items()
+            if isinstance(v, dict) and isinstance(v.get("numerics"), dict) and v["numerics"].get("dtype")}  # fmt: skip
+
+
+def dtype_changes(reference: Path, fresh: Path) -> str:
+    """'stage ref-dtype -> fresh-dtype' for every stage whose dtype differs between two runs ('' when none)."""
+    a, b = _dtypes(reference), _dtypes(fresh)
+    return "; ".join(f"{s} {a[s]} -> {b[s]}" for s in a if s in b and a[s] != b[s])
 
 
 def _metrics(row: dict) -> dict[str, float]:
@@ -116,6 +143,7 @@ def compare(study: str, results_dir: str | Path = "results", reference: str | Pa
         a, b = _metrics(_row(model, method, ref, "")[0]), _metrics(_row(model, method, fresh, "")[0])
         reps = spread.get((model, method), [])
         same_hw = hardware_label(ref) == hardware_label(fresh)
+        changes = dtype_changes(ref, fresh)
         for metric, rv in a.items():
             fv = b.get(metric, math.nan)
             if math.isnan(rv) and math.isnan(fv):
@@ -134,7 +162,7 @@ def compare(study: str, results_dir: str | Path = "results", reference: str | Pa
                 "model": model, "method": method, "seed": _seed_of(fresh, name), "metric": metric,
                 "reference": rv, "fresh": fv, "difference": diff, "seed_sd": sd, "seeds": len(vals), "band": band,
                 "verdict": verdict, "reference_run": str(ref.relative_to(ref_dir)),
-                "fresh_run": str(fresh.relative_to(fresh_dir)), "same_hardware": same_hw,
+                "fresh_run": str(fresh.relative_to(fresh_dir)), "same_hardware": same_hw, "dtype_changes": changes,
             })  # fmt: skip
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
     paths = []  # nothing compared (a reference alone): no empty tables in the study folder
