@@ -67,7 +67,8 @@ def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = F
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     os.environ.setdefault("SELFTRAIN_ROOT", str(project_root()))
     system_tmp = tempfile.gettempdir()  # this process keeps the system's temp folder; the kernel gets its own
-    scratch = tempfile.mkdtemp(prefix=f"selftrain-{stage}-")
+    sweep_scratch(system_tmp)
+    scratch = tempfile.mkdtemp(prefix=f"selftrain-{stage}-{os.getpid()}-")
     old_tmp = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = scratch
     # The cache torch's compiler keeps in the temp folder by default stays where it was, shared across stages.
@@ -114,6 +115,26 @@ def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = F
     except OSError as e:
         raise NotebookNotWritten(f"cannot write {dst}: {e.strerror or e}") from None
     return dst
+
+
+def sweep_scratch(folder: str) -> list[Path]:
+    """Removes the kernel temp folders (selftrain-<stage>-<pid>-*) of runners that are gone: a runner killed with
+    SIGKILL cannot remove its own, and vLLM leaves its rendezvous file there. Only this user's, only dead pids."""
+    import psutil
+
+    gone = []
+    for d in Path(folder).glob("selftrain-*-*-*"):
+        parts = d.name.split("-")
+        if len(parts) < 4 or not parts[2].isdigit() or not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            if d.stat().st_uid != os.getuid() or psutil.pid_exists(int(parts[2])):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(d)
+    return gone
 
 
 def _keep_copy(part: Path, dst: Path) -> None:

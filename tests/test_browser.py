@@ -211,8 +211,8 @@ def test_01_and_02_run_in_jupyterlab_with_an_override(page: object, lab: tuple[s
 def test_an_interrupted_generation_leaves_no_model_in_the_kernel(page: object, lab: tuple[str, Path]) -> None:
     url, repo = lab
     _open(page, url, "01_generate.ipynb")
-    long = PARAMS.replace('"prompts.limit=4"', '"prompts.limit=5", "generation.max_new_tokens=4000", '
-                          '"generation.seed=7", "generation.n=8"')  # fmt: skip
+    long = PARAMS.replace('"prompts.limit=4"', '"prompts.limit=5", "generation.max_new_tokens=400", '
+                          '"generation.seed=7", "generation.n=16"')  # fmt: skip
     _set_parameters(page, long)
     _menu(page, "Run", "Run All Cells")
     page.wait_for_selector("text=generate (transformers)", timeout=120_000)  # the progress bar: generating now

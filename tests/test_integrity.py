@@ -519,12 +519,13 @@ def test_a_killed_engine_leaves_no_vllm_files_in_the_temp_folder(tiny_overrides:
 
     system_tmp = Path(tempfile.gettempdir())
     before = set(system_tmp.glob("vllm_dist_*"))
+    old = set(system_tmp.glob("selftrain-generate-*"))  # another run's (or a killed one's) folders are not ours
     seen: list[Path] = []
 
     def killer() -> None:
         deadline = time.time() + 400
         while not seen and time.time() < deadline:
-            found = [p for p in system_tmp.glob("selftrain-generate-*/vllm_dist_*")]
+            found = [p for p in system_tmp.glob("selftrain-generate-*/vllm_dist_*") if p.parent not in old]
             if found:
                 seen.extend(found)
                 for child in psutil.Process().children(recursive=True):
@@ -541,3 +542,25 @@ def test_a_killed_engine_leaves_no_vllm_files_in_the_temp_folder(tiny_overrides:
     assert not res[0].ok and "kernel died" in res[0].error
     assert not any(p.exists() for p in seen) and not seen[0].parent.exists()
     assert set(system_tmp.glob("vllm_dist_*")) == before
+
+
+def test_a_dead_runners_kernel_temp_folder_is_swept(tmp_path: Path) -> None:
+    """A runner killed with SIGKILL leaves selftrain-<stage>-<pid>-*; the next runner removes it, and leaves a
+    live runner's folder and anything not shaped like ours alone."""
+    import subprocess
+
+    from selftrain.runner import sweep_scratch
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"selftrain-generate-{dead.pid}-abc"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "vllm_dist_x").write_text("x")
+    live = tmp_path / f"selftrain-judge-{os.getpid()}-def"
+    live.mkdir()
+    other = tmp_path / "selftrain-bench"
+    other.mkdir()
+    odd = tmp_path / "selftrain-eval-notapid-x"
+    odd.mkdir()
+    assert sweep_scratch(str(tmp_path)) == [stale]
+    assert not stale.exists() and live.exists() and other.exists() and odd.exists()
