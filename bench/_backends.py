@@ -4,6 +4,7 @@ process it lives in) and prints one ``RESULT {json}`` line."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -35,10 +36,13 @@ def run_backends(
     return results
 
 
-def save_result(root: Path, name: str, results: dict) -> Path:
-    """Print a benchmark's results and save them as bench/out/<name>.json."""
-    print(json.dumps(results, indent=2))
+def save_result(root: Path, name: str, results: dict, quiet: bool = False) -> Path:
+    """Print a benchmark's results (unless quiet) and save them as bench/out/<name>.json."""
+    if not quiet:
+        print(json.dumps(results, indent=2))
     out = root / "bench" / "out" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out)
     return out

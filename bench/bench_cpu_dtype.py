@@ -66,9 +66,10 @@ from selftrain.train import cpu_head
 from selftrain.config import resolve_run_config
 from selftrain.data import load_prompts
 from selftrain.models import resolve_model_path
-autocast, head, steps, out = sys.argv[1] == "bf16", sys.argv[2], int(sys.argv[3]), sys.argv[4]
+autocast, head, steps, out, batch = sys.argv[1] == "bf16", sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 cfg = resolve_run_config("smollm2-135m", "central", "params/studies/demo.yaml",
-                         [f"training.sft.max_steps={steps + 1}", "training.sft.save_strategy=no"])
+                         [f"training.sft.max_steps={steps + 1}", "training.sft.save_strategy=no",
+                          f"training.sft.per_device_train_batch_size={batch}"])
 folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
 recs = load_prompts("data/demo/prompts.jsonl", 64)
 data = Dataset.from_list([{"prompt": r["messages"], "completion": [{"role": "assistant", "content": r["original"]}]}
@@ -130,12 +131,17 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--train-steps", type=int, default=4)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["generate", "embed", "train"])
+    ap.add_argument("--train-steps", type=int, default=3, help="timed steps (one warm-up step more)")
+    ap.add_argument("--train-batch", type=int, default=8, help="rows a step (the demo's SFT: 8)")
+    ap.add_argument(
+        "--skip", nargs="*", default=[], choices=["generate", "embed", "train"],
+        help="parts not measured now: kept from bench/out/cpu_dtype.json when it was measured on this kind of CPU",
+    )  # fmt: skip
     args = ap.parse_args()
     root = Path(__file__).resolve().parents[1]
     res: dict = {"machine": cpu_facts(), "settings": vars(args)}
     print(json.dumps(res["machine"]), flush=True)
+    res.update(_earlier(root, res["machine"], args.skip))
     if "generate" not in args.skip:
         res["generate"] = {}
         for backend in ("vllm", "transformers"):
@@ -151,14 +157,31 @@ def main() -> None:
     if "embed" not in args.skip:
         res["embed"] = {d: child(EMBED, [d, "64", "256"], root) for d in ("float32", "bfloat16")}
         print("embed", res["embed"], flush=True)
+        save_result(root, "cpu_dtype", res, quiet=True)  # a long run cut short keeps what it measured
     if "train" not in args.skip:
         out = str(root / "bench" / "out" / "cpu_dtype_trainer")
-        res["train_sft_step"] = {
-            f"{ac}+{head}_head": child(TRAIN, [ac, head, str(args.train_steps), out], root)
-            for ac, head in (("fp32", "plain"), ("bf16", "plain"), ("fp32", "trl"))
-        }  # fmt: skip
-        print("train", res["train_sft_step"], flush=True)
+        res["train_sft_step"] = {}
+        for ac, head in (("fp32", "plain"), ("bf16", "plain"), ("fp32", "trl")):
+            got = child(TRAIN, [ac, head, str(args.train_steps), out, str(args.train_batch)], root)
+            res["train_sft_step"][f"{ac}+{head}_head"] = got
+            print("train", ac, head, got, flush=True)
+            save_result(root, "cpu_dtype", res, quiet=True)
     save_result(root, "cpu_dtype", res)
+
+
+def _earlier(root: Path, machine: dict, skipped: list[str]) -> dict:
+    """The skipped parts from the previous run's JSON, when that ran on the same CPU model and flags (marked)."""
+    path = root / "bench" / "out" / "cpu_dtype.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    same = all(old.get("machine", {}).get(k) == machine[k] for k in ("cpu", "flags", "cores", "forced"))
+    keys = {"generate": ["generate"], "embed": ["embed"], "train": ["train_sft_step"]}
+    kept = {k: old[k] for part in skipped if same for k in keys[part] if k in old}
+    if kept:
+        kept["kept_from_earlier_run"] = sorted(kept)
+    return kept
 
 
 if __name__ == "__main__":
