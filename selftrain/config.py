@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from selftrain.paths import SLUG, project_root, resolve_path
 from selftrain.schema import QUALITY, REPLICATE, STAGES, SWEEP_VALUE, VERSION
@@ -605,6 +613,61 @@ class EvalConfig(_Section):
         return self
 
 
+class RoundsConfig(_Section):
+    """Self-training in rounds (`study.rounds` > 1): round r's final model generates round r+1's candidates. Only
+    in the params of a study with rounds (a run of a one-round study records none of it)."""
+
+    prompts: Literal["same", "disjoint"] = Field(
+        "same",
+        description="same: every round answers the same prompts (the first prompts.limit); disjoint: round r answers "
+        "a fresh slice, records (r-1)*limit .. r*limit-1 of the (shuffled) set.",
+    )
+    start: Literal["previous", "m0"] = Field(
+        "previous",
+        description="Where round r's training starts: previous = round r-1's final model, trained on round r's "
+        "data only; m0 = the original model every round, trained on the data of rounds 1..r accumulated. Either "
+        "way round r-1's final model generates round r's candidates (and embeds them for self-embedding).",
+    )
+    assess: Literal["every", "last"] = Field(
+        "every", description="Stages 05 judge and 06 eval in every round, or in the last round only."
+    )
+    heldout: int = Field(
+        16,
+        ge=1,
+        description="Held-out prompts, never trained on, whose original responses' perplexity under each round's "
+        "model is a drift monitor: the records right after the rounds' slices (same: after prompts.limit; "
+        "disjoint: after the R+1 slices of the rounds and the closing generation).",
+    )
+    collapse_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Stage 07 flags a round as collapsed when a diversity monitor (distinct-1, distinct-2, "
+        "1 - mean pairwise cosine, 100 - self-chrF) falls below this fraction of round 0's (M0's candidates).",
+    )
+    quality_sd: float | None = Field(
+        None,
+        gt=0,
+        description="Across-seed standard deviation of judge quality that stage 07 reads drift against when the "
+        "study has no replicate seeds (a study with seeds uses its own round-0 spread): a round whose quality falls "
+        "more than 2*sqrt(2)*sd below round 0's is flagged. None and no seeds: quality is not flagged.",
+    )
+
+
+class RoundPoint(_Section):
+    """Which round of a chain a run is: set by resolve_run_config for a study with rounds, never by hand."""
+
+    index: int = Field(
+        ge=1, description="This run's round, 1..of; of + 1 is the closing generation (stages 01-02 of the last model)."
+    )
+    of: int = Field(ge=2, description="The study's number of rounds (study.rounds).")
+    m0: str = Field(description="Round 1's model.path: the original model M0 (rounds.start m0 trains from it).")
+    previous: str | None = Field(
+        None,
+        description="Round index-1's run folder, whose final model is this round's model.path (None in round 1).",
+    )
+
+
 class StudyConfig(_Section):
     name: Slug = Field(description="Study name; the first level under results/ (letters, digits, . _ -).")
     models: list[Slug] = Field(min_length=1, description="Model params names (files under params/models/).")
@@ -617,6 +680,15 @@ class StudyConfig(_Section):
         "and `judge.answers.seed`. Empty: the params' own seeds only. `run --seeds` picks some of them.",
     )
 
+    rounds: int = Field(
+        1,
+        ge=1,
+        le=99,
+        description="Self-training rounds: round r's final model generates round r+1's candidates (the `rounds` "
+        "section says on which prompts and from which model training starts); each round of a trained method is a "
+        "run folder <method>@round=<r>, and a closing one, <method>@round=<R+1>, holds stages 01-02 of the last "
+        "model (its drift monitors). 1: one training, as without rounds.",
+    )
     sweep: dict[str, list[int | float | bool | str]] = Field(
         default_factory=dict,
         description="Sweep axes: a dotted param -> its values; every combination becomes a cell (folder "
@@ -670,6 +742,12 @@ class RunConfig(_Section):
         description="The replicate seed of a study with `study.seeds` (its run folder is <method>.seed<N>); None: "
         "the params' own seeds (the plain <method> folder).",
     )
+    round: RoundPoint | None = Field(
+        None,
+        description="The round of a study with rounds (study.rounds > 1; its folder <method>@round=<r>); None: a "
+        "run without rounds (then neither `round` nor `rounds` is written to params.resolved.yaml).",
+    )
+    rounds: RoundsConfig = Field(default_factory=RoundsConfig, description="Settings of a study with rounds.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
@@ -685,6 +763,48 @@ class RunConfig(_Section):
         "fixed by batch_size), deterministic torch algorithms: the same bytes on the same machine kind, slower. "
         "'default': bf16 where the hardware multiplies it natively (numbers then differ across CPU kinds).",
     )
+
+    @model_serializer(mode="wrap")
+    def _without_rounds(self, handler: Any) -> dict[str, Any]:
+        # A run without rounds dumps exactly as before rounds existed: its params file, params_sha256 and resume
+        # check are unchanged.
+        data = handler(self)
+        if self.round is None:
+            data.pop("round", None)
+            data.pop("rounds", None)
+        return data
+
+    @model_validator(mode="after")
+    def _round(self) -> RunConfig:
+        r = self.round
+        if r is None:
+            return self
+        if r.index > r.of + 1:
+            raise ValueError(f"round.index {r.index} is past the closing generation of {r.of} rounds ({r.of + 1})")
+        if (r.index > 1) != (r.previous is not None):
+            raise ValueError("round.previous names round index-1's run folder, from round 2 on only")
+        if self.prompts.limit is None:
+            raise ValueError(
+                "a study with rounds needs prompts.limit: the prompts of one round (the held-out slice of "
+                "rounds.heldout follows the rounds' prompts)"
+            )
+        return self
+
+    def prompt_window(self) -> tuple[int, int | None]:
+        """(offset, count) of this run's prompts in the (shuffled) set: the first prompts.limit, or a round's slice
+        under rounds.prompts disjoint."""
+        limit = self.prompts.limit
+        if self.round is None or self.rounds.prompts == "same" or limit is None:
+            return 0, limit
+        return (self.round.index - 1) * limit, limit
+
+    def heldout_window(self) -> tuple[int, int]:
+        """(offset, count) of the held-out prompts of a study with rounds: right after every slice a round (or the
+        closing generation) answers."""
+        if self.round is None or self.prompts.limit is None:
+            raise ValueError("held-out prompts exist only in a study with rounds")
+        slices = 1 if self.rounds.prompts == "same" else self.round.of + 1
+        return slices * self.prompts.limit, self.rounds.heldout
 
     @model_validator(mode="after")
     def _prefix(self) -> RunConfig:
@@ -928,6 +1048,8 @@ def resolve_run_config(
     check_trainer: bool = False,
     replicate: int | None = None,
     point: dict[str, Any] | None = None,
+    round_index: int | None = None,
+    previous: tuple[str, str] | None = None,
 ) -> RunConfig:
     """Merge base -> models/<model> -> methods/<method> -> study -> overrides and validate.
 
@@ -935,6 +1057,9 @@ def resolve_run_config(
     replicate: a replicate seed (study.seeds) applied over everything: `seed`, `generation.seed` and
     `judge.answers.seed`. A seed equal to all three of the params' own is the plain run (replicate None).
     point: a sweep point (study.sweep) {dotted param: value}, applied after the command line: it is the cell.
+    round_index: in a study with rounds (study.rounds > 1), the round of a trained method (default 1; rounds + 1
+    is the closing generation, stages 01-02 only); previous: (run folder, final model) of round round_index - 1,
+    whose model becomes model.path (runs.round_config finds them). A `baseline` has no rounds.
     """
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -944,11 +1069,11 @@ def resolve_run_config(
     _merge(merged, load_yaml(model_file), origin, str(model_file))
     method_file = _named_file("methods", method)
     _merge(merged, load_yaml(method_file), origin, str(method_file))
-    study_name, study_stages = "scratch", list(STAGES)
+    study_name, study_stages, rounds = "scratch", list(STAGES), 1
     if study is not None:
         st, extra, study_file = load_study(study)
         _merge(merged, extra, origin, str(study_file))
-        study_name, study_stages = st.name, st.stages
+        study_name, study_stages, rounds = st.name, st.stages, st.rounds
     for item in overrides or []:
         key, value = parse_override(item)
         _merge(merged, _nest(key, value), origin, f"command line ({item})")
@@ -967,11 +1092,47 @@ def resolve_run_config(
     merged.setdefault("study", study_name)
     merged.setdefault("method", method)
     merged.setdefault("stages", study_stages)
+    _place_round(merged, origin, rounds, round_index, previous, method)
     cfg = _validate(RunConfig, merged, origin)
     assert isinstance(cfg, RunConfig)
     if check_trainer:
         check_trainer_keys(cfg, origin)
     return cfg
+
+
+def _place_round(
+    merged: dict[str, Any],
+    origin: dict[str, str],
+    rounds: int,
+    index: int | None,
+    previous: tuple[str, str] | None,
+    method: str,
+) -> None:
+    """A trained method's cell of a study with rounds: its `round` (index, of, M0, previous round's folder), the
+    previous round's final model as model.path, and the round's stages (rounds.assess; the closing generation runs
+    stages 01-02 only). A study without rounds, and `baseline`, are left as they are."""
+    trained = ((merged.get("selection") or {}).get("method") or "central") != "baseline"
+    if rounds == 1 or not trained:
+        if index not in (None, 1) or previous is not None:
+            why = "its study has no rounds" if rounds == 1 else "baseline is not retrained"
+            raise ConfigError(f"round {index} of {method}: {why}")
+        return
+    index = index or 1
+    if not 1 <= index <= rounds + 1:
+        raise ConfigError(f"round {index} of {method}: the study has rounds 1..{rounds} (and {rounds + 1}, the "
+                          "closing generation)")  # fmt: skip
+    if (index > 1) != (previous is not None):
+        raise ConfigError(f"round {index} of {method}: give round {index - 1}'s run (runs.round_config finds it)")
+    merged["round"] = {"index": index, "of": rounds, "m0": (merged.get("model") or {}).get("path"),
+                       "previous": previous[0] if previous else None}  # fmt: skip
+    if previous is not None:
+        _merge(merged, _nest("model.path", previous[1]), origin, f"round {index} (round {index - 1}'s final model)")
+    stages = list(merged["stages"])
+    if index == rounds + 1:
+        stages = [s for s in stages if s in ("generate", "select")]
+    elif ((merged.get("rounds") or {}).get("assess") or "every") == "last" and index < rounds:
+        stages = [s for s in stages if s not in ("judge", "eval")]
+    merged["stages"] = stages
 
 
 def dump_config(cfg: BaseModel) -> str:

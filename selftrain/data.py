@@ -288,13 +288,15 @@ def load_prompt_set(
     skip_blank: bool = False,
     system: str | None = None,
     shuffle_seed: int | None = None,
+    offset: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Read a prompt set (files as prompt_files finds them) and normalise every record; ids must be unique.
 
     Every bad record of every file is reported at once (one DataError, each as file:line: why). Records with a
     blank prompt or response are errors too, or skipped and counted with skip_blank. Then, in LLM-jp's order: the
     `system` line first in every conversation that has none, a shuffle with `shuffle_seed` (None: file order),
-    and only then the first `limit` records. Returns (records, facts: counts of each step)."""
+    and only then the first `limit` records (from record `offset`: a round's slice or the held-out slice of a study
+    with rounds; the set must hold them all). Returns (records, facts: counts of each step)."""
     out: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
     errors: list[str] = []
@@ -338,7 +340,13 @@ def load_prompt_set(
     facts = {"records": len(out), "skipped_blank_records": skipped, "system_added": added,
              "system_kept": len(out) - added if system is not None else None, "shuffle_seed": shuffle_seed,
              "limit": limit}  # fmt: skip
-    kept = out[:limit] if limit is not None else out
+    if offset:
+        end = offset + limit if limit is not None else len(out)
+        if end > len(out):
+            why = "a study with rounds: rounds.prompts disjoint and rounds.heldout take slices after prompts.limit"
+            raise DataError(f"{path}: {len(out)} records; records {offset}..{end - 1} are asked for ({why})")
+        facts["offset"] = offset
+    kept = out[offset : offset + limit] if limit is not None else out[offset:]
     facts["used"] = len(kept)
     return kept, facts
 
@@ -397,16 +405,19 @@ def _truncate(
 
 
 def run_prompt_set(
-    cfg: RunConfig, count: Callable[[list[dict[str, str]]], int] | None = None
+    cfg: RunConfig, count: Callable[[list[dict[str, str]]], int] | None = None, heldout: bool = False
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A run's prompts, the one way stages 01 and 02 (and `selftrain shard`) read them: prompts.* applied in
     LLM-jp's order (system line, shuffle, limit), then, given the model's token `count` of a conversation
     (inference.prompt_token_counter), the context guard (tokens of the rendered prompt + generation.max_new_tokens
-    within model.max_model_len; prompts.too_long). Returns (prompts, facts for generate.json)."""
+    within model.max_model_len; prompts.too_long). Returns (prompts, facts for generate.json). In a study with
+    rounds: the round's slice (RunConfig.prompt_window), or with heldout=True the held-out prompts whose original
+    responses' perplexity is a drift monitor (RunConfig.heldout_window)."""
     pc = cfg.prompts
     system = system_line(pc.system, pc.system_from)
+    offset, limit = cfg.heldout_window() if heldout else cfg.prompt_window()
     prompts, facts = load_prompt_set(
-        pc.path, pc.limit, pc.hub_files, pc.skip_blank, system, pc.shuffle_seed if pc.shuffle else None
+        pc.path, limit, pc.hub_files, pc.skip_blank, system, pc.shuffle_seed if pc.shuffle else None, offset
     )
     facts["system_from"] = pc.system_from
     if count is not None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from selftrain import drift
 from selftrain.config import GenerationConfig, RunConfig
 from selftrain.data import prompt_inputs, run_prompt_set
 from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend, prompt_token_counter
@@ -104,16 +105,34 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         df = pd.DataFrame(read_jsonl(out_file))
         summary = summarise(df)
         meta.update(summary, skipped_blank_records=prompt_facts["skipped_blank_records"], prompt_set=prompt_facts)
+        if cfg.round is not None:
+            meta["drift"] = model_drift(cfg, folder)
         write_json(run.metrics_dir / "generate.json", meta)
         run.save_figure(plot_generation(df), "generate_tokens")
         info["outputs"] = [out_file, run.metrics_dir / "generate.json"]
         info["metrics"] = {k: meta[k] for k in ("backend", "cache_hit", "candidates", "eos_share", "mean_tokens")}
+        if cfg.round is not None:
+            info["metrics"]["heldout_perplexity"] = meta["drift"]["perplexity"]
         # What was done to the publisher's records before generation, stated in the manifest too.
         info["metrics"].update(
             system_added=prompt_facts["system_added"], shuffle_seed=prompt_facts["shuffle_seed"],
             prompts_skipped_long=len(prompt_facts["skipped_long"]), prompts_truncated=len(prompt_facts["truncated"]),
         )  # fmt: skip
     return df
+
+
+def model_drift(cfg: RunConfig, folder: Path) -> dict[str, Any]:
+    """A round's monitor of the model that generated its candidates (round r: round r-1's final model): which model
+    it is (folder and fingerprint, the generation cache's key part) and the perplexity of the held-out prompts'
+    original responses under it (drift away from the data it started from)."""
+    held, facts = run_prompt_set(cfg, prompt_token_counter(folder), heldout=True)
+    return {
+        "round": cfg.round.index if cfg.round is not None else None,
+        "model": str(folder),
+        "model_fingerprint": sha256_json(model_fingerprint(folder)),
+        "heldout_offset": facts.get("offset", 0),
+        **drift.perplexity(folder, held, cfg.model.max_model_len),
+    }
 
 
 def _cached(cache: Path) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from selftrain.data import check_sources
 from selftrain.hardware import check_gpu_visible
 from selftrain.paths import project_root
 from selftrain.report import write_study_index
-from selftrain.runs import Run, check_output_dirs, create_run
+from selftrain.runs import Run, check_output_dirs, create_run, round_config
 from selftrain.schema import NOTEBOOKS, STAGES, run_folder
 
 
@@ -196,11 +196,14 @@ def run_study(
     progress: bool = False,
     stream: bool = False,
     seeds: list[int] | None = None,
+    rounds: list[int] | None = None,
 ) -> list[CellResult]:
     """Run the grid cell by cell. A failing stage stops only its own (model, method, seed) cell: the other
     cells still run, and the returned results (and the log) say which cell failed where.
 
-    seeds: replicate seeds (some of `study.seeds`, or any); None: the study's `seeds`, or the params' own."""
+    seeds: replicate seeds (some of `study.seeds`, or any); None: the study's `seeds`, or the params' own.
+    rounds: in a study with rounds, which rounds of each trained cell's chain to run (the last one brings the
+    closing generation along); None: all, in order. A round that fails ends its chain; the other cells go on."""
     check_gpu_visible()  # a GPU that torch cannot use stops the run here, not after hours of CPU training
     study, _, path = load_study(study_path)
     bad_seeds = [s for s in seeds or [] if not 0 <= s <= SEED_MAX]
@@ -215,6 +218,10 @@ def run_study(
         if unknown:
             raise ConfigError(f"{path}: {name}(s) {unknown} are not in this study (study has {allowed})")
     wanted = stages or study.stages
+    bad_rounds = [r for r in rounds or [] if not 1 <= r <= study.rounds]
+    if bad_rounds:
+        raise ConfigError(f"command line: --rounds {bad_rounds}: the study has rounds 1..{study.rounds}")
+    chained: dict[str, bool] = {}  # method -> whether its cells are chains of rounds
     bad = [s for s in wanted if s not in STAGES]
     if bad:
         raise ConfigError(f"command line: unknown stage(s) {bad} (known: {', '.join(STAGES)})")
@@ -228,6 +235,7 @@ def run_study(
                 for rep in replicates:
                     for pt in points:
                         cfg = resolve_run_config(model, method, study_path, overrides, True, replicate=rep, point=pt)
+                        chained[method] = cfg.round is not None
                         check_sources(cfg)
                         check_output_dirs(cfg)
                         problems += preflight(cfg, wanted)
@@ -241,11 +249,11 @@ def run_study(
         for model in models:
             for method in methods:
                 for pt in points:
-                    results.append(
-                        _run_cell(
-                            study_path, model, method, wanted, overrides, new_version, log, progress, stream, rep, pt
-                        )
-                    )
+                    for index in _chain(study.rounds if chained.get(method) else 1, rounds):
+                        args = (wanted, overrides, new_version, log, progress, stream, rep, pt, index)
+                        results.append(_run_cell(study_path, model, method, *args))
+                        if not results[-1].ok:
+                            break  # the next round would start from a model this one did not make
     failed = [r for r in results if not r.ok]
     if failed:
         log(f"{len(failed)} of {len(results)} cells failed:")
@@ -256,6 +264,14 @@ def run_study(
         index = write_study_index(run_dirs[0].parents[2])  # results/<study>/<model>/<method>/<version>
         log(f"study index: {index}")
     return results
+
+
+def _chain(count: int, wanted: list[int] | None) -> list[int | None]:
+    """The round indices of one cell to run: [None] for a cell without rounds (when round 1 is wanted), else the
+    wanted rounds of 1..count in order, with the closing generation (count + 1) after the last."""
+    if count == 1:
+        return [None] if wanted is None or 1 in wanted else []
+    return [r for r in range(1, count + 2) if wanted is None or r in wanted or (r == count + 1 and count in wanted)]
 
 
 def _run_cell(
@@ -270,6 +286,7 @@ def _run_cell(
     stream: bool,
     replicate: int | None = None,
     point: dict | None = None,
+    round_index: int | None = None,
 ) -> CellResult:
     t0 = time.time()
     done: list[str] = []
@@ -277,8 +294,9 @@ def _run_cell(
     run = None
     stage = "params"
     try:
-        cfg = resolve_run_config(model, method, study_path, overrides, True, replicate=replicate, point=point)
-        method = run_folder(method, cfg.replicate, cfg.sweep)  # the cell's name in the log and the summary
+        cfg = round_config(round_index or 1, model, method, study_path, overrides, True, replicate, point)
+        index = cfg.round.index if cfg.round is not None else None
+        method = run_folder(method, cfg.replicate, cfg.sweep, index)  # the cell's name in the log and the summary
         run = create_run(cfg, new_version=new_version, hold=True, log=lambda m: log(f"[{model}/{method}] {m}"))
         if run.note:
             log(f"[{model}/{method}] {run.note} -> {run.dir.name}")

@@ -18,7 +18,7 @@ from typing import Any
 
 from selftrain.config import ConfigError, RunConfig, dump_config, load_resolved, resolve_run_config
 from selftrain.inference import exact_numerics
-from selftrain.io import FileLock, atomic_write_text, read_json, sha256_file, sha256_json, write_json
+from selftrain.io import FileLock, atomic_write_text, read_json, read_jsonl, sha256_file, sha256_json, write_json
 from selftrain.models import resolve_model_path
 from selftrain.paths import UnsafePath, output_folder, resolve_path
 from selftrain.provenance import cached_sha256, git_state, hardware, input_fingerprint, package_versions
@@ -249,21 +249,42 @@ class Run:
         run_id = sha256_json([str(self.dir.resolve()), self.manifest().get("created")])[:8]
         c = self.config
         root = resolve_path(c.output.checkpoints_dir)
-        return root / c.study / c.model.name / c.method / f"{self.dir.name}-{run_id}"
+        folder = c.method if c.round is None else self.dir.parent.name  # a round's models: <method>@round=<r>/
+        return root / c.study / c.model.name / folder / f"{self.dir.name}-{run_id}"
 
     def checkpoints_dir(self, stage: str) -> Path:
         """Where a training stage keeps its Trainer checkpoints (trainer/) and its final model (final/)."""
         return self.checkpoints_root() / stage
 
     # ------------------------------------------------------------------ the model of this run
+    def start_model(self) -> Path:
+        """The model this run's training starts from: model.path (M0; in round r of a study with rounds, round
+        r-1's final model, which also generated this round's candidates), or M0 again under rounds.start m0."""
+        c = self.config
+        path = c.round.m0 if c.round is not None and c.rounds.start == "m0" else c.model.path
+        return resolve_model_path(path, c.output.cache_dir)
+
     def final_model(self) -> Path:
-        """The model later stages judge and evaluate: DPO output, else SFT output, else M0 (baseline)."""
+        """The model later stages judge and evaluate: DPO output, else SFT output, else the model training would
+        start from (M0 for baseline)."""
         for stage in ("dpo", "sft"):
             if self.is_done(stage):
                 path = (self.stage_record(stage).get("metrics") or {}).get("model_path")
                 if path:
                     return Path(path)
-        return resolve_model_path(self.config.model.path, self.config.output.cache_dir)
+        return self.start_model()
+
+    def earlier_rounds(self, name: str) -> tuple[list[dict[str, Any]], Path | None]:
+        """Under rounds.start m0, the training records (`name`: sft.jsonl or dpo.jsonl) that rounds 1..r-1 trained
+        on, which round r trains on again with its own (data accumulated, from M0), and the file they come from;
+        ([], None) otherwise. Round r-1's file already holds rounds 1..r-2's."""
+        c = self.config
+        if c.round is None or c.rounds.start != "m0" or c.round.previous is None:
+            return [], None
+        path = Path(c.round.previous) / "data" / name
+        if not path.is_file():
+            raise StageNotDone(f"{path}: round {c.round.index - 1}'s training data is missing (rounds.start m0)")
+        return read_jsonl(path), path
 
     def model_under_test(self) -> Path:
         """What stages 05 (judge) and 06 (eval) assess: M0 for `baseline`, else the final trained model.
@@ -303,7 +324,8 @@ def run_parent(cfg: RunConfig) -> Path:
     """results/<study>/<model>/<method>[.seed<N>]; refuses any name that would lead outside the results folder."""
     check_output_dirs(cfg)
     root = resolve_path(cfg.output.results_dir).resolve()
-    parent = (root / cfg.study / cfg.model.name / run_folder(cfg.method, cfg.replicate, cfg.sweep)).resolve()
+    index = cfg.round.index if cfg.round is not None else None
+    parent = (root / cfg.study / cfg.model.name / run_folder(cfg.method, cfg.replicate, cfg.sweep, index)).resolve()
     if not parent.is_relative_to(root) or len(parent.relative_to(root).parts) != 3:
         raise ConfigError(
             f"study/model/method names {cfg.study!r}/{cfg.model.name!r}/{cfg.method!r} would write outside {root}"
@@ -353,6 +375,36 @@ def find_run(cfg: RunConfig) -> Run:
             f"({why or 'none was made with these params'}); run the cell's earlier stages first"
         )
     return run
+
+
+def round_config(
+    index: int,
+    model: str,
+    method: str,
+    study: str | Path,
+    overrides: list[str] | None = None,
+    check_trainer: bool = False,
+    replicate: int | None = None,
+    point: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Round `index`'s params in a study with rounds: round 1's as resolve_run_config makes them, then each later
+    round's from the run of the round before it (the version create_run would resume for its params, its training
+    done): that run's folder and final model, which generates this round's candidates. Round 1 (and any cell of a
+    study without rounds, with index 1) needs no earlier run. ConfigError naming the round when one is missing."""
+    cfg = resolve_run_config(model, method, study, overrides, check_trainer, replicate, point)
+    if index > 1 and cfg.round is None:
+        why = "baseline is not retrained" if cfg.selection.method == "baseline" else "the study has no rounds"
+        raise ConfigError(f"{model}/{method}: no round {index} ({why})")
+    for i in range(2, index + 1):
+        try:
+            prev = find_run(cfg)
+            trained = prev.model_under_test()
+        except (ConfigError, StageNotDone) as e:
+            why = f"round {i} of {model}/{method} starts from round {i - 1}'s final model, which is not there"
+            raise ConfigError(f"{why}: {e}") from None
+        previous = (str(prev.dir), str(trained))
+        cfg = resolve_run_config(model, method, study, overrides, check_trainer, replicate, point, i, previous)
+    return cfg
 
 
 def version_lock(run_dir: Path) -> FileLock:

@@ -37,10 +37,29 @@ def _value(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def run_folder(method: str, replicate: int | None, sweep: dict[str, Any] | None = None) -> str:
-    """The third level of a run path: the method, `@param=value` per sweep axis, `.seed<N>` for a replicate."""
+# A round of self-training in rounds (study.rounds) names its folder like a sweep point on this axis:
+# central@round=2, central@round=2@selection.n=4.seed1 (no dotted param is called `round`).
+ROUND_AXIS = "round"
+
+
+def run_folder(
+    method: str, replicate: int | None, sweep: dict[str, Any] | None = None, round_index: int | None = None
+) -> str:
+    """The third level of a run path: the method, `@param=value` per sweep axis (a round as `@round=<r>`),
+    `.seed<N>` for a replicate."""
+    if round_index is not None:
+        sweep = {**(sweep or {}), ROUND_AXIS: round_index}
     name = method + (f"@{sweep_label(sweep)}" if sweep else "")
     return name if replicate is None else f"{name}.seed{replicate}"
+
+
+def split_round(label: str) -> tuple[int | None, str]:
+    """A sweep label's round and the rest: 'round=2@selection.n=4' -> (2, 'selection.n=4'); 'x=1' -> (None, 'x=1')."""
+    parts = [p for p in label.split("@") if p]
+    rounds = [p for p in parts if p.startswith(f"{ROUND_AXIS}=") and p[len(ROUND_AXIS) + 1 :].isdigit()]
+    if not rounds:
+        return None, label
+    return int(rounds[0][len(ROUND_AXIS) + 1 :]), "@".join(p for p in parts if p != rounds[0])
 
 
 def split_run_folder(name: str) -> tuple[str, int | None]:

@@ -38,6 +38,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--seeds", nargs="+", type=int, help="replicate seeds to run (default: the study's `seeds`, else its own)"
     )
+    r.add_argument(
+        "--rounds",
+        nargs="+",
+        type=int,
+        help="a study with rounds: only these rounds of each chain (earlier ones must be done; the last brings the "
+        "closing generation); default: all, in order",
+    )
     r.add_argument("--new-version", action="store_true", help="start a new run version even if one matches")
     r.add_argument("--quiet", action="store_true", help="do not echo the notebooks' output while they run")
     sh = sub.add_parser(
@@ -123,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     pm_log.setLevel(logging.INFO)
     pm_log.propagate = False
     results = run_study(args.study, args.models, args.methods, args.stages, args.overrides, args.new_version,
-                        progress=False, stream=not args.quiet, seeds=args.seeds)  # fmt: skip
+                        progress=False, stream=not args.quiet, seeds=args.seeds, rounds=args.rounds)  # fmt: skip
     print("\nsummary:")
     for res in results:
         state = "ok" if res.ok else f"FAILED at {res.failed_stage}"

@@ -7,7 +7,10 @@ Writes three files into ``results/<study>/slurm/`` (five with sharded inference,
   `generation.shards` splits the prompt set, one task per shard (`selftrain shard`), merged by the cells' stage 01;
 - ``cells.sbatch``: an array with one task per (model, method, seed) cell running every stage of that cell
   (`selftrain run --models M --methods X --seeds S`; done stages are skipped, so a resubmitted array resumes);
-- ``submit.sh``: submits the first, then the second with ``--dependency=afterok`` on it.
+- ``submit.sh``: submits the first, then the second with ``--dependency=afterok`` on it. A study with rounds
+  (study.rounds R) submits ``cells.sbatch`` once per round (``cells.sbatch <r>`` runs ``--rounds <r>``; the last
+  brings the closing generation), each with ``--dependency=aftercorr`` on the round before: task i of round r
+  starts when task i of round r-1 (the same cell) succeeded; a failed round leaves its chain's later rounds pending.
 
 Where `judge.answers.shards` or `eval.shards` splits stage 05's answers or 06's predictions, the cells stop after
 training, and two more arrays follow: ``infer.sbatch`` with one task per (cell, stage, shard) (`selftrain shard
@@ -77,6 +80,11 @@ def render(
     gen_cells = [(m, s, str(k) if shards[m] > 1 else "") for s in seeds for m in study.models for k in range(shards[m])]
     cells = [(m, x, s) for s in seeds for m in study.models for x in study.methods]
     seed_arg = '${seed:+--seeds "$seed"}'
+    # A study with rounds: the generation array fills round 1's cache (M0's); the cells run one array per round, each
+    # task after the same task of the round before (aftercorr), so a chain waits only for its own previous round.
+    chain = study.rounds > 1
+    first_round = " --rounds 1" if chain else ""
+    round_arg = ' --rounds "$round"' if chain else ""
     generate = [
         *head[:2], f"#SBATCH --job-name={study.name}-generate --array=0-{len(gen_cells) - 1}", *head[2:],
         f"models={_array([m for m, _, _ in gen_cells])}",
@@ -88,7 +96,7 @@ def render(
         '${seed:+--seed "$seed"}',
         "else",
         f"  {python} -m selftrain run --study {shlex.quote(str(rel))} --models \"$model\" "
-        f"--methods {shlex.quote(study.methods[0])} --stages generate {seed_arg}",
+        f"--methods {shlex.quote(study.methods[0])} --stages generate {seed_arg}{first_round}",
         "fi",
     ]  # fmt: skip
     # (model, method, seed, stage, shard) for every sharded inference stage of every cell
@@ -98,6 +106,11 @@ def render(
         counts = {"judge": cfg.judge.answers.shards, "eval": cfg.eval.shards}
         infer += [(m, x, sd, st, str(k)) for st in INFERENCE if st in cfg.stages and counts[st] > 1
                   for k in range(counts[st])]  # fmt: skip
+    if chain and infer:
+        raise ConfigError(
+            f"{path}: study.rounds with sharded judge / eval (judge.answers.shards, eval.shards) has no script yet: "
+            "run the rounds with unsharded stages 05/06"
+        )
     cell_head = head[1].replace("--nodes=1", f"--nodes={nodes}")
     until = f" --stages {' '.join(s for s in STAGES if s not in INFERENCE)}" if infer else ""
     run_cell = f'{python} -m selftrain run --study {shlex.quote(str(rel))} --models "$model" --methods "$method" '
@@ -109,7 +122,8 @@ def render(
     ]
     run = [
         head[0], cell_head, f"#SBATCH --job-name={study.name}-cells --array=0-{len(cells) - 1}", *head[2:],
-        *cell_table, f"{run_cell}{seed_arg}{until}",
+        *cell_table, *(['round="${1:?usage: sbatch cells.sbatch <round>}"'] if chain else []),
+        f"{run_cell}{seed_arg}{until}{round_arg}",
     ]  # fmt: skip
     submit = [
         "#!/bin/bash",
@@ -117,9 +131,12 @@ def render(
         f"cd {shlex.quote(str(project_root()))}",
         f"mkdir -p results/{study.name}/slurm",
         f"gen=$(sbatch --parsable results/{study.name}/slurm/generate.sbatch)",
-        f'{"cells=$(sbatch --parsable" if infer else "sbatch"} --dependency=afterok:"$gen" '
-        f"results/{study.name}/slurm/cells.sbatch{')' if infer else ''}",
+        f'{"cells=$(sbatch --parsable" if infer or chain else "sbatch"} --dependency=afterok:"$gen" '
+        f"results/{study.name}/slurm/cells.sbatch{' 1)' if chain else ')' if infer else ''}",
     ]
+    for r in range(2, study.rounds + 1):
+        again, close = ("cells=$(sbatch --parsable", ")") if r < study.rounds else ("sbatch", "")
+        submit.append(f'{again} --dependency=aftercorr:"$cells" results/{study.name}/slurm/cells.sbatch {r}{close}')
     files = {"generate.sbatch": generate, "cells.sbatch": run}
     if infer:
         files["infer.sbatch"] = [

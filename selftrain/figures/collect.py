@@ -42,6 +42,7 @@ from selftrain.schema import (
     planned_stages,
     read_log,
     run_state,
+    split_round,
     split_run_folder,
 )
 
@@ -63,7 +64,9 @@ SELECTION_COLUMNS = [
     "original_low_share", "original_rank_mean", "pool_size", "sft_examples", "dpo_pairs",
 ]  # fmt: skip
 TEXT_COLUMNS = {"model", "method", "version", "state", "set", "criterion", "what", "hardware", "metric", "sweep"}
-COUNT_COLUMNS = {"n", "prompts", *DECISIONS, "pool_size", "sft_examples", "dpo_pairs", "seeds", "seed", "items"}
+COUNT_COLUMNS = {"n", "prompts", *DECISIONS, "pool_size", "sft_examples", "dpo_pairs", "seeds", "seed", "items"} | {
+    "round"  # the rounds table (figures/rounds.py)
+}
 
 
 @dataclass
@@ -87,6 +90,10 @@ class StudyResults:
     paired: pd.DataFrame = field(default_factory=pd.DataFrame)  # method - baseline on shared items (paired.py)
     controls: pd.DataFrame = field(default_factory=pd.DataFrame)  # control arm - central on shared items
     lengths: pd.DataFrame = field(default_factory=pd.DataFrame)  # answer length and length-controlled quality
+    # A study with rounds: the closing generations (<method>@round=<R+1>: stages 01-02 of the last model), kept out
+    # of the results tables, and the rounds table (figures/rounds.py).
+    closing: dict[tuple[str, str], Path] = field(default_factory=dict)
+    rounds: pd.DataFrame = field(default_factory=pd.DataFrame)
     figures: list[Path] = field(default_factory=list)
     tables: list[Path] = field(default_factory=list)
     index: Path | None = None  # the refreshed study README
@@ -269,6 +276,8 @@ def collect(
     spec = Path(spec_path) if spec_path else default_spec_path(study)
     pins = load_figures_spec(spec) if spec else {}
     chosen, missing = _choose(study_dir, pins, spec)
+    closing = {key: d for key, d in chosen.items() if _closing(d)}
+    chosen = {key: d for key, d in chosen.items() if key not in closing}
     grid_models, grid_methods = _study_grid(study, study_file)
     seen = {(m, split_run_folder(f)[0]) for m, f in chosen} | {(r["model"], split_run_folder(r["method"])[0])
                                                                 for r in missing}  # fmt: skip
@@ -330,9 +339,21 @@ def collect(
         missing=missing,
         spec_path=spec,
         pins=pins,
+        closing=closing,
         replicates=pd.DataFrame(rep_rows).reindex(columns=["seed", *MAIN_HEAD, *cats, *MAIN_TAIL]),
         judge_replicates=pd.DataFrame(rep_judge).reindex(columns=["seed", *JUDGE_COLUMNS[:-2]]),
     )
+
+
+def _closing(d: Path) -> bool:
+    """The closing generation of a chain of rounds: its params' round.index is past round.of."""
+    if "@" not in d.parent.name:
+        return False
+    try:
+        r = (yaml.safe_load((d / "params.resolved.yaml").read_text()) or {}).get("round") or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(r.get("index"), int) and isinstance(r.get("of"), int) and r["index"] > r["of"]
 
 
 def sweep_value(v: str) -> float | str:
@@ -371,12 +392,15 @@ def point_runs(res: StudyResults, model: str, method: str) -> list[tuple[str, Pa
 
 def plain_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The rows the bar figures show: the runs without a sweep point, or, in a study that only sweeps, its first
-    point (the sweep figure shows the others)."""
+    point (the sweep figure shows the others); of a chain of rounds, its last round (figures/rounds shows all)."""
     if "sweep" not in df or not len(df):
         return df
-    label = df["sweep"].fillna("")
+    split = df["sweep"].fillna("").map(split_round)
+    label = split.map(lambda x: x[1])  # a study with rounds: each method's last round stands for it
+    index = split.map(lambda x: x[0] or 0)
+    last = index == index.groupby([df["model"], df["method"], label]).transform("max")
     first = "" if (label == "").any() else sorted(set(label), key=_sweep_key)[0]
-    return df[label == first]
+    return df[(label == first) & last]
 
 
 def _seed_of(d: Path, folder: str) -> int | None:

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from selftrain.figures.collect import COUNT_COLUMNS, TEXT_COLUMNS, StudyResults
+from selftrain.figures.rounds import rounds_display
 from selftrain.io import atomic_write_text, write_csv
 from selftrain.report import fmt
 from selftrain.schema import QUALITY
@@ -111,7 +112,13 @@ def missing_markdown(res: StudyResults) -> str:
     return "\n".join(lines) + "\n" + to_markdown(res.missing_frame())
 
 
-OPTIONAL_TABLES = ("replicates", "paired", "controls", "length")  # written only where a study has what they need
+OPTIONAL_TABLES = (
+    "replicates",
+    "paired",
+    "controls",
+    "length",
+    "rounds",
+)  # written only where a study has what they need
 
 
 def write_tables(res: StudyResults, out_dir: Path | None = None) -> list[Path]:
@@ -138,6 +145,9 @@ def write_tables(res: StudyResults, out_dir: Path | None = None) -> list[Path]:
     if len(res.lengths):
         cap = f"Study {res.study}: answer length and length-controlled judge quality"
         paths += write_table(res.lengths, out_dir / "length", caption=cap)
+    if len(res.rounds):
+        cap = f"Study {res.study}: drift monitors by round (round k: the model trained k times) and the collapse flag"
+        paths += write_table(res.rounds, out_dir / "rounds", rounds_display(res.rounds), cap)
     paths.append(atomic_write_text(out_dir / "missing.md", missing_markdown(res)))
     # A table this study no longer produces (no baseline any more, one seed, ...) must not stay behind looking
     # current: its files from an earlier run of 07 go.

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from selftrain import drift
+from selftrain.config import EmbedderConfig, RunConfig
 from selftrain.data import run_prompt_set
 from selftrain.inference import prompt_token_counter
 from selftrain.io import (
@@ -30,6 +32,7 @@ from selftrain.models import resolve_model_path
 from selftrain.plotting import plt
 from selftrain.runs import Run
 from selftrain.schema import CONTROLS, DECISIONS
+from selftrain.select.similarity import chrf_sim, cosine_sim, embedder_embeddings
 from selftrain.select.utilities import UTILITIES, Pools
 
 STAGE = "select"
@@ -230,7 +233,9 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         return pd.DataFrame(read_jsonl(table_file))
     cand_file = run.data_dir / "candidates.jsonl"
     run.require("generate")
-    with run.stage(STAGE, inputs=[cand_file]) as info:
+    # rounds.start m0: round r trains on rounds 1..r-1's data again with its own (from M0), so they are inputs too
+    earlier = {name: run.earlier_rounds(name) for name in ("sft.jsonl", "dpo.jsonl")}
+    with run.stage(STAGE, inputs=[cand_file, *(p for _, p in earlier.values() if p is not None)]) as info:
         # The prompts stage 01 generated for: the same loading and context guard.
         folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
         prompts = run_prompt_set(cfg, prompt_token_counter(folder))[0]
@@ -252,6 +257,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             cfg.seed, sim,
         )  # fmt: skip
         rows, sft, dpo, identical = _records(prompts, texts, sel)
+        sft, dpo = earlier["sft.jsonl"][0] + sft, earlier["dpo.jsonl"][0] + dpo
         outputs = [
             write_jsonl(table_file, rows),
             write_jsonl(run.data_dir / "sft.jsonl", sft),
@@ -263,11 +269,28 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         metrics["utility"] = utility
         metrics.update(scored.metrics)
         metrics["pool_candidates"] = n
+        if cfg.round is not None:  # study.rounds: the drift monitors of this round's candidates
+            metrics["drift"] = pool_drift(cfg, texts, valid, sel, progress)
+            before = {"sft_examples": len(earlier["sft.jsonl"][0]), "dpo_pairs": len(earlier["dpo.jsonl"][0])}
+            metrics["earlier_rounds"] = before  # rounds.start m0: what of sft_examples / dpo_pairs came before
         outputs.append(write_json(run.metrics_dir / "select.json", metrics))
         run.save_figure(plot_selection(df, cfg.selection.method, utility), "select_overview")
         info["outputs"] = outputs
         info["metrics"] = {k: metrics[k] for k in ("sft_examples", "dpo_pairs", "dpo_skipped_identical")}
     return df
+
+
+def pool_drift(
+    cfg: RunConfig, texts: list[list[str]], valid: np.ndarray, sel: dict[str, np.ndarray], progress: bool = False
+) -> dict[str, Any]:
+    """Diversity of a round's candidates and the margin of its selected ones (selftrain.drift): cosines under the
+    embedded WordLlama embedder whatever `selection.utility` is (one fixed geometry across rounds), sentence chrF."""
+    emb, _ = embedder_embeddings(texts, EmbedderConfig(), cfg.output.cache_dir, progress)
+    n = valid.shape[1]
+    monitors = drift.pool_monitors(
+        texts, valid, cosine_sim(emb), chrf_sim(texts, progress), sel["centrality"][:, :n], sel["target"]
+    )
+    return {"embedder": EmbedderConfig().path, **monitors}
 
 
 def _records(prompts: list[dict], texts: list[list[str]], sel: dict[str, np.ndarray]) -> tuple[list, list, list, int]:

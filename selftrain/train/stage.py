@@ -24,7 +24,6 @@ from selftrain import plan
 from selftrain.config import RunConfig, check_trainer_keys
 from selftrain.inference import cpu_has_bf16
 from selftrain.io import follow_umask, read_jsonl, sha256_file, write_json
-from selftrain.models import resolve_model_path
 from selftrain.plotting import plt
 from selftrain.runs import Run
 from selftrain.schema import read_log
@@ -254,7 +253,9 @@ def train_stage(run: Run, kind: str, callbacks: list[Any] | None = None, progres
                 f"{data_file}: no {'examples' if kind == 'sft' else 'preference pairs'} to train on "
                 f"(method '{cfg.selection.method}' kept none; see metrics/select.json)"
             )
-        start = run.final_model() if kind == "dpo" else resolve_model_path(cfg.model.path, cfg.output.cache_dir)
+        # DPO starts from (and is referenced to) the SFT model of this run, else the run's starting model (M0; in a
+        # round the previous round's final model, or M0 under rounds.start m0): TRL's reference is that start.
+        start = run.final_model() if kind == "dpo" else run.start_model()
         base = checkpoints_dir(run, stage)
         if cfg.training.launch:
             if callbacks:
