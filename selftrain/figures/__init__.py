@@ -26,7 +26,7 @@ __all__ = [
     "plot_sweep", "plot_training", "rounds_table", "to_latex", "to_markdown", "views", "write_tables",
 ]  # fmt: skip
 
-PLOTS = {**_BASE_PLOTS, "paired": plot_paired, "length": plot_length, "rounds": plot_rounds}
+PLOTS = {**_BASE_PLOTS, "paired": plot_paired, "length": plot_length}
 
 
 def make_figures(
@@ -41,7 +41,7 @@ def make_figures(
     res = collect(study_folder(results_dir, study), spec_path, study_file)
     res.paired, res.lengths, res.controls = paired_table(res), length_table(res), controls_table(res)
     res.rounds = rounds_table(res)
-    for name, plot in PLOTS.items():
+    for name, plot in {**PLOTS, "rounds": plot_rounds}.items():  # rounds: only for a study with rounds
         fig = plot(res)
         if fig is not None:  # the sweep figure exists only for a study with sweep axes
             res.figures += save_figure(fig, res.study_dir / "figures" / name)
