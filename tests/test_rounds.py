@@ -272,6 +272,7 @@ def test_rounds_table_reads_each_model_from_its_two_runs(tmp_path: Path) -> None
     # M_1: distinct-2 0.3 < 0.5 x 0.8, quality 1.9 within 2.0 - 2.83 x 0.1; M_2: both below
     assert t["collapse"].iloc[0] == "" and t["collapse"].iloc[1].startswith("distinct_2 0.3 ")
     assert "quality" not in t["collapse"].iloc[1] and "quality 1.20" in t["collapse"].iloc[2]
+    assert list(t["quality_floor"]) == pytest.approx([2.0 - BAND * 0.1] * 3)
     assert set(res.table["sweep"]) == {"", "round=1", "round=2"}  # the closing generation is no results row
     assert list(plain_rows(res.table)["sweep"]) == ["", "round=2"]  # the bars: baseline and each last round
     assert (study / "tables" / "rounds.csv").is_file() and (study / "figures" / "rounds.png").is_file()

@@ -56,7 +56,7 @@ DIVERSITY = {
 ROUNDS_COLUMNS = [
     *("model", "method", "sweep", "seed", "round"),
     *MONITORS,
-    *("overall_ci_low", "overall_ci_high", "candidates_from", "scores_from", "collapse"),
+    *("overall_ci_low", "overall_ci_high", "quality_floor", "candidates_from", "scores_from", "collapse"),
 ]
 BAND = 2 * math.sqrt(2)
 
@@ -128,7 +128,9 @@ def rounds_table(res: StudyResults) -> pd.DataFrame:
             rows.append(row)
     df = pd.DataFrame(rows).reindex(columns=ROUNDS_COLUMNS)
     if len(df):
-        df["collapse"] = collapse_flags(df, {key: _params(chain[min(chain)]) for key, chain in chains.items()})
+        df["collapse"], df["quality_floor"] = _assess(
+            df, {key: _params(chain[min(chain)]) for key, chain in chains.items()}
+        )
     return df
 
 
@@ -145,7 +147,14 @@ def quality_spread(df: pd.DataFrame, rounds_params: dict[str, Any]) -> float:
 def collapse_flags(df: pd.DataFrame, params: dict[tuple[str, str, str, int | None], dict[str, Any]]) -> list[str]:
     """The collapse flag of every row of a rounds table (in its row order): '' where nothing tripped, else each
     monitor that did, with its value and its bound. params: each chain's params (their `rounds` section)."""
-    flags = [""] * len(df)
+    return _assess(df, params)[0]
+
+
+def _assess(
+    df: pd.DataFrame, params: dict[tuple[str, str, str, int | None], dict[str, Any]]
+) -> tuple[list[str], list[float]]:
+    """(collapse flags, quality floors: round 0's quality - 2*sqrt(2)*sd, NaN without a spread) of every row."""
+    flags, floors = [""] * len(df), [math.nan] * len(df)
     seeds_of = df.groupby(["model", "method", "sweep"], dropna=False)
     for (model, method, rest), group in seeds_of:
         for seed, chain in group.groupby(group["seed"].fillna(-1)):
@@ -157,6 +166,8 @@ def collapse_flags(df: pd.DataFrame, params: dict[tuple[str, str, str, int | Non
             if not len(zero):
                 continue
             z = zero.iloc[0]
+            for i in chain.index:
+                floors[df.index.get_loc(i)] = _num(z["overall"]) - BAND * sd
             for i, r in chain[chain["round"] > 0].iterrows():
                 hits = []
                 for m, div in DIVERSITY.items():
@@ -167,12 +178,12 @@ def collapse_flags(df: pd.DataFrame, params: dict[tuple[str, str, str, int | Non
                 if not (math.isnan(q0) or math.isnan(q) or math.isnan(sd)) and q < q0 - BAND * sd:
                     hits.append(f"quality {q:.2f} < round 0's {q0:.2f} - {BAND:.2f} x sd {sd:.2f}")
                 flags[df.index.get_loc(i)] = "; ".join(hits)
-    return flags
+    return flags, floors
 
 
 def rounds_display(df: pd.DataFrame) -> pd.DataFrame:
     """The rounds table for Markdown / LaTeX: the monitors, quality with its interval, the flag."""
-    out = df.drop(columns=["candidates_from", "scores_from", "overall_ci_low", "overall_ci_high"])
+    out = df.drop(columns=["candidates_from", "scores_from", "overall_ci_low", "overall_ci_high", "quality_floor"])
     if not df["sweep"].fillna("").astype(bool).any():
         out = out.drop(columns=["sweep"])
     if df["seed"].isna().all():
@@ -182,7 +193,8 @@ def rounds_display(df: pd.DataFrame) -> pd.DataFrame:
 
 def plot_rounds(res: StudyResults) -> Any:
     """Each monitor against the round (0 = the original model), a line per (model, method) (the mean over seeds,
-    bars: their sd); rounds with a collapse flag ringed in red. None for a study without rounds."""
+    bars: their sd); rounds with a collapse flag ringed in red, the quality floor of the flag dotted. None for a study
+    without rounds."""
     df = res.rounds
     if not len(df):
         return None
@@ -201,6 +213,9 @@ def plot_rounds(res: StudyResults) -> Any:
             ax.errorbar(agg.index, ys, yerr=err, **style)
             hit = d[d["collapse"].fillna("").astype(bool)].groupby("round")[name].mean()
             ax.scatter(hit.index, hit.values, s=60, facecolors="none", edgecolors="red", zorder=3)
+            floor = d["quality_floor"].mean()
+            if name == "overall" and np.isfinite(floor):  # below it, quality counts as collapsed
+                ax.axhline(floor, color=COLORS.get(method), ls=":", lw=0.8)
         ax.set_title(MONITORS[name], fontsize=8)
         ax.set_xlabel("round", fontsize=7)
         ax.tick_params(labelsize=7)
