@@ -378,7 +378,7 @@ def test_slurm_chains_the_rounds(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert out.stdout.split()[-3:] == ["central", "--rounds", "2"], out.stdout + out.stderr
     plain = render(str(_study(tmp_path, "pl")))
-    assert "round" not in plain["cells.sbatch"] and "aftercorr" not in plain["submit.sh"]
+    assert "--rounds" not in plain["cells.sbatch"] and "aftercorr" not in plain["submit.sh"]
     sharded = _study(tmp_path, "sh", {"eval": {"shards": 2}}, rounds=2)
     with pytest.raises(ConfigError, match="sharded judge / eval"):
         render(str(sharded))
