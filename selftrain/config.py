@@ -544,6 +544,17 @@ def load_eval_protocol(name: str, path: str | Path | None = None) -> EvalProtoco
     return spec
 
 
+class SampledEvalConfig(_Section):
+    k: int = Field(
+        0,
+        ge=0,
+        description="Sampled answers per benchmark item beside the greedy one (0: none), each scored by exact match "
+        "(eval_predictions.jsonl: sampled_predictions, sampled_exact = the share of the k that are right). They are "
+        "drawn at the judge stage's answer sampling (judge.answers: temperature, top_p, seed, seeding), the sampling "
+        "the judge sees; own protocol only, unsharded.",
+    )
+
+
 class EvalConfig(_Section):
     protocol: Literal["own", "llm-jp-eval-1.3", "llm-jp-eval-1.4", "llm-jp-eval-2"] = Field(
         "own",
@@ -566,6 +577,13 @@ class EvalConfig(_Section):
     num_few_shots: int = Field(4, ge=0, description="Few-shot examples per prompt (own protocol; llm-jp-eval: 4).")
     max_samples: int | None = Field(100, gt=0, description="Samples per dataset (llm-jp-eval: 100); null: all.")
     chat_template: bool = Field(False, description="Wrap the prompt in the model's chat template (llm-jp-eval: no).")
+    chat_layout: Literal["one-turn", "turns"] = Field(
+        "one-turn",
+        description="With chat_template: one-turn = the whole prompt (preamble, markers, few-shots) as one user turn; "
+        "turns = the instruction as the system turn, each few-shot as a user turn (its input) and an assistant turn "
+        "(its answer), the sample's input as the last user turn: how a small chat model is shown a short-answer "
+        "format (own protocol only; preamble and markers unused).",
+    )
     preamble: str = Field(
         "The following is an instruction describing a task, together with an input that gives context. "
         "Write a response that fulfils the request.",
@@ -601,6 +619,32 @@ class EvalConfig(_Section):
         description="Where COMET (comet_wmt22) runs: protocol = as the llm-jp-eval version does (v1.3: the CPU; "
         "own: auto); cpu; auto = a GPU when there is one. Recorded in eval.json.",
     )
+
+    sampled: SampledEvalConfig = Field(
+        default_factory=SampledEvalConfig,
+        description="Exact match on k sampled answers per item at the judge's answer sampling (the positive "
+        "control's measure of how sharp the model's sampled answers are); k = 0: greedy answers only.",
+    )
+
+    @model_validator(mode="after")
+    def _chat_layout(self) -> EvalConfig:
+        if self.chat_layout == "turns" and not (self.chat_template and self.protocol == "own"):
+            raise ValueError(
+                "eval.chat_layout turns needs eval.chat_template true and eval.protocol own (an llm-jp-eval protocol "
+                "asks its version's one prompt)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sampled(self) -> EvalConfig:
+        if self.sampled.k and self.protocol != "own":
+            raise ValueError(
+                f"eval.sampled.k runs under eval.protocol own only (an llm-jp-eval protocol scores what its version "
+                f"scores), got protocol {self.protocol}"
+            )
+        if self.sampled.k and self.shards > 1:
+            raise ValueError("eval.sampled.k is not sharded: set eval.shards to 1 (or eval.sampled.k to 0)")
+        return self
 
     @model_validator(mode="after")
     def _protocol_needs_checkout(self) -> EvalConfig:

@@ -240,6 +240,9 @@ class EvalMetrics(TypedDict, total=False):
     generated_tokens: int
     generation_seconds: float
     samples_per_second: float | None
+    # eval.sampled.k > 0 only: k, the judge.answers sampling, exact (mean over items of the share of k right answers),
+    # greedy_exact, datasets {name: exact}, items, generation_seconds
+    sampled: dict[str, Any]
     seconds: float
 
 

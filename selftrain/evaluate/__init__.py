@@ -6,7 +6,7 @@ The names a notebook or a test needs are re-exported here.
 """
 
 from selftrain.evaluate.datasets import Dataset, dataset_paths, load_dataset, load_datasets
-from selftrain.evaluate.prompts import build_prompt, fit_prompt
+from selftrain.evaluate.prompts import build_prompt, chat_turns, fit_prompt
 from selftrain.evaluate.scoring import aggregate, score_dataset
 from selftrain.evaluate.stage import (
     STAGE,
@@ -20,7 +20,7 @@ from selftrain.evaluate.stage import (
 )
 
 __all__ = [
-    "STAGE", "Dataset", "aggregate", "build_prompt", "category_table", "dataset_paths", "errors_table", "evaluate",
-    "fit_prompt", "load_dataset", "load_datasets", "plot_categories", "predictions_table", "run", "run_shard",
-    "score_dataset",
+    "STAGE", "Dataset", "aggregate", "build_prompt", "category_table", "chat_turns", "dataset_paths", "errors_table",
+    "evaluate", "fit_prompt", "load_dataset", "load_datasets", "plot_categories", "predictions_table", "run",
+    "run_shard", "score_dataset",
 ]  # fmt: skip

@@ -23,6 +23,15 @@ def build_prompt(
     return text + f"\n\n{markers.input}\n{input_text}\n\n{markers.response}\n"
 
 
+def chat_turns(instruction: str, few_shots: Sequence[Mapping[str, str]], input_text: str) -> list[dict[str, str]]:
+    """eval.chat_layout turns: the instruction as the system turn, each few-shot as a user turn and the assistant's
+    answer, then the input as the last user turn (a chat model answers it as the few-shots were answered)."""
+    turns = [{"role": "system", "content": instruction}]
+    for shot in few_shots:
+        turns += [{"role": "user", "content": shot["input"]}, {"role": "assistant", "content": shot["output"]}]
+    return [*turns, {"role": "user", "content": input_text}]
+
+
 def fit_prompt(
     render: Callable[[Sequence[Mapping[str, str]]], str],
     shots: Sequence[Mapping[str, str]],
@@ -47,13 +56,14 @@ def fit_prompt(
         k -= 1
 
 
-def token_counter(tok: Any, chat: bool) -> Callable[[str], int]:
+def token_counter(tok: Any, chat: bool) -> Callable[[Any], int]:
+    """Tokens of a prompt as the backend will see it: a string (plain, or one user turn through the chat template),
+    or a list of chat turns (eval.chat_layout turns)."""
     if chat:
 
-        def count(prompt: str) -> int:
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
+        def count(prompt: str | list[dict[str, str]]) -> int:
+            turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
             return len(tok(text, add_special_tokens=False)["input_ids"])
 
         return count

@@ -8,11 +8,13 @@ asked with llm-jp-eval v1.3.0's prompt layout::
     (\\n\\n{input marker}\\n{few-shot input}\\n\\n{response marker}\\n{few-shot output}) x k
     \\n\\n{input marker}\\n{input}\\n\\n{response marker}\\n
 
-decoded greedily up to ``output_length`` new tokens, and scored with :mod:`selftrain.evaluate.metrics` (llm-jp-eval's
-definitions). A dataset's score is its main metric (the first metric its file lists that we implement;
-BLEU rescaled from 0-100 to 0-1), a category's score the mean over its datasets, AVG the mean over the
-categories (``eval.categories`` / ``eval.avg_excludes``). A malformed dataset file is reported with its path
-and field in ``metrics/eval.json`` and the other datasets still run.
+or, with ``eval.chat_layout: turns`` (own protocol), as chat turns (the instruction as the system turn, each few-shot
+a user and an assistant turn, the input the last user turn); decoded greedily up to ``output_length`` new tokens
+(with ``eval.sampled.k``, also k answers sampled as the judge samples its answers), and scored with
+:mod:`selftrain.evaluate.metrics` (llm-jp-eval's definitions). A dataset's score is its main metric (the first
+metric its file lists that we implement; BLEU rescaled from 0-100 to 0-1), a category's score the mean over its
+datasets, AVG the mean over the categories (``eval.categories`` / ``eval.avg_excludes``). A malformed dataset file is
+reported with its path and field in ``metrics/eval.json`` and the other datasets still run.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from typing import Any
 
 import pandas as pd
 
-from selftrain.config import EvalConfig, GenerationConfig, ModelConfig, RunConfig
+from selftrain.config import EvalConfig, GenerationConfig, ModelConfig, RunConfig, SamplingConfig
 from selftrain.evaluate.datasets import Dataset, dataset_paths, load_datasets
-from selftrain.evaluate.prompts import bos_prefix, fit_prompt, token_counter
+from selftrain.evaluate.prompts import bos_prefix, chat_turns, fit_prompt, token_counter
 from selftrain.evaluate.protocols import Protocol, ProtocolError, load_protocol
 from selftrain.evaluate.scoring import aggregate, category_of, score_dataset
 from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend
@@ -87,19 +89,25 @@ def plan_predictions(
     jobs: list[dict[str, Any]] = []
     examples: dict[str, str] = {}
     wanted: dict[str, int] = {}
+    turns = cfg.chat_layout == "turns"  # validated: chat template, own protocol
     for ds in datasets:
         shots = protocol.few_shots(ds)
         wanted[ds.name] = len(shots)
         for i, s in enumerate(ds.samples[: cfg.max_samples]):
             prompt, k, fits = fit_prompt(
-                lambda sh, ds=ds, s=s: protocol.prompt(ds, sh, s["input"]),
+                (lambda sh, ds=ds, s=s: chat_turns(ds.instruction, sh, s["input"]))
+                if turns
+                else (lambda sh, ds=ds, s=s: protocol.prompt(ds, sh, s["input"])),
                 shots,
                 protocol.max_new_tokens(ds),
                 count,
                 model_cfg.max_model_len,
                 shorten=protocol.own,
             )
-            examples.setdefault(ds.name, prompt)
+            if ds.name not in examples:  # eval.json shows one prompt per dataset, as text
+                examples[ds.name] = (
+                    tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if turns else prompt
+                )
             jobs.append({"ds": ds, "index": i, "sample": s, "prompt": prompt, "few_shots": k, "fits": fits})
     todo = [j for j in jobs if j["fits"]]
     if backend == "transformers":
@@ -112,7 +120,7 @@ def plan_predictions(
         max_new_tokens=max(caps, default=1), seed=seed, batch_size=cfg.batch_size,
     )  # fmt: skip
     inputs: list[Any] = (
-        [[{"role": "user", "content": j["prompt"]}] for j in todo]
+        [j["prompt"] if turns else [{"role": "user", "content": j["prompt"]}] for j in todo]
         if cfg.chat_template
         else [bos + j["prompt"] for j in todo]
     )
@@ -170,11 +178,13 @@ def evaluate(
     progress: bool = True,
     protocol: Protocol | None = None,
     cache_dir: str | Path | None = None,
+    sampling: SamplingConfig | None = None,
 ) -> tuple[list[dict[str, Any]], pd.DataFrame, dict[str, Any]]:
     """Ask every sample of every dataset in one backend call (the model is loaded once) and score them as the
     protocol says (default: the config's own). With eval.shards > 1 the prompts are answered shard by shard under
     `cache_dir` (shards already made by `selftrain shard --stage eval` are used); the caller removes them once its
-    outputs are written (facts["shard_folder"]).
+    outputs are written (facts["shard_folder"]). With eval.sampled.k > 0, a second call draws k answers per prompt
+    at `sampling` (the judge's answer sampling: temperature, top_p, seed, seeding), each scored by exact match.
 
     Returns (per-sample prediction records, per-dataset score table, run facts: timings, prompt examples).
     """
@@ -196,6 +206,21 @@ def evaluate(
     seconds = time.perf_counter() - t0
     for j, o in zip(todo, sorted(outs, key=lambda r: r["prompt_index"]), strict=True):
         j["out"] = o
+    k = cfg.sampled.k
+    sampled_seconds = 0.0
+    if k and todo:
+        if sampling is None:
+            raise ValueError("eval.sampled.k > 0 needs the answer sampling (judge.answers) to draw with")
+        t1 = time.perf_counter()
+        gen = GenerationConfig(
+            backend=backend, n=k, temperature=sampling.temperature, top_p=sampling.top_p,
+            max_new_tokens=max(p.caps), seed=sampling.seed, seeding=sampling.seeding, batch_size=cfg.batch_size,
+        )  # fmt: skip
+        drawn = generate_candidates(folder, model_cfg, gen, p.inputs, backend, progress, chat=p.chat,
+                                    max_new_tokens=p.caps, add_special_tokens=p.add_bos)  # fmt: skip
+        sampled_seconds = time.perf_counter() - t1
+        for r in sorted(drawn, key=lambda r: (r["prompt_index"], r["candidate_index"])):
+            todo[r["prompt_index"]].setdefault("sampled", []).append(r["text"])
     records = []
     for j in jobs:
         ds, s, o = j["ds"], j["sample"], j.get("out")
@@ -216,6 +241,10 @@ def evaluate(
                 "num_tokens": o["num_tokens"] if o else 0,
             }
         )
+        if k:  # a prompt too long for the model: k empty answers
+            preds = [protocol.extract(ds, t) for t in j.get("sampled", [""] * k)]
+            records[-1]["sampled_predictions"] = preds
+            records[-1]["sampled_exact"] = sum(x == gold for x in preds) / k
     rows = []
     for ds in datasets:
         recs = [r for r in records if r["dataset"] == ds.name]
@@ -234,6 +263,8 @@ def evaluate(
         row["few_shots_wanted"] = wanted[ds.name]
         row["shortened"] = sum(r["few_shots"] < wanted[ds.name] for r in recs)
         row["too_long"] = sum(r["finish_reason"] == "too_long" for r in recs)
+        if k:
+            row["sampled_exact"] = sum(r["sampled_exact"] for r in recs) / len(recs) if recs else None
         rows.append(row)
     facts = {
         "samples": len(records),
@@ -247,7 +278,31 @@ def evaluate(
         "prompt_examples": p.examples,
         "decoding": p.decoding,
     }
+    if k:
+        facts["sampled"] = sampled_summary(records, cfg, sampling, sampled_seconds)
     return records, pd.DataFrame(rows), facts
+
+
+def sampled_summary(
+    records: list[dict[str, Any]], cfg: EvalConfig, sampling: SamplingConfig | None, seconds: float
+) -> dict[str, Any]:
+    """eval.json's `sampled` block: how the k answers were drawn, and exact match as the mean over items of the
+    greedy answer (`greedy_exact`) and of the k sampled ones (`exact`), overall and per dataset."""
+
+    def mean(values: list[float]) -> float | None:
+        return round(sum(values) / len(values), 6) if values else None
+
+    names = list(dict.fromkeys(r["dataset"] for r in records))
+    return {
+        "k": cfg.sampled.k,
+        "source": "judge.answers",
+        **({k: getattr(sampling, k) for k in ("temperature", "top_p", "seed", "seeding")} if sampling else {}),
+        "items": len(records),
+        "exact": mean([r["sampled_exact"] for r in records]),
+        "greedy_exact": mean([float(r["exact"]) for r in records]),
+        "datasets": {n: mean([r["sampled_exact"] for r in records if r["dataset"] == n]) for n in names},
+        "generation_seconds": round(seconds, 2),
+    }
 
 
 def _score_columns(df: pd.DataFrame, categories: Mapping[str, Sequence[str]]) -> pd.DataFrame:
@@ -288,8 +343,9 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         backend = pick_backend(ev.backend)
         info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, backend), "backend": backend}
         records, table, facts = evaluate(
-            folder, cfg.model, ev, datasets, backend, cfg.seed, progress, protocol, cfg.output.cache_dir
-        )
+            folder, cfg.model, ev, datasets, backend, cfg.seed, progress, protocol, cfg.output.cache_dir,
+            cfg.judge.answers if ev.sampled.k else None,
+        )  # fmt: skip
         shard_folder = facts.pop("shard_folder")
         categories = protocol.category_names()
         rows = table.to_dict(orient="records")
@@ -347,6 +403,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
             "samples_per_second": facts["samples_per_second"],
             "datasets": len(datasets),
             "errors": len(errors),
+            **({"sampled_exact": facts["sampled"]["exact"]} if "sampled" in facts else {}),
         }
     return saved
 
