@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -1225,9 +1226,45 @@ def validate_params_file(path: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------- figures spec
 
 
+# The paired metrics stage 07 compares (selftrain.figures.paired.METRICS): judge quality (overall) and safety per
+# item (1-5), benchmark exact match per sample (0/1) and the share of its k sampled answers that are right (0-1).
+PairedMetric = Literal["quality", "safety", "eval_exact", "eval_sampled"]
+
+
+DEFAULT_DIFFERENCE: dict[str, float] = {"quality": 0.25, "safety": 0.25, "eval_exact": 0.05, "eval_sampled": 0.05}
+
+
+class FiguresPower(_Section):
+    difference: dict[PairedMetric, float] = Field(
+        default_factory=lambda: dict(DEFAULT_DIFFERENCE),
+        description="The difference each paired comparison should be able to detect, per metric, in the metric's "
+        "units: tables/power gives the items and seeds it needs. Metrics left out keep the defaults (judge scores "
+        "1-5: 0.25; exact-match shares 0-1: 0.05).",
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="Family-wise level Holm's correction keeps (paired tables).")
+    power: float = Field(0.8, gt=0, lt=1, description="Power the minimum detectable difference and sizes are read at.")
+
+    @field_validator("difference")
+    @classmethod
+    def _named(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if not x > 0}
+        if bad:
+            raise ValueError(f"differences must be above 0, got {bad}")
+        return {**DEFAULT_DIFFERENCE, **v}
+
+    @model_validator(mode="after")
+    def _levels(self) -> FiguresPower:
+        if self.power <= self.alpha:
+            raise ValueError(f"figures.power.power ({self.power}) must exceed figures.power.alpha ({self.alpha})")
+        return self
+
+
 class FiguresPins(_Section):
     pins: dict[str, str] = Field(
         default_factory=dict, description="'model/method' -> run version (v001, ...) that stage 07 shows."
+    )
+    power: FiguresPower = Field(
+        default_factory=FiguresPower, description="Power of the paired comparisons (tables/power)."
     )
 
 
@@ -1235,6 +1272,17 @@ class FiguresSpec(_Section):
     """``params/figures/<study>.yaml``: which run version of each (model, method) the study's figures use."""
 
     figures: FiguresPins = Field(default_factory=FiguresPins, description="Stage 07 settings.")
+
+
+def load_figures_power(path: str | Path | None) -> FiguresPower:
+    """A figures spec's `figures.power` (the defaults without a spec); errors name the file and the key."""
+    if path is None:
+        return FiguresPower()
+    path = Path(path)
+    data = load_yaml(path)
+    spec = _validate(FiguresSpec, data, {k: str(path) for k in _flatten(data, "")})
+    assert isinstance(spec, FiguresSpec)
+    return spec.figures.power
 
 
 def load_figures_spec(path: str | Path) -> dict[tuple[str, str], str]:

@@ -1,15 +1,25 @@
-"""Power of a paired comparison (selftrain.stats): the paired t power against statsmodels, and a known shift
-injected into synthetic paired scores detected at the stated rate (the t test and the project's own permutation
-test), Holm's levels."""
+"""Power of the paired comparisons: the paired t power against statsmodels, a known shift injected into synthetic
+paired scores detected at the stated rate (the t test and the project's own permutation test), Holm's levels,
+stage 07's tables/power on a study with seeds and sampled exact match, the figures spec's power settings and
+`python -m selftrain power` before a study runs."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
 from scipy import stats as sps
+from test_replicates import _run_folder
 
+from selftrain import figures
+from selftrain.cli import main
+from selftrain.config import ConfigError, load_figures_power
 from selftrain.stats import (
     holm,
     holm_levels,
@@ -130,3 +140,177 @@ def test_coarse_exact_match_is_detected_near_the_stated_rate_at_the_demos_size()
 
     rate, stated = _permutation_rate(ternary, 120, alpha, reps, rng)
     assert stated - 0.05 - _mc_band(stated, reps) <= rate <= stated + _mc_band(stated, reps), (rate, stated)
+
+
+# ------------------------------------------------------------------------------------------- stage 07
+
+
+def _run(study: Path, folder: str, quality: np.ndarray, exact: np.ndarray, sampled: np.ndarray | None) -> Path:
+    """A complete run folder (test_replicates' synthetic one) with per-item judge quality, benchmark exact match and
+    (optionally) the share of k sampled answers that are right."""
+    d = _run_folder(study, "m", folder, "v001", float(np.mean(quality)), 3.0, float(np.mean(exact)))
+    ev: dict = {"avg": float(np.mean(exact)), "categories": {"QA": {"score": float(np.mean(exact))}}, "datasets": {}}
+    if sampled is not None:
+        ev["sampled"] = {"k": 4, "exact": float(np.mean(sampled)), "greedy_exact": float(np.mean(exact))}
+    (d / "metrics" / "eval.json").write_text(json.dumps(ev))
+    items = [{"set": "quality", "id": f"q{i}", "answer": "x", "status": "ok", "scores": {"overall": float(v)}}
+             for i, v in enumerate(quality)]  # fmt: skip
+    (d / "data" / "judge_items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    preds = []
+    for i, e in enumerate(exact):
+        rec = {"dataset": "qa", "index": i, "exact": bool(e)}
+        if sampled is not None:
+            rec["sampled_exact"] = float(sampled[i])
+        preds.append(rec)
+    (d / "data" / "eval_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds))
+    return d
+
+
+def _study(root: Path, sampled: bool = True) -> tuple[Path, dict]:
+    """baseline, central (+0.5 quality, +0.25 sampled), random (+0.1), first (= baseline) at seeds 1234, 1, 2."""
+    rng = np.random.default_rng(5)
+    study = root / "results" / "pc"
+    n = 60
+    base_q, base_e = rng.integers(1, 6, n).astype(float), rng.integers(0, 2, n).astype(float)
+    base_s = rng.integers(0, 5, n) / 4
+    shift = {"baseline": (0.0, 0.0), "central": (0.5, 0.25), "random": (0.1, 0.05), "first": (0.0, 0.0)}
+    seed_shift = {"": 0.0, ".seed1": 0.05, ".seed2": -0.05}
+    made = {}
+    for method, (sq, ss) in shift.items():
+        for suffix, ds in seed_shift.items():
+            noise = 0.0 if method in ("baseline", "first") else 1.0
+            q = base_q + sq + ds + noise * rng.normal(0, 0.6, n)
+            s = np.clip(base_s + ss + ds + noise * rng.normal(0, 0.2, n), 0, 1) if sampled else None
+            made[method + suffix] = (q, s)
+            _run(study, method + suffix, q, base_e, s)
+    return study, made
+
+
+def test_power_table_of_a_study_with_seeds_and_sampled_exact(tmp_path: Path) -> None:
+    study, made = _study(tmp_path)
+    spec = tmp_path / "pc.yaml"
+    spec.write_text(yaml.safe_dump({"figures": {"power": {"difference": {"eval_sampled": 0.1}}}}))
+    res = figures.make_figures("pc", tmp_path / "results", spec_path=spec, verbose=False)
+    t = res.power
+    assert set(t["metric"]) == {"quality", "eval_exact", "eval_sampled"}  # no safety item: no row
+    assert set(res.paired["metric"]) == {*t["metric"], "safety"}  # eval_sampled is paired too, once a run has it
+    got = t.set_index(["versus", "method", "metric"])
+    # central minus baseline on the sampled share: the numbers from the items themselves.
+    diff = made["central"][1] - made["baseline"][1]
+    row = got.loc[("baseline", "central", "eval_sampled")]
+    assert row["items"] == 60 and row["observed"] == pytest.approx(diff.mean())
+    assert row["sd"] == pytest.approx(diff.std(ddof=1))
+    fam = res.paired[res.paired["metric"] == "eval_sampled"]
+    levels = dict(zip(fam["method"], holm_levels(list(fam["p"])), strict=True))
+    assert row["family"] == 3 and row["alpha"] == pytest.approx(levels["central"])
+    assert row["mdd"] == pytest.approx(min_detectable_difference(row["sd"], 60, row["alpha"]))
+    assert row["named"] == 0.1 and row["items_needed"] == items_needed(0.1, row["sd"], row["alpha"])
+    # Seeds: each seed's central run minus the baseline run at the same seed.
+    per_seed = [np.mean(made["central" + s][1] - made["baseline" + s][1]) for s in ("", ".seed1", ".seed2")]
+    assert row["seeds"] == 3 and row["seed_sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert row["seeds_needed"] == items_needed(0.1, row["seed_sd"], row["alpha"])
+    # The spec named only eval_sampled: the other metrics keep the defaults.
+    assert got.loc[("baseline", "central", "quality"), "named"] == 0.25
+    # Control arms against central: their own family of two.
+    ctl = got.loc["central"]
+    assert set(ctl.index.get_level_values("method")) == {"random", "first"} and (ctl["family"] == 2).all()
+    # No shift at all (first = baseline exactly): sd 0, nothing to read power from.
+    assert math.isnan(got.loc[("baseline", "first", "quality"), "mdd"])
+    tables = study / "tables"
+    for ext in ("csv", "md", "tex"):
+        assert (tables / f"power.{ext}").is_file()
+    back = pd.read_csv(tables / "power.csv")
+    assert len(back) == len(t) and back["alpha"].iloc[0] == pytest.approx(t["alpha"].iloc[0])
+    md = (tables / "results.md").read_text()
+    assert "## Power of the paired comparisons" in md and "eval_sampled" in md and "0.0125" not in md.split("##")[0]
+    assert res.table.set_index("method").loc["central", "eval_sampled_exact"] == pytest.approx(
+        np.mean([np.mean(made[f"central{s}"][1]) for s in ("", ".seed1", ".seed2")])
+    )
+
+
+def test_a_study_without_sampled_answers_keeps_its_tables(tmp_path: Path) -> None:
+    """No eval_sampled rows where no run drew sampled answers (the demo's tables stay as they were); a study with
+    neither a baseline nor central has no power table, and a stale one is removed."""
+    study, _ = _study(tmp_path, sampled=False)
+    res = figures.make_figures("pc", tmp_path / "results", verbose=False)
+    assert "eval_sampled" not in set(res.paired["metric"]) and "eval_sampled" not in set(res.power["metric"])
+    assert "eval_sampled_exact" not in res.table.columns
+    assert (study / "tables" / "power.csv").is_file()
+    for folder in ("baseline", "central", "baseline.seed1", "central.seed1", "baseline.seed2", "central.seed2"):
+        shutil.rmtree(study / "m" / folder)
+    res = figures.make_figures("pc", tmp_path / "results", verbose=False)
+    assert not len(res.power) and not (study / "tables" / "power.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("power", "needle"),
+    [
+        ({"difference": {"accuracy": 0.1}}, "figures.power.difference.accuracy"),
+        ({"difference": {"quality": -0.1}}, "differences must be above 0"),
+        ({"alpha": 0.9, "power": 0.8}, "must exceed"),
+        ({"powr": 0.9}, "unknown key 'figures.power.powr'"),
+    ],
+)
+def test_bad_power_settings_name_the_file_and_key(tmp_path: Path, power: dict, needle: str) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"figures": {"power": power}}))
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_figures_power(spec)
+    assert str(spec) in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+def _study_file(tmp_path: Path, **extra: object) -> Path:
+    f = tmp_path / "plan.yaml"
+    body = {"name": "plan", "models": ["tiny"], "methods": ["baseline", "central", "random", "first"],
+            "stages": ["generate", "select", "sft", "dpo", "eval"], "seeds": [1, 2, 3]}  # fmt: skip
+    f.write_text(yaml.safe_dump({"study": body, "eval": {"max_samples": 5, "sampled": {"k": 4}}, **extra}))
+    return f
+
+
+def test_power_command_from_given_sds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    f = _study_file(tmp_path)
+    assert main(["power", "--study", str(f), "--sd", "eval_exact=0.2", "eval_sampled=0.3", "--seed-sd",
+                 "eval_sampled=0.02", "--difference", "eval_sampled=0.1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    from selftrain.cli.power import plan_power
+
+    table, settings, _ = plan_power(f, sds={"eval_exact": 0.2, "eval_sampled": 0.3}, seed_sds={"eval_sampled": 0.02},
+                                    differences={"eval_sampled": 0.1})  # fmt: skip
+    # tiny's default benchmark: every dataset of data/eval/en, 5 samples each (eval.max_samples)
+    n = 5 * len(list((Path(__file__).resolve().parents[1] / "data" / "eval" / "en").glob("*.json")))
+    row = table.set_index(["versus", "method", "metric"]).loc[("baseline", "central", "eval_sampled")]
+    assert row["items"] == n and row["family"] == 3 and row["alpha"] == pytest.approx(0.05 / 3)
+    assert row["mdd"] == pytest.approx(min_detectable_difference(0.3, n, 0.05 / 3))
+    assert row["items_needed"] == items_needed(0.1, 0.3, 0.05 / 3) and row["seeds"] == 3
+    assert row["seeds_needed"] == items_needed(0.1, 0.02, 0.05 / 3)
+    ctl = table[table["versus"] == "central"]
+    assert set(ctl["method"]) == {"random", "first"} and (ctl["alpha"] == 0.025).all()
+    assert f"{row['mdd']:.3f}" in out and "Bonferroni" in out and "eval_sampled 0.1" in out
+
+
+def test_power_command_reads_a_pilot_and_refuses_what_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    study, _ = _study(tmp_path)
+    pilot = figures.make_figures("pc", tmp_path / "results", verbose=False).power
+    f = _study_file(tmp_path)
+    from selftrain.cli.power import plan_power
+
+    table, _, source = plan_power(f, pilot=study)
+    row = table.set_index(["versus", "method", "metric"]).loc[("baseline", "central", "eval_sampled")]
+    want = pilot.set_index(["versus", "method", "metric"]).loc[("baseline", "central", "eval_sampled")]
+    assert row["sd"] == pytest.approx(want["sd"]) and row["sd_from"] == "pilot: same comparison, other model"
+    assert row["seed_sd"] == pytest.approx(want["seed_sd"]) and str(study) in source
+    # Nothing to read the SDs from: one line naming what to give.
+    assert main(["power", "--study", str(f)]) == 2
+    assert "give --sd metric=value or --pilot" in capsys.readouterr().err
+    assert main(["power", "--study", str(f), "--sd", "eval_exact=-1", "nonsense=2"]) == 2
+    err = capsys.readouterr().err
+    assert "eval_exact=-1 nonsense=2" in err and err.count("\n") == 1
+    alone = tmp_path / "alone.yaml"
+    alone.write_text(yaml.safe_dump({"study": {"name": "a", "models": ["tiny"], "methods": ["central", "original"]}}))
+    assert main(["power", "--study", str(alone), "--sd", "quality=1"]) == 2
+    assert "no paired comparison" in capsys.readouterr().err

@@ -107,6 +107,18 @@ def parser() -> argparse.ArgumentParser:
     sl.add_argument("--time", default="24:00:00", help="time limit per task")
     sl.add_argument("--partition", help="Slurm partition")
     sl.add_argument("--dry-run", action="store_true", help="print the scripts instead of writing them")
+    pw = sub.add_parser(
+        "power", help="before a study runs: each paired comparison's minimum detectable difference and the items and "
+        "seeds a named difference needs (stage 07's tables/power), from a pilot's results or given SDs",
+    )  # fmt: skip
+    pw.add_argument("--study", required=True, help="study YAML, e.g. params/studies/positive-control.yaml")
+    pw.add_argument("--pilot", help="a study folder with results to read the SDs from (default: results/<study>)")
+    metric = "METRIC=VALUE"
+    pw.add_argument("--sd", nargs="+", metavar=metric, help="SD of the per-item differences, e.g. eval_sampled=0.3")
+    pw.add_argument("--seed-sd", nargs="+", metavar=metric, help="SD across seeds of the per-seed mean difference")
+    pw.add_argument("--difference", nargs="+", metavar=metric,
+                    help="the difference to detect (default: figures.power.difference), e.g. quality=0.3")  # fmt: skip
+    pw.add_argument("--items", nargs="+", metavar="METRIC=N", help="items per comparison (default: the study's params)")
     i = sub.add_parser("index", help="rewrite a study's README index from its run folders")
     i.add_argument("--study-dir", required=True, help="e.g. results/demo")
     k = sub.add_parser("clean", help="list and free checkpoints and caches no run references")
@@ -203,6 +215,14 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_power(args: argparse.Namespace) -> int:
+    from selftrain.cli.power import power_lines
+
+    for line in power_lines(args):
+        print(line)
+    return 0
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from selftrain.report import write_study_index
 
@@ -227,6 +247,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "shard": cmd_shard, "check": cmd_check, "convert": cmd_convert, "figures": cmd_figures,
     "compare": cmd_compare, "plan": cmd_plan, "slurm": cmd_slurm, "index": cmd_index, "clean": cmd_clean,
+    "power": cmd_power,
 }  # fmt: skip
 
 

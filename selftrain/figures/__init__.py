@@ -2,8 +2,9 @@
 
 Modules: ``collect`` (run folders -> tables, with version pins and missing runs), ``plots`` (figures),
 ``tables`` (CSV, Markdown, LaTeX), ``paired`` (each method minus the baseline on shared items, answer length),
-``rounds`` (a study with rounds: drift monitors by round, the collapse flag),
-``compare`` (fresh runs against a reference). :func:`make_figures` runs them and refreshes the study index.
+``rounds`` (a study with rounds: drift monitors by round, the collapse flag), ``power`` (what each paired comparison
+could detect), ``compare`` (fresh runs against a reference). :func:`make_figures` runs them and refreshes the study
+index.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from selftrain.figures.collect import StudyResults, collect
 from selftrain.figures.paired import controls_table, length_table, paired_table, plot_length, plot_paired
 from selftrain.figures.plots import PLOTS as _BASE_PLOTS
 from selftrain.figures.plots import plot_eval, plot_judge, plot_selection, plot_sweep, plot_training
+from selftrain.figures.power import power_table
 from selftrain.figures.rounds import plot_rounds, rounds_table
 from selftrain.figures.tables import main_display, to_latex, to_markdown, views, write_tables
 from selftrain.paths import study_folder
@@ -23,7 +25,7 @@ from selftrain.report import write_study_index
 __all__ = [
     "PLOTS", "StudyResults", "collect", "controls_table", "length_table", "main_display", "make_figures",
     "paired_table", "plot_eval", "plot_judge", "plot_length", "plot_paired", "plot_rounds", "plot_selection",
-    "plot_sweep", "plot_training", "rounds_table", "to_latex", "to_markdown", "views", "write_tables",
+    "plot_sweep", "plot_training", "power_table", "rounds_table", "to_latex", "to_markdown", "views", "write_tables",
 ]  # fmt: skip
 
 PLOTS = {**_BASE_PLOTS, "paired": plot_paired, "length": plot_length}
@@ -40,6 +42,7 @@ def make_figures(
     be a folder name and its folder one where results may be written (paths.study_folder), or nothing is written."""
     res = collect(study_folder(results_dir, study), spec_path, study_file)
     res.paired, res.lengths, res.controls = paired_table(res), length_table(res), controls_table(res)
+    res.power = power_table(res)
     res.rounds = rounds_table(res)
     for name, plot in {**PLOTS, "rounds": plot_rounds}.items():  # rounds: only for a study with rounds
         fig = plot(res)

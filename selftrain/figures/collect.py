@@ -63,10 +63,12 @@ SELECTION_COLUMNS = [
     "model", "method", "version", "prompts", *DECISIONS, "dropped_share", "replaced_share",
     "original_low_share", "original_rank_mean", "pool_size", "sft_examples", "dpo_pairs",
 ]  # fmt: skip
-TEXT_COLUMNS = {"model", "method", "version", "state", "set", "criterion", "what", "hardware", "metric", "sweep"}
-COUNT_COLUMNS = {"n", "prompts", *DECISIONS, "pool_size", "sft_examples", "dpo_pairs", "seeds", "seed", "items"} | {
+TEXT_COLUMNS = {"model", "method", "version", "state", "set", "criterion", "what", "hardware", "metric", "sweep",
+                "versus"}  # fmt: skip
+COUNT_COLUMNS = {"n", "prompts", *DECISIONS, "pool_size", "sft_examples", "dpo_pairs", "seeds", "seed", "items",
+                 "family", "items_needed", "seeds_needed"} | {
     "round"  # the rounds table (figures/rounds.py)
-}
+}  # fmt: skip
 
 
 @dataclass
@@ -94,6 +96,7 @@ class StudyResults:
     # of the results tables, and the rounds table (figures/rounds.py).
     closing: dict[tuple[str, str], Path] = field(default_factory=dict)
     rounds: pd.DataFrame = field(default_factory=pd.DataFrame)
+    power: pd.DataFrame = field(default_factory=pd.DataFrame)  # each paired comparison's power (power.py)
     figures: list[Path] = field(default_factory=list)
     tables: list[Path] = field(default_factory=list)
     index: Path | None = None  # the refreshed study README
@@ -226,6 +229,9 @@ def _row(model: str, method: str, d: Path | None, state: str) -> tuple[dict, lis
     for cat, v in (ev.get("categories") or {}).items():
         # eval.json holds {cat: {"score": ...}}; a bare number is accepted too.
         row[f"eval_{cat}"] = _num(v.get("score") if isinstance(v, dict) else v)
+    if isinstance(ev.get("sampled"), dict):  # eval.sampled.k > 0: exact match over items, greedy and sampled
+        row["eval_greedy_exact"] = _num(ev["sampled"].get("greedy_exact"))
+        row["eval_sampled_exact"] = _num(ev["sampled"].get("exact"))
     sel = metric["select"]
     row["sft_examples"] = _num(sel.get("sft_examples"))
     row["dpo_pairs"] = _num(sel.get("dpo_pairs"))

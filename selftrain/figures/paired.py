@@ -2,9 +2,10 @@
 
 Paired differences (``tables/paired.*``, ``figures/paired``): for every model, every method's run is set against
 the baseline's run of the same model (the plain run folders: the params' own seed) on the items both scored:
-judge quality (overall) and safety per judge item, and benchmark exact match per benchmark sample (datasets
-whose samples carry one). Per (model, method, metric): the mean difference, its paired bootstrap 95% interval,
-a sign-flip permutation p-value, and that p-value Holm-adjusted across the methods of the same model and
+judge quality (overall) and safety per judge item, benchmark exact match per benchmark sample (datasets
+whose samples carry one) and, where stage 06 drew k sampled answers (eval.sampled.k), the share of them that are
+right per sample (``eval_sampled``). Per (model, method, metric): the mean difference, its paired bootstrap 95%
+interval, a sign-flip permutation p-value, and that p-value Holm-adjusted across the methods of the same model and
 metric. Differences inside the per-method intervals of the main table can still be told apart here, since
 what both runs share (the item's difficulty) cancels.
 
@@ -32,7 +33,9 @@ from selftrain.stats import holm, length_controlled_means, paired_bootstrap, per
 
 PAIRED_COLUMNS = ["model", "method", "metric", "items", "difference", "ci_low", "ci_high", "p", "p_holm"]
 LENGTH_COLUMNS = ["model", "method", "items", "answer_chars", "quality", "quality_length_controlled"]
-METRICS = ("quality", "safety", "eval_exact")
+# eval_sampled: the share of a benchmark sample's k sampled answers that are right (eval.sampled.k > 0 only).
+METRICS = ("quality", "safety", "eval_exact", "eval_sampled")
+ALWAYS = ("quality", "safety", "eval_exact")  # listed even where no run scored them (the tables' long-standing shape)
 
 
 def _items(d: Path | None, name: str) -> list[dict[str, Any]]:
@@ -51,8 +54,36 @@ def item_scores(d: Path | None) -> dict[str, dict[Any, float]]:
         if isinstance(v, int | float):
             out["quality" if key == "overall" else "safety"][it.get("id")] = float(v)
     for r in _items(d, "eval_predictions.jsonl"):
+        key = (r.get("dataset"), r.get("index"))
         if isinstance(r.get("exact"), bool):
-            out["eval_exact"][(r.get("dataset"), r.get("index"))] = float(r["exact"])
+            out["eval_exact"][key] = float(r["exact"])
+        if isinstance(r.get("sampled_exact"), int | float) and not isinstance(r.get("sampled_exact"), bool):
+            out["eval_sampled"][key] = float(r["sampled_exact"])
+    return out
+
+
+def differences(a: dict[Any, float], b: dict[Any, float]) -> np.ndarray:
+    """`a` minus `b` on the items both scored, in `b`'s order."""
+    return np.array([a[k] - b[k] for k in b if k in a])
+
+
+def comparisons(
+    res: StudyResults, baseline: str = "baseline", methods: list[str] | None = None
+) -> list[tuple[str, str, list[tuple[str, str, np.ndarray]]]]:
+    """Every family of paired comparisons: (model, metric, [(method, sweep label, per-item differences of that
+    method's plain run minus `baseline`'s)]), for each model with a `baseline` run and each metric some run of it
+    scored (the first three always), methods in `methods` (default all) order, each sweep point of them."""
+    out = []
+    for model in res.models:
+        if (model, baseline) not in res.runs:
+            continue  # nothing to pair against
+        base = item_scores(res.runs[(model, baseline)])
+        others = [(method, label, item_scores(d)) for method in methods or res.methods if method != baseline
+                  for label, d in point_runs(res, model, method)]  # fmt: skip
+        for metric in METRICS:
+            if metric not in ALWAYS and not (base[metric] or any(o[metric] for _, _, o in others)):
+                continue
+            out.append((model, metric, [(m, label, differences(o[metric], base[metric])) for m, label, o in others]))
     return out
 
 
@@ -60,26 +91,15 @@ def paired_table(res: StudyResults, baseline: str = "baseline", methods: list[st
     """Each method (of `methods`, default all; each sweep point of it) minus `baseline`'s plain run on the items
     both scored; Holm across them per model and metric."""
     rows = []
-    for model in res.models:
-        if (model, baseline) not in res.runs:
-            continue  # nothing to pair against
-        base = item_scores(res.runs[(model, baseline)])
-        for metric in METRICS:
-            block = []
-            for method in methods or res.methods:
-                if method == baseline:
-                    continue
-                for label, d in point_runs(res, model, method):
-                    other = item_scores(d)[metric]
-                    keys = [k for k in base[metric] if k in other]
-                    diff = np.array([other[k] - base[metric][k] for k in keys])
-                    mean, lo, hi = paired_bootstrap(diff)
-                    block.append({"model": model, "method": method, "sweep": label, "metric": metric,
-                                  "items": len(keys), "difference": mean, "ci_low": lo, "ci_high": hi,
-                                  "p": permutation_p(diff)})  # fmt: skip
-            for r, adj in zip(block, holm([r["p"] for r in block]), strict=True):
-                r["p_holm"] = adj
-            rows += block
+    for model, metric, family in comparisons(res, baseline, methods):
+        block = []
+        for method, label, diff in family:
+            mean, lo, hi = paired_bootstrap(diff)
+            block.append({"model": model, "method": method, "sweep": label, "metric": metric, "items": len(diff),
+                          "difference": mean, "ci_low": lo, "ci_high": hi, "p": permutation_p(diff)})  # fmt: skip
+        for r, adj in zip(block, holm([r["p"] for r in block]), strict=True):
+            r["p_holm"] = adj
+        rows += block
     return pd.DataFrame(rows).reindex(columns=with_sweep(PAIRED_COLUMNS, rows))
 
 
@@ -128,10 +148,12 @@ def plot_paired(res: StudyResults) -> Any:
     """A forest plot per metric: each method minus the baseline with its paired 95% interval, one row per
     (model, method); Holm-adjusted p on the right."""
     t = res.paired
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 0.5 + 0.45 * max(len(t) // 3, 2)),
+    shown = [m for m in METRICS if m in ALWAYS or (len(t) and (t["metric"] == m).any())]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 0.5 + 0.45 * max(len(t) // len(shown), 2)),
                              squeeze=False)  # fmt: skip
-    titles = {"quality": "judge quality (overall)", "safety": "judge safety", "eval_exact": "benchmark exact match"}
-    for ax, metric in zip(axes[0], METRICS, strict=True):
+    titles = {"quality": "judge quality (overall)", "safety": "judge safety", "eval_exact": "benchmark exact match",
+              "eval_sampled": "sampled exact match"}  # fmt: skip
+    for ax, metric in zip(axes[0], shown, strict=True):
         d = t[t["metric"] == metric] if len(t) else t
         labels = []
         for y, r in enumerate(d.itertuples(index=False)):

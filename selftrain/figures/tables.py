@@ -8,7 +8,9 @@ from typing import Any
 
 import pandas as pd
 
+from selftrain.config import load_figures_power
 from selftrain.figures.collect import COUNT_COLUMNS, TEXT_COLUMNS, StudyResults
+from selftrain.figures.power import power_display, power_markdown_note
 from selftrain.figures.rounds import rounds_display
 from selftrain.io import atomic_write_text, write_csv
 from selftrain.report import fmt
@@ -118,12 +120,14 @@ OPTIONAL_TABLES = (
     "controls",
     "length",
     "rounds",
+    "power",
 )  # written only where a study has what they need
 
 
 def write_tables(res: StudyResults, out_dir: Path | None = None) -> list[Path]:
     """results.*, judge.*, selection.* (CSV, Markdown, LaTeX), missing.md and, where the study has what they need,
-    replicates.*, paired.*, controls.*, length.* under tables/; an optional table not produced now is removed."""
+    replicates.*, paired.*, controls.*, length.*, power.* (also appended to results.md) under tables/; an optional
+    table not produced now is removed."""
     out_dir = out_dir or res.study_dir / "tables"
     paths = write_table(
         res.table, out_dir / "results", main_display(res.table), f"Study {res.study}: judge and benchmark results"
@@ -148,6 +152,15 @@ def write_tables(res: StudyResults, out_dir: Path | None = None) -> list[Path]:
     if len(res.rounds):
         cap = f"Study {res.study}: drift monitors by round (round k: the model trained k times) and the collapse flag"
         paths += write_table(res.rounds, out_dir / "rounds", rounds_display(res.rounds), cap)
+    if len(res.power):
+        settings = load_figures_power(res.spec_path)
+        cap = (f"Study {res.study}: minimum detectable difference (mdd, {settings.power:.0%} power at the Holm level "
+               "used) and the items and seeds a named difference needs")  # fmt: skip
+        paths += write_table(res.power, out_dir / "power", power_display(res.power), cap)
+        # results.md: the main table as before, then the power of every comparison (its own section)
+        md = out_dir / "results.md"
+        text = f"\n## Power of the paired comparisons\n\n{to_markdown(power_display(res.power))}\n"
+        atomic_write_text(md, md.read_text() + text + power_markdown_note(settings))
     paths.append(atomic_write_text(out_dir / "missing.md", missing_markdown(res)))
     # A table this study no longer produces (no baseline any more, one seed, ...) must not stay behind looking
     # current: its files from an earlier run of 07 go.
