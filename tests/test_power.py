@@ -307,6 +307,9 @@ def test_power_command_reads_a_pilot_and_refuses_what_it_cannot_read(
     # Nothing to read the SDs from: one line naming what to give.
     assert main(["power", "--study", str(f)]) == 2
     assert "give --sd metric=value or --pilot" in capsys.readouterr().err
+    # An SD for a metric the study does not score (no judge stage) stands in for none of those it does.
+    assert main(["power", "--study", str(f), "--sd", "quality=1", "eval_exact=0.2"]) == 2
+    assert "no standard deviation for eval_sampled" in capsys.readouterr().err
     assert main(["power", "--study", str(f), "--sd", "eval_exact=-1", "nonsense=2"]) == 2
     err = capsys.readouterr().err
     assert "eval_exact=-1 nonsense=2" in err and err.count("\n") == 1

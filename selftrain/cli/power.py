@@ -114,10 +114,12 @@ def plan_power(
     if not plans:
         raise ConfigError(f"{path}: no paired comparison: the study has no `baseline` and no control arm beside "
                           "`central`")  # fmt: skip
-    metrics = [*(["quality", "safety"] if "judge" in study.stages else []), *(["eval_exact"] if "eval" in study.stages
-                                                                              else [])]  # fmt: skip
+    cfgs = {model: resolve_run_config(model, plans[0][1], path) for model in study.models}
+    sampled = {model for model, cfg in cfgs.items() if "eval" in study.stages and cfg.eval.sampled.k}
+    metrics = [*(["quality", "safety"] if "judge" in study.stages else []),
+               *(["eval_exact"] if "eval" in study.stages else []), *(["eval_sampled"] if sampled else [])]  # fmt: skip
     table, source = pd.DataFrame(), "given (--sd)"
-    if len(sds or {}) < len(metrics):
+    if any(m not in (sds or {}) for m in metrics):  # a pilot supplies what was not given
         folder = resolve_path(pilot) if pilot else project_root() / "results" / study.name
         if not folder.is_dir() or not any(folder.glob("*/*/v*")):
             if pilot:
@@ -129,9 +131,8 @@ def plan_power(
     rows = []
     seeds = len(study.seeds) or 1
     for model in study.models:
-        cfg = resolve_run_config(model, plans[0][1], path)
-        model_metrics = [*metrics, *(["eval_sampled"] if "eval" in study.stages and cfg.eval.sampled.k else [])]
-        n_items = {**planned_items(cfg, model_metrics), **(items or {})}
+        model_metrics = [m for m in metrics if m != "eval_sampled" or model in sampled]
+        n_items = {**planned_items(cfgs[model], model_metrics), **(items or {})}
         for metric in model_metrics:
             for versus in dict.fromkeys(v for _, v in plans):
                 family = [(m, sweep_label(p)) for m, v in plans if v == versus for p in study.points()]
