@@ -138,11 +138,12 @@ def test_sampled_answers_are_drawn_at_the_judges_sampling_and_scored(tiny_overri
     for path in bench.glob("*.json"):
         data = json.loads(path.read_text())
         for r in recs:
-            if r["dataset"] == path.stem and r["index"] % 2 == 0 and r["prediction"]:
-                data["samples"][r["index"]]["output"] = r["prediction"]
-                made_right.add((r["dataset"], r["index"]))
+            if r["dataset"] == path.stem:  # even samples: the greedy answer ("" included); odd: one never given
+                right = r["index"] % 2 == 0
+                data["samples"][r["index"]]["output"] = r["prediction"] if right else "(never answered)"
+                if right:
+                    made_right.add((r["dataset"], r["index"]))
         path.write_text(json.dumps(data))
-    assert made_right  # the tiny model answers something on some samples
 
     greedy = _eval_run(tiny_overrides, tmp_path, bench, "t0", ["eval.sampled.k=3", "judge.answers.temperature=0"])
     recs = read_jsonl(greedy.data_dir / "eval_predictions.jsonl")
