@@ -91,11 +91,12 @@ lab: setup
 	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=$(CURDIR) --no-browser \
 		--LabApp.default_url=/lab/tree/notebooks/00_index.ipynb $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
+# Every tier (README: Testing); `make test-fast`: the unit tier alone (no model, no kernel), under two minutes.
 test: setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not vllm"
+	$(BIN)/python -m pytest -q -m unit
 
 lint: setup
 	$(BIN)/ruff check selftrain tests bench

@@ -43,15 +43,103 @@ PROMPTS = [
 ]
 
 
+# Test tiers (README: Testing). Every test lands in exactly one: its own tier marker, else its file's default in
+# FILE_TIERS, where a unit file's test that loads the tiny model (it takes the `tiny_model` fixture, directly or
+# through `tiny_overrides`) is integration.
+# `make test-fast` runs the unit tier; `pytest -m notebook` (or any tier) runs one.
+TIERS = {
+    "unit": "no model, no kernel: maths, parsing, params, file handling, command lines (make test-fast)",
+    "integration": "a stage's functions on the tiny model, vLLM, the embedded model, child processes",
+    "notebook": "the stage notebooks executed by papermill, through the runner or directly",
+    "browser": "JupyterLab in Debian's Chromium through Playwright",
+    "gpu": "needs a CUDA GPU (skipped elsewhere; bench/gpu_check.py covers the GPU paths)",
+    "rehearsal": "the poster study's own params on the CPU, sizes and paths swapped",
+    "slurm": "a real Slurm cluster started by the tests",
+}
+MODEL_FIXTURES = {"tiny_model"}
+FILE_TIERS = {
+    "test_browser.py": "browser",
+    "test_config.py": "unit",
+    "test_cpu_head.py": "unit",
+    "test_data.py": "unit",
+    "test_dtype_rule.py": "unit",
+    "test_embedded.py": "unit",
+    "test_eval_protocols.py": "unit",
+    "test_evaluate.py": "unit",
+    "test_figures.py": "unit",
+    "test_gpu_check.py": "integration",
+    "test_hardware.py": "unit",
+    "test_integrity.py": "unit",
+    "test_judge.py": "unit",
+    "test_judge_api.py": "unit",
+    "test_judge_protocol.py": "unit",
+    "test_launch.py": "integration",
+    "test_layout.py": "unit",
+    "test_locks.py": "unit",
+    "test_metrics.py": "unit",
+    "test_metrics_reference.py": "unit",
+    "test_notebooks.py": "notebook",
+    "test_plan.py": "unit",
+    "test_poster_rehearsal.py": "rehearsal",
+    "test_replicates.py": "unit",
+    "test_runs.py": "unit",
+    "test_seeding.py": "unit",
+    "test_select_math.py": "unit",
+    "test_shards.py": "unit",
+    "test_similarity.py": "unit",
+    "test_slurm.py": "unit",
+    "test_stages.py": "integration",
+    "test_stats.py": "unit",
+    "test_train.py": "integration",
+    "test_utilities.py": "unit",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, what in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: tier: {what}")
+
+
+def tier_of(item: pytest.Item) -> list[str]:
+    """The tiers a test lands in (exactly one unless something is wrong): its own markers, else its file's default
+    (integration instead of unit when it loads the tiny model)."""
+    own = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+    if own:
+        return own
+    default = FILE_TIERS.get(item.path.name)
+    if default == "unit" and MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return ["integration"]
+    return [default] if default else []
+
+
+# Every test this session collected (before `-m` deselects), with its tiers and other markers: tests/test_layout.py
+# reads it rather than collecting the suite again.
+COLLECTED: dict[str, list[str]] = {}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` need a CUDA device: skipped, with the reason, elsewhere (CI has none)."""
+    bad = []
+    for item in items:
+        tiers = tier_of(item)
+        COLLECTED[item.nodeid] = sorted(set(tiers) | {m.name for m in item.iter_markers()})
+        if len(tiers) != 1:
+            bad.append(f"{item.nodeid}: {'tiers ' + ', '.join(tiers) if tiers else 'no tier'}")
+        elif not item.get_closest_marker(tiers[0]):
+            item.add_marker(tiers[0])
+    if bad:
+        raise pytest.UsageError(
+            "every test lands in exactly one tier (a tier marker, or its file in tests/conftest.py's FILE_TIERS):\n  "
+            + "\n  ".join(bad)
+        )
+    # Tests of the gpu tier need a CUDA device: skipped, with the reason, elsewhere (CI has none).
     import torch
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu); run on a GPU machine")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (tier gpu); run on a GPU machine")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu"):
             item.add_marker(skip)
 
 

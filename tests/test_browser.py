@@ -29,7 +29,6 @@ ARTIFACTS = ROOT / ".test-artifacts" / "browser"
 PANEL = ".jp-NotebookPanel:visible"  # the notebook in the current tab (earlier tabs stay in the page, hidden)
 
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} not found: apt-get install chromium"),
 ]
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")

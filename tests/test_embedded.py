@@ -32,6 +32,7 @@ def test_unavailable_hub_model_says_how_to_provide_it(monkeypatch: pytest.Monkey
         resolve_model_path("./no/such/folder")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_convert_and_generate_with_smollm2() -> None:
     folder = resolve_model_path("embedded:smollm2-135m")  # cached under .cache/selftrain/models
@@ -64,6 +65,7 @@ def test_convert_and_generate_with_smollm2() -> None:
     assert any("Paris" in r["text"] for r in recs[:2])
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_judge_expected_scores_on_vllm_match_the_transformers_pass() -> None:

@@ -314,6 +314,7 @@ def test_training_methods_need_their_model(tiny_overrides: list[str], tmp_path: 
     assert not run.is_done("eval")
 
 
+@pytest.mark.notebook
 def test_notebook_under_papermill(tiny_overrides: list[str], tmp_path: Path) -> None:
     run = _eval_run(tiny_overrides, tmp_path, ["eval.max_samples=2", "eval.datasets=[nli, sts]"])
     out = execute_stage(run, "eval")

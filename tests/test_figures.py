@@ -262,6 +262,7 @@ def executed(tree: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
     return nbformat.read(out, as_version=4)
 
 
+@pytest.mark.notebook
 def test_notebook_07_executes_and_shows_results(executed: nbformat.NotebookNode) -> None:
     code = [c for c in executed.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code)
@@ -271,6 +272,7 @@ def test_notebook_07_executes_and_shows_results(executed: nbformat.NotebookNode)
     assert text.count("image/png") == 6  # the six figures, each shown once
 
 
+@pytest.mark.notebook
 def test_make_figures_writes_every_file(executed: nbformat.NotebookNode, tree: tuple[Path, Path]) -> None:
     results, _ = tree
     study_dir = results / STUDY
@@ -296,6 +298,7 @@ def test_make_figures_writes_every_file(executed: nbformat.NotebookNode, tree: t
     assert "tiny-150m" in readme and "[v002]" in readme  # the per-study index, every version listed
 
 
+@pytest.mark.integration
 def test_regenerating_from_unchanged_results_gives_identical_bytes(tmp_path: Path) -> None:
     """No wall-clock time in any written file (PDF creation dates, the index): a rerun changes nothing."""
     results, study_file = build_tree(tmp_path)

@@ -59,6 +59,7 @@ RUN = ["run", "--study", "params/studies/quick.yaml", "--stages", "nosuch"]
 SHARD = ["shard", "--study", "params/studies/quick.yaml", "--model", "nosuch", "--shard", "0"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args", [RUN, SHARD], ids=["run", "shard"])
 def test_run_stops_before_any_stage_when_torch_cannot_see_the_listed_gpu(tmp_path, args):
     r = run_cli(args, fake_smi(tmp_path / "bin"))
@@ -70,6 +71,7 @@ def test_run_stops_before_any_stage_when_torch_cannot_see_the_listed_gpu(tmp_pat
     assert "unknown stage" not in r.stderr and "not in the study" not in r.stderr  # before the study was read
 
 
+@pytest.mark.integration
 def test_allowed_cpu_and_hidden_gpus_run_on(tmp_path):
     smi = fake_smi(tmp_path / "bin")
     for env in ({ALLOW_CPU_ENV: "1"}, {"CUDA_VISIBLE_DEVICES": ""}):
@@ -78,6 +80,7 @@ def test_allowed_cpu_and_hidden_gpus_run_on(tmp_path):
         assert "nvidia-smi lists" not in r.stderr
 
 
+@pytest.mark.integration
 def test_check_reports_and_fails_on_the_listed_gpu(tmp_path):
     r = run_cli(["check"], fake_smi(tmp_path / "bin"))
     assert r.returncode == 2
@@ -139,6 +142,7 @@ def test_old_vllm_is_named_for_expected_scoring(cls):
     assert "\n" not in msg
 
 
+@pytest.mark.integration
 @pytest.mark.vllm
 def test_the_installed_vllm_serves_expected_scoring():
     pytest.importorskip("vllm")

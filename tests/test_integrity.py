@@ -361,6 +361,7 @@ def test_a_damaged_embedding_cache_entry_is_named_and_recomputed(
 # ------------------------------------------------------------------------------- writes that fail
 
 
+@pytest.mark.notebook
 def test_a_write_that_fails_mid_file_fails_the_stage_and_leaves_no_torn_notebook(
     tiny_overrides: list[str], tmp_path: Path
 ) -> None:

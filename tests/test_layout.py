@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from selftrain.schema import STAGE_TABLE, STAGES
@@ -152,3 +155,64 @@ def test_no_reference_outside_the_repository() -> None:
             if bad in text:
                 hits.append(f"{f}: {bad}")
     assert not hits, "the repository must stand on its own:\n" + "\n".join(hits)
+
+
+# Lists, for the collected session, each test's markers (one JSON line per test) into the file named by argv[1].
+_COLLECT = """
+import json, sys, pytest
+class Dump:
+    def pytest_collection_finish(self, session):
+        with open(sys.argv[1], "w") as f:
+            for it in session.items:
+                f.write(json.dumps([it.nodeid, sorted({m.name for m in it.iter_markers()})]) + "\\n")
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *sys.argv[2:]], plugins=[Dump()]))
+"""
+
+
+def _collect(root: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _COLLECT, str(out), *args], cwd=root, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_every_test_lands_in_exactly_one_tier(tmp_path: Path) -> None:
+    """The whole suite as pytest collects it: one tier marker per test; the unit tier (make test-fast) holds no
+    slow or vLLM test; every tier but slurm's has tests here (gpu tests are skipped without CUDA, still collected).
+    This session's collection when it took every test file (make test, make test-fast), else a fresh one."""
+    from conftest import COLLECTED, TIERS
+
+    files = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("test_*.py")}
+    items = [[node, marks] for node, marks in COLLECTED.items()]
+    if {node.split("::")[0] for node, _ in items} != files:
+        out = tmp_path / "items.jsonl"
+        proc = _collect(ROOT, out, "tests")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        items = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(items) > 300
+    bad = [f"{node}: {sorted(set(marks) & set(TIERS))}" for node, marks in items if len(set(marks) & set(TIERS)) != 1]
+    assert not bad, "tests not in exactly one tier:\n" + "\n".join(bad)
+    heavy = [node for node, marks in items if "unit" in marks and {"slow", "vllm"} & set(marks)]
+    assert not heavy, f"slow or vLLM tests in the unit tier: {heavy}"
+    per_tier = {t: sum(t in marks for _, marks in items) for t in TIERS}
+    assert all(per_tier[t] for t in ("unit", "integration", "notebook", "browser", "gpu", "rehearsal")), per_tier
+
+
+def test_a_test_without_a_tier_or_with_two_is_refused(tmp_path: Path) -> None:
+    """The conftest hook itself, on planted tests: a file it has no default for, and a test marked twice."""
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    shutil.copy(ROOT / "tests" / "conftest.py", tests / "conftest.py")
+    (tests / "test_planted.py").write_text("def test_no_tier():\n    pass\n")
+    (tests / "test_layout.py").write_text(
+        "import pytest\n\n\n@pytest.mark.notebook\ndef test_two_tiers():\n    pass\n\n\ndef test_one():\n    pass\n"
+    )
+    proc = _collect(tmp_path, tmp_path / "items.jsonl", "tests")
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "tests/test_planted.py::test_no_tier: no tier" in text
+    assert "tests/test_layout.py::test_two_tiers: tiers notebook, unit" not in text  # a marker replaces the default
+    twice = "import pytest\n\n\n@pytest.mark.unit\n@pytest.mark.notebook\ndef test_two():\n    pass\n"
+    (tests / "test_layout.py").write_text(twice)
+    (tests / "test_planted.py").unlink()
+    proc = _collect(tmp_path, tmp_path / "items.jsonl", "tests")
+    assert proc.returncode != 0 and "tests/test_layout.py::test_two: tiers notebook, unit" in proc.stdout + proc.stderr

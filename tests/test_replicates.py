@@ -65,6 +65,7 @@ def test_bad_seeds_are_named(tmp_path: Path, block: dict, needle: str) -> None:
 # ------------------------------------------------------------------------------------------- running
 
 
+@pytest.mark.notebook
 def test_a_study_with_two_seeds_and_a_sweep_runs_four_cells(tiny_overrides: list[str], tmp_path: Path) -> None:
     study = tmp_path / "seeds.yaml"
     body = {"name": "seeds", "models": ["tiny"], "methods": ["central"], "stages": ["generate", "select"]}
@@ -105,6 +106,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.notebook
 def test_numerics_exact_is_float32_and_byte_identical_twice(tiny_overrides: list[str], tmp_path: Path) -> None:
     cfg = resolve_run_config("tiny", "central", overrides=[*tiny_overrides, "numerics=exact", "prompts.limit=4"])
     assert cfg.model.dtype == "float32" and cfg.generation.backend == "transformers"
