@@ -98,9 +98,11 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m unit
 
+# ruff, then mypy over selftrain/ (its settings: pyproject.toml's [tool.mypy]).
 lint: setup
 	$(BIN)/ruff check selftrain tests bench
 	$(BIN)/ruff format --check selftrain tests bench
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python bench/bench_select.py

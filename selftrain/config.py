@@ -14,7 +14,7 @@ import copy
 import itertools
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -979,7 +979,10 @@ def _nest(dotted: str, value: Any) -> dict:
     return out
 
 
-def _validate(cls: type[BaseModel], data: dict, origin: dict[str, str]) -> BaseModel:
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def _validate(cls: type[Section], data: dict, origin: dict[str, str]) -> Section:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
@@ -992,8 +995,10 @@ def _validate(cls: type[BaseModel], data: dict, origin: dict[str, str]) -> BaseM
             elif err["type"] == "value_error" and isinstance(err.get("input"), dict):
                 # A rule across a section's keys: name every source that set keys of it, not the whole input; a
                 # rule across sections names the sources of the keys its message mentions (selection.n, ...).
-                named = {_source_of(k, origin) for k in re.findall(r"\b[a-z_]+(?:\.[a-z_]+)+\b", err["msg"])}
-                srcs = sorted(named - {None}) if not dotted else []
+                named = {
+                    s for k in re.findall(r"\b[a-z_]+(?:\.[a-z_]+)+\b", err["msg"]) if (s := _source_of(k, origin))
+                }
+                srcs = sorted(named) if not dotted else []
                 srcs = srcs or sorted({v for k, v in origin.items() if k.startswith(dotted + ".")}) or [src]
                 lines.append(f"{', '.join(srcs)}: {err['msg'].removeprefix('Value error, ')}")
             elif err["type"] == "missing":
@@ -1056,11 +1061,9 @@ def trainer_fields(kind: str) -> set[str]:
     """Field names of TRL's SFTConfig / DPOConfig (imports TRL: a few seconds, so only when needed)."""
     import dataclasses
 
-    if kind == "sft":
-        from trl import SFTConfig as cls
-    else:
-        from trl import DPOConfig as cls
-    return {f.name for f in dataclasses.fields(cls)}
+    from trl import DPOConfig, SFTConfig
+
+    return {f.name for f in dataclasses.fields(SFTConfig if kind == "sft" else DPOConfig)}
 
 
 RESERVED_TRAINER_KEYS = {"output_dir", "resume_from_checkpoint", "report_to"}

@@ -136,8 +136,8 @@ def _json_records(path: Path) -> tuple[list[tuple[str, int, dict]], list[str]]:
     raw = path.read_bytes()
     head = raw.lstrip()[:1]
     if head != b"[":
-        good, bad = scan_jsonl(path)
-        return [(f"{path}:{n}", n, rec) for n, rec in good], bad
+        lines, errors = scan_jsonl(path)
+        return [(f"{path}:{n}", n, rec) for n, rec in lines], errors
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -247,6 +247,7 @@ def read_system_line(source: str) -> str:
         tree = ast.parse(text, filename=str(path))
     except SyntaxError as e:
         raise DataError(f"prompts.system_from: {path}:{e.lineno}: not valid Python ({e.msg})") from None
+    value: ast.expr | None
     for node in tree.body:
         if isinstance(node, ast.Assign):
             targets, value = node.targets, node.value

@@ -261,7 +261,7 @@ def plot_generation(df: pd.DataFrame) -> Any:
     for reason, color in (("stop", "tab:blue"), ("length", "tab:red")):
         sub = df[df["finish_reason"] == reason]["num_tokens"]
         if len(sub):
-            ax.hist(sub, bins=bins, alpha=0.7, color=color, label=f"{reason} ({len(sub)})")
+            ax.hist(sub, bins=bins.tolist(), alpha=0.7, color=color, label=f"{reason} ({len(sub)})")
     ax.set_xlabel("generated tokens per candidate")
     ax.set_ylabel("candidates")
     ax.set_title(f"Candidate lengths; {float((df['finish_reason'] == 'stop').mean()):.0%} stopped at EOS")

@@ -12,7 +12,7 @@ import gc
 import os
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from selftrain.config import GenerationConfig, ModelConfig, SamplingConfig
 from selftrain.provenance import bf16_native, cpu_has_bf16  # noqa: F401 - bf16_native: the rule, re-exported
@@ -61,7 +61,7 @@ def load_hf(folder: Path, dtype: str = "auto", padding_side: str = "left") -> tu
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(dtype))
-    model.to(device()).eval()
+    model.to(device()).eval()  # type: ignore[arg-type]  # transformers wraps .to() and hides its signature
     return model, tok
 
 
@@ -128,7 +128,7 @@ def prompt_token_counter(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    bos = getattr(tok, "bos_token", None)
+    bos = getattr(tok, "bos_token", None) or ""
     adds_bos = bool(bos) and (tok("a")["input_ids"][:1] == [tok.bos_token_id])
 
     def count(messages: list[dict]) -> int:
@@ -149,6 +149,11 @@ def _eos_ids(tok: Any, gen_config: Any) -> set[int]:
 
 
 # ------------------------------------------------------------------------------------------- backends
+
+
+def _prompt_texts(tok: Any, conversations: list[list[dict]] | list[str], chat: bool) -> list[str]:
+    """chat=True: message lists rendered by the chat template; else the prompt texts as they are."""
+    return chat_prompts(tok, cast(list[list[dict]], conversations)) if chat else cast(list[str], list(conversations))
 
 
 def generate_transformers(
@@ -178,7 +183,7 @@ def generate_transformers(
     model, tok = load_hf(folder, model_cfg.dtype, padding_side="left")
     bar = None
     try:
-        prompts = chat_prompts(tok, conversations) if chat else list(conversations)
+        prompts = _prompt_texts(tok, conversations, chat)
         caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
         eos = _eos_ids(tok, model.generation_config)
         records: list[dict[str, Any]] = []
@@ -269,14 +274,17 @@ def generate_vllm(
         if llm is None:
             llm = vllm_engine(folder, model_cfg, gen.seed)
         tok = llm.get_tokenizer()
-        prompts = without_template_bos(tok, chat_prompts(tok, conversations)) if chat else list(conversations)
+        prompts = _prompt_texts(tok, conversations, chat)
+        if chat:
+            prompts = without_template_bos(tok, prompts)
         caps = max_new_tokens or [gen.max_new_tokens] * len(prompts)
+        top: dict[str, Any] = {"top_k": top_k} if gen.temperature > 0 and top_k > 0 else {}  # else vLLM's: none
         params = [
             SamplingParams(
                 n=n,
                 temperature=gen.temperature,
                 top_p=gen.top_p if gen.temperature > 0 else 1.0,
-                **({"top_k": top_k} if gen.temperature > 0 and top_k > 0 else {}),  # else vLLM's default: none
+                **top,
                 max_tokens=caps[i],
                 seed=request_seed(gen.seed, index_offset + i, n) if per_request else None,
                 skip_special_tokens=True,

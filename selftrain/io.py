@@ -176,9 +176,9 @@ def scan_jsonl(path: str | Path) -> tuple[list[tuple[int, dict]], list[str]]:
     path = Path(path)
     good, bad = [], []
     for lineno, line, err in _lines(path):
-        if err is None and not line.strip():
+        if line is not None and not line.strip():
             continue
-        if err is None:
+        if line is not None:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:

@@ -83,7 +83,7 @@ def convert_embedded(name: str = "smollm2-135m", cache_dir: str = ".cache/selftr
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf)
     # The GGUF loader leaves a quantizer and quantization_config behind; a plain folder has neither.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # not declared by transformers: nn.Module types it Tensor
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     # ChatML: the turn ends with <|im_end|>; pad must differ from eos or trainers mask the stop token.

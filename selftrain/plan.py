@@ -670,9 +670,10 @@ def plan_study(study_path: str, gpus: int = 1, gpu_mem_gb: float = 80.0) -> dict
     cells: list[dict[str, Any]] = []
     caches: dict[str, dict[str, Any]] = {}
     models: dict[str, dict[str, Any]] = {}
+    seeds: list[int | None] = [*study.seeds] or [None]
     for model in study.models:
         for method in study.methods:
-            for seed in study.seeds or [None]:
+            for seed in seeds:
                 for point in study.points():
                     cfg = resolve_run_config(model, method, path, replicate=seed, point=point)
                     if model not in models:

@@ -428,6 +428,7 @@ def create_run(
             run, busy = _claim(cfg, parent, new_version, hold)
             if run is not None:
                 return run
+        assert busy is not None  # _claim gives a run or the lock of the version in use
         # Another runner runs this cell's version: wait for it to end outside the cell's lock, then decide again
         # (its stages are then done and skipped, or it failed and this run resumes it).
         if log is not None:
@@ -455,7 +456,8 @@ def _claim(cfg: RunConfig, parent: Path, new_version: bool, hold: bool) -> tuple
             return run, None
         lock.release()
         note = f"new version: {why}" if why else ""
-    num = int(VERSION.match(versions[-1].name).group(1)) + 1 if versions else 1
+    last = VERSION.match(versions[-1].name) if versions else None
+    num = int(last.group(1)) + 1 if last else 1
     while True:
         d = parent / f"v{num:03d}"
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from selftrain.config import ConfigError, validate_params_file
 from selftrain.io import DataError
@@ -297,7 +298,7 @@ def shard(
     study_path: str, model: str, stage: str, method: str | None, index: int, seed: int | None, overrides: list[str]
 ) -> list[str]:
     """Fill shard `index` of one stage for one cell of a study, at every sweep point of it; a line per point."""
-    from selftrain.config import SEED_MAX, load_study, resolve_run_config
+    from selftrain.config import SEED_MAX, RunConfig, load_study, resolve_run_config
     from selftrain.hardware import check_gpu_visible
     from selftrain.runs import check_output_dirs
 
@@ -316,6 +317,7 @@ def shard(
         # Generation depends on model, prompts and sampling only: any method of the study resolves them.
         cfg = resolve_run_config(model, method or study.methods[0], path, overrides, replicate=seed, point=point)
         check_output_dirs(cfg)  # the cache (and, for judge/eval, the results) folder it writes into
+        run_shard: Callable[[RunConfig, int], dict[str, Any]]
         if stage == "generate":
             from selftrain.generate import run_shard
         elif stage == "judge":  # judge and eval: the cell's own run version, its training done

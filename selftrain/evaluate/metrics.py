@@ -364,7 +364,7 @@ def out_of_label_rate(preds: Sequence[str], labels: set[str]) -> float:
 
 # --------------------------------------------------------------------------------------------- registry
 
-METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
+METRICS: dict[str, Callable[[Sequence[str], Sequence[str], bool], float]] = {  # (preds, golds, prepared)
     "exact_match": exact_match,
     "exact_match_figure": exact_match_figure,
     "char_f1": char_f1,
@@ -379,8 +379,6 @@ METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     "bert_score_en_f1": bert_score_en_f1,
     "bert_score_ja_f1": bert_score_ja_f1,
 }
-# Metrics that read the samples' inputs too (the translation source).
-NEEDS_INPUTS = {"comet_wmt22"}
 
 
 def score(
@@ -397,8 +395,6 @@ def score(
         fn = METRICS[metric]
     except KeyError:
         raise ValueError(f"unknown metric {metric!r}; known metrics: {', '.join(sorted(METRICS))}") from None
-    if metric == "comet_wmt22":
+    if metric == "comet_wmt22":  # the one metric that reads the samples' inputs too (the translation source)
         return comet_wmt22(preds, golds, prepared, inputs=inputs, device=comet_device)
-    if metric in NEEDS_INPUTS:
-        return fn(preds, golds, prepared, inputs=inputs)  # type: ignore[call-arg]
     return fn(preds, golds, prepared)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import re
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,7 @@ def read_v1_layout(checkout: Path) -> V1Layout:
         raise ProtocolError(f"{where}: no default branch beside custom_prompt_template; unsupported layout")
     head = shot = tail = None
     for stmt in branch:
-        if isinstance(stmt, ast.Assign | ast.AnnAssign) and head is None:
+        if isinstance(stmt, ast.Assign | ast.AnnAssign) and stmt.value is not None and head is None:
             head = _fstring_template(stmt.value, {"instruction": "{instruction}"}, where)
         elif isinstance(stmt, ast.For):
             inner = next((s for s in stmt.body if isinstance(s, ast.AugAssign)), None)
@@ -250,7 +250,8 @@ class Protocol:
     def main_metric(self, ds: Dataset) -> str | None:
         """The metric the dataset's category averages: the version's map, else the file's first implemented."""
         if self.spec is not None:
-            for names in (*self.categories.values(), self.spec.uncategorised):
+            maps: list[Mapping[str, str | None]] = [*self.categories.values(), self.spec.uncategorised]
+            for names in maps:
                 if ds.name in names:
                     return names[ds.name]
         return ds.main_metric
@@ -443,8 +444,8 @@ def tree_version(datasets_dir: Path) -> str | None:
 def load_protocol(cfg: EvalConfig) -> Protocol:
     """The protocol of an eval config, with everything it reads from the user's checkout and tree checked."""
     if cfg.protocol == "own":
-        cats = {c: dict.fromkeys(names) for c, names in cfg.categories.items()}
-        return Protocol("own", None, cfg, categories=cats)  # type: ignore[arg-type]
+        cats: dict[str, dict[str, str | None]] = {c: dict.fromkeys(names) for c, names in cfg.categories.items()}
+        return Protocol("own", None, cfg, categories=cats)
     spec = load_eval_protocol(cfg.protocol, cfg.protocol_file)
     if not cfg.llm_jp_eval_dir:
         raise ConfigError(
@@ -472,7 +473,7 @@ def load_protocol(cfg: EvalConfig) -> Protocol:
     if not _same_line(tv, spec.version):
         raise ProtocolError(f"{folder}: a version {tv} tree, but eval.protocol is {cfg.protocol} ({spec.version}.x)")
     layout = read_v1_layout(checkout) if spec.prompt == "v1-utils" else read_v2_layout(checkout)
-    cats: dict[str, dict[str, str | None]] = {c: dict(d) for c, d in spec.categories.items()}
+    cats = {c: dict(d) for c, d in spec.categories.items()}
     source: str | None = str(cfg.protocol_file or f"params/eval/{cfg.protocol}.yaml")
     no_avg = None
     if spec.categories_from_checkout:  # v2: the checkout's category definition, or none at all

@@ -48,7 +48,7 @@ def score_dataset(
         reason = f"main metric {main!r} is not implemented here"
     elif main in unavailable:
         reason = unavailable[main]
-    main_score = values.get(main) if reason is None else None
+    main_score = values.get(main) if main is not None and reason is None else None
     rate_preds = preds if prepared else [prepare_prediction(p) for p in preds]
     return {
         "samples": len(preds),

@@ -121,8 +121,8 @@ def compare(study: str, results_dir: str | Path = "results", reference: str | Pa
             ref_runs[(folder.parent.name, folder.name)] = vs[0]
     # The spread: per (model, method), the reference value of every seed's run.
     spread: dict[tuple[str, str], list[dict[str, float]]] = {}
-    for (model, folder), d in ref_runs.items():
-        method = split_run_folder(folder)[0]
+    for (model, name), d in ref_runs.items():
+        method = split_run_folder(name)[0]
         spread.setdefault((model, method), []).append(_metrics(_row(model, method, d, "")[0]))
     rows, notes = [], []
     for folder in sorted(p for p in fresh_dir.glob("*/*") if p.is_dir()):

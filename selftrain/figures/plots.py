@@ -196,12 +196,12 @@ def plot_sweep(res: StudyResults) -> Any:
                     ((dict(p.split("=", 1) for p in r["sweep"].split("@")).get(key), r) for _, r in d.iterrows()),
                     key=lambda x: _sweep_key(f"{key}={x[0]}"),
                 )
-                pts = [(v, r) for v, r in pts if v is not None]
-                if not pts:
+                known = [(v, r) for v, r in pts if v is not None]
+                if not known:
                     continue
-                xs = [sweep_value(v) for v, _ in pts]
-                ys = [_num(r[col]) for _, r in pts]
-                err = [_num(r[sd]) if _num(r.get("seeds", 1)) > 1 else math.nan for _, r in pts]
+                xs = [sweep_value(v) for v, _ in known]
+                ys = [_num(r[col]) for _, r in known]
+                err = [_num(r[sd]) if _num(r.get("seeds", 1)) > 1 else math.nan for _, r in known]
                 label = f"{model}: {method}" if len(res.models) > 1 else method
                 ax.errorbar(xs, ys, yerr=np.nan_to_num(err), marker="o", ms=3, lw=1, capsize=2,
                             color=COLORS.get(method), label=label)  # fmt: skip

@@ -231,11 +231,12 @@ class EndpointJudge:
                     f"(or set api_key_env to the name of the variable that does)"
                 )
             key = "EMPTY"  # a local `vllm serve` without --api-key accepts anything
-        common = {"api_key": key, "timeout": settings.timeout_s, "max_retries": 0}
+        common: dict[str, Any] = {"api_key": key, "timeout": settings.timeout_s, "max_retries": 0}
+        self.client: openai.OpenAI
         if settings.azure_api_version:
-            self.client = openai.AzureOpenAI(
-                azure_endpoint=settings.base_url, api_version=settings.azure_api_version, **common
-            )
+            # No base_url: the client reads AZURE_OPENAI_ENDPOINT, as openai's does.
+            endpoint: dict[str, Any] = {"azure_endpoint": settings.base_url} if settings.base_url else {}
+            self.client = openai.AzureOpenAI(api_version=settings.azure_api_version, **endpoint, **common)
         else:
             self.client = openai.OpenAI(base_url=settings.base_url, **common)
 

@@ -71,7 +71,7 @@ def parse_scores(text: str, labels: dict[str, str]) -> dict[str, int]:
 
 def expected_score(logprobs: dict[str, float]) -> float | None:
     """Probability-weighted mean of 1..5 from a token -> logprob map (renormalised over the digits)."""
-    probs = {}
+    probs: dict[int, float] = {}
     for tok, lp in logprobs.items():
         t = unicodedata.normalize("NFKC", tok).strip()
         if t in DIGITS and lp is not None and math.isfinite(lp):

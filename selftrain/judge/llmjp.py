@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -588,7 +589,7 @@ def _finish(it: dict[str, Any], bench: Benchmark) -> None:
 # ------------------------------------------------------------------------------------------- report
 
 
-def _mean(v: list[float]) -> float | None:
+def _mean(v: Sequence[float]) -> float | None:
     return sum(v) / len(v) if v else None
 
 

@@ -61,15 +61,15 @@ def judge_sim(
     else:
         rubric = load_rubric(jcfg.rubric_dir, jcfg.language, "pairwise", PAIRWISE_PLACEHOLDERS)
         labels = LABELS[jcfg.language]["pairwise"]
-        jobs = [
+        pairs = [
             (p, a, b) for p in range(P) for a in range(K) for b in range(K) if a != b and valid[p, a] and valid[p, b]
         ]
-        fill = [rubric.format(question=questions[p], answer_a=pools[p][a], answer_b=pools[p][b]) for p, a, b in jobs]
+        fill = [rubric.format(question=questions[p], answer_a=pools[p][a], answer_b=pools[p][b]) for p, a, b in pairs]
         reqs = [([{"role": "user", "content": text}], labels) for text in fill]
         res = ask(judge, reqs, jcfg.reask, expected, progress)
         wins = np.zeros((P, K, K), dtype=np.float32)  # sum of j-beats-k probabilities from both orders
         seen = np.zeros((P, K, K), dtype=np.float32)
-        for (p, a, b), r in zip(jobs, res, strict=True):
+        for (p, a, b), r in zip(pairs, res, strict=True):
             if r["status"] != "ok":
                 continue
             s = r["scores"]["preference"]

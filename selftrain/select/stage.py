@@ -75,6 +75,7 @@ def _without_original(
     n = cand_valid.shape[1]
     n_valid = cand_valid.sum(1, keepdims=True).astype(np.float32)
     if to_orig is None:
+        assert emb is not None  # without the utilities against the original, the embeddings give them
         to_orig = np.einsum("pkd,pd->pk", emb[:, :n].astype(np.float32, copy=False), emb[:, n].astype(np.float32))
     c = (c_full[:, :n] * n_valid - to_orig) / np.maximum(n_valid - 1.0, 1.0)
     c = np.where(n_valid > 1, c, 0.0)  # a pool of one has nobody to compare with
@@ -132,7 +133,7 @@ def control_pick(
 
 
 def select(
-    emb: np.ndarray,
+    emb: np.ndarray | None,
     cand_valid: np.ndarray,
     method: str,
     low_fraction: float = 0.5,
@@ -150,12 +151,15 @@ def select(
     (candidate index or -1), original_rank (1 = most central in candidates + original), pool_size,
     centrality (P, n+1) of the pool the method uses (original column NaN for candidate-only pools).
     """
-    P, K = (sim if sim is not None else emb).shape[:2]
+    pool = sim if sim is not None else emb
+    if pool is None:
+        raise ValueError("select needs the embeddings (emb) or the pairwise utilities (sim)")
+    P, K = pool.shape[:2]
     n = K - 1
     if cand_valid.shape != (P, n):
         raise ValueError(f"cand_valid has shape {cand_valid.shape}, expected {(P, n)}")
     with_orig = np.concatenate([cand_valid, np.ones((P, 1), bool)], axis=1)
-    c_full = centrality(emb, with_orig) if sim is None else centrality_from_sim(sim, with_orig)
+    c_full = centrality_from_sim(sim, with_orig) if sim is not None else centrality(pool, with_orig)
     # The original's rank among candidates + original is a diagnostic for every method.
     n_valid = cand_valid.sum(1)
     higher = (np.where(cand_valid, c_full[:, :n], -np.inf) > c_full[:, n : n + 1] + tol).sum(1)

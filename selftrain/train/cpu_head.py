@@ -64,6 +64,7 @@ def use_plain_cpu_head(model: Any, temperature: float = 1.0, outputs: tuple[str,
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         if shift_labels is None:
+            assert labels is not None  # TRL's fused head is always called with labels or shift_labels
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
@@ -110,7 +111,7 @@ def plain_lm_head() -> Iterator[None]:
     """
     from trl.trainer import dpo_trainer, sft_trainer
 
-    modules = (sft_trainer, dpo_trainer)
+    modules: tuple[Any, ...] = (sft_trainer, dpo_trainer)  # their module-level add_fused_lm_head is replaced
     originals = [m.add_fused_lm_head for m in modules]
 
     def patched(original: Any) -> Any:

@@ -447,22 +447,14 @@ def _make_trainer(
     peft: Any,
     ref: Any = None,
 ) -> Any:
+    shared = {"model": model, "train_dataset": dataset, "processing_class": tok, "callbacks": callbacks}
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(**{**common, **block})
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks, peft_config=peft
-        )
-    else:
-        from trl import DPOConfig, DPOTrainer
+        return SFTTrainer(args=SFTConfig(**{**common, **block}), peft_config=peft, **shared)
+    from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**{**common, **block})
-        trainer = DPOTrainer(
-            model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks,
-            peft_config=peft,
-        )  # fmt: skip
-    return trainer
+    return DPOTrainer(ref_model=ref, args=DPOConfig(**{**common, **block}), peft_config=peft, **shared)
 
 
 # ------------------------------------------------------------------------------------------- views
