@@ -133,14 +133,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             + "\n  ".join(bad)
         )
     # Tests of the gpu tier need a CUDA device: skipped, with the reason, elsewhere (CI has none).
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
     import torch
 
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (tier gpu); run on a GPU machine")
-    for item in items:
-        if item.get_closest_marker("gpu"):
-            item.add_marker(skip)
+    for item in gpu:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

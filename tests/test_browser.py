@@ -3,12 +3,14 @@ server on 127.0.0.1 over a fresh copy of the repository. 01 and 02 are opened, a
 parameters cell, Run All; the saved notebooks must hold no error and a plot. Then a long generation is
 interrupted and no model may stay alive in the kernel. Screenshots go to .test-artifacts/browser/.
 
-Skipped, with the reason, where Chromium (apt-get install chromium) or Playwright is missing.
+Skipped, with the reason, where Chromium (apt-get install chromium) or Playwright is missing, unless
+SELFTRAIN_REQUIRE_BROWSER=1 (.ci/run, once Chromium is installed): then their absence fails the tests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -24,14 +26,31 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/lib/chromium/chromium")  # the binary; /usr/bin/chromium is a wrapper script
+# The binary (/usr/bin/chromium is a wrapper script); SELFTRAIN_CHROMIUM points elsewhere (the test of the rule below).
+CHROMIUM = Path(os.environ.get("SELFTRAIN_CHROMIUM", "/usr/lib/chromium/chromium"))
 ARTIFACTS = ROOT / ".test-artifacts" / "browser"
 PANEL = ".jp-NotebookPanel:visible"  # the notebook in the current tab (earlier tabs stay in the page, hidden)
+# .ci/run sets it once Chromium is installed: from then on a missing browser fails these tests instead of skipping.
+REQUIRED = os.environ.get("SELFTRAIN_REQUIRE_BROWSER") == "1"
 
-pytestmark = [
-    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} not found: apt-get install chromium"),
-]
-playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+
+def _missing() -> str | None:
+    if not CHROMIUM.is_file():
+        return f"{CHROMIUM} not found: apt-get install chromium"
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright not installed: pip install playwright (the dev extra)"
+    return None
+
+
+MISSING = _missing()
+pytestmark = [pytest.mark.skipif(MISSING is not None and not REQUIRED, reason=str(MISSING))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def browser_present() -> None:
+    """Skipped above where no browser was expected; where it was (SELFTRAIN_REQUIRE_BROWSER=1), its absence fails."""
+    if MISSING is not None:
+        pytest.fail(f"{MISSING} (SELFTRAIN_REQUIRE_BROWSER=1: the browser tests were expected to run)")
 
 
 def _free_port() -> int:
@@ -89,7 +108,9 @@ def jupyterlab(workdir: Path) -> Iterator[tuple[str, Path]]:
 @contextlib.contextmanager
 def chromium_page() -> Iterator[object]:
     """A page of Debian's Chromium driven by Playwright (never a downloaded browser)."""
-    with playwright_api.sync_playwright() as p:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=str(CHROMIUM),
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

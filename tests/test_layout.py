@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -216,3 +217,23 @@ def test_a_test_without_a_tier_or_with_two_is_refused(tmp_path: Path) -> None:
     (tests / "test_planted.py").unlink()
     proc = _collect(tmp_path, tmp_path / "items.jsonl", "tests")
     assert proc.returncode != 0 and "tests/test_layout.py::test_two: tiers notebook, unit" in proc.stdout + proc.stderr
+
+
+def test_ci_fails_the_browser_tier_when_chromium_was_expected(tmp_path: Path) -> None:
+    """.ci/run runs lint and every tier; once Chromium is installed (SELFTRAIN_REQUIRE_BROWSER=1) a missing browser
+    fails the browser tests instead of skipping them; without it they skip, saying why."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make lint" in ci and "make test" in ci and "SELFTRAIN_REQUIRE_BROWSER=1" in ci
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_browser.py"]
+    env = {**os.environ, "SELFTRAIN_CHROMIUM": str(tmp_path / "no-chromium")}
+    expected = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, "SELFTRAIN_REQUIRE_BROWSER": "1"}
+    )
+    assert expected.returncode == 1, expected.stdout[-2000:]
+    summary = expected.stdout.splitlines()[-1]  # a failing fixture: the tests end as errors, none skipped
+    assert re.search(r"\d+ (failed|errors?)", summary) and "skipped" not in summary, summary
+    assert "no-chromium not found" in expected.stdout
+    optional = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, "SELFTRAIN_REQUIRE_BROWSER": "0"}
+    )
+    assert optional.returncode == 0 and "skipped" in optional.stdout and "no-chromium not found" in optional.stdout
