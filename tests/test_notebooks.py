@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -19,6 +21,80 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
+def _literal(node: ast.expr) -> bool:
+    """A plain value: a string, number, bool or None, or a list of those (`overrides`)."""
+    if isinstance(node, ast.Constant):
+        return node.value is None or isinstance(node.value, str | int | float | bool)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, int | float)
+    return isinstance(node, ast.List) and all(isinstance(e, ast.Constant) and _literal(e) for e in node.elts)
+
+
+def parameters_problems(source: str) -> list[str]:
+    """What in a parameters cell is not `name = literal`, one statement per line (comments and blank lines aside),
+    plus what papermill's own reading of the cell warns about (a second "=" on a line, even in its comment)."""
+    from papermill.translators import PythonTranslator
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as e:
+        return [f"line {e.lineno}: not Python ({e.msg})"]
+    problems = []
+    for node in tree.body:
+        plain = (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and _literal(node.value)
+            and node.lineno == node.end_lineno
+        )
+        if not plain:
+            problems.append(f"line {node.lineno}: not name = literal: {ast.get_source_segment(source, node)}")
+    if len({n.lineno for n in tree.body}) != len(tree.body):
+        problems.append("two statements on one line")
+    warned = _Messages()
+    logger = logging.getLogger("papermill")
+    logger.addHandler(warned)
+    try:
+        params = PythonTranslator.inspect(nbformat.v4.new_code_cell(source))
+    finally:
+        logger.removeHandler(warned)
+    problems += [f"papermill: {w}" for w in warned.messages]
+    names = [n.targets[0].id for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)]
+    if [p.name for p in params] != names:
+        problems.append(f"papermill reads the parameters {[p.name for p in params]}, the cell sets {names}")
+    return problems
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "source",
+    [
+        "x = 1 if y else 2\n",
+        "import os\n",
+        "x = f()\n",
+        "a = b = 1\n",
+        "x = [f()]\n",
+        "x = 1; y = 2\n",
+        "x = {'a': 1}\n",
+        'x = 1  # e.g. "n=2"\n',  # papermill: "Unable to parse line 1"
+        "x = (\n    1\n)\n",
+    ],
+)
+def test_the_parameters_check_refuses_what_is_not_a_plain_value(source: str) -> None:
+    assert parameters_problems(source), source
+    assert not parameters_problems('# a comment, "a=b"\nx = 1  # why\ny = -0.5\nz = ["a", "b"]\nw = None\n')
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebooks_are_thin_and_stripped(path: Path) -> None:
@@ -28,8 +104,7 @@ def test_notebooks_are_thin_and_stripped(path: Path) -> None:
         assert not code and "07_figures.ipynb" in nb.cells[0].source
         return
     assert "parameters" in code[0].metadata.get("tags", [])
-    for line in code[0].source.splitlines():  # plain values only
-        assert line.split("#")[0].strip() == "" or " = " in line
+    assert parameters_problems(code[0].source) == [], path.name  # plain values only, as papermill reads them
     md = [c.source for c in nb.cells if c.cell_type == "markdown"]
     assert "What to look at" in "".join(md) or path.name == "07_figures.ipynb" and "look at" in "".join(md)
     if path.name != "07_figures.ipynb":  # each step links the next one
