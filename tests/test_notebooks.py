@@ -115,6 +115,28 @@ def test_notebooks_are_thin_and_stripped(path: Path) -> None:
             assert bad not in c.source, f"{path.name}: '{bad}' in a cell"
 
 
+@pytest.mark.unit
+def test_notebooks_carry_the_metadata_jupyterlab_writes() -> None:
+    """Opening a notebook in JupyterLab starts its kernel, which reports its kernelspec and language_info; where the
+    file already holds them (and JupyterLab's serialisation), autosave has nothing to write and git stays clean.
+    The Python patch version is compared on major.minor only: another 3.11.x rewrites it on a first save."""
+    from ipykernel.ipkernel import IPythonKernel
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    lang = dict(IPythonKernel.language_info)
+    for path in NOTEBOOKS:
+        text = path.read_text(encoding="utf-8")
+        nb = nbformat.reads(text, as_version=4)
+        assert text == nbformat.writes(nb) + "\n", f"{path.name}: not as Jupyter writes it (nbformat.write)"
+        meta = nb.metadata
+        assert meta["kernelspec"] == {"display_name": spec.display_name, "language": "python", "name": "python3"}
+        shown = dict(meta["language_info"])
+        assert shown.pop("version").split(".")[:2] == lang.pop("version").split(".")[:2], path.name
+        assert shown == lang, path.name
+        lang = dict(IPythonKernel.language_info)
+
+
 def test_study_runner_end_to_end_and_resume(tiny_overrides: list[str], tmp_path: Path) -> None:
     logs: list[str] = []
     res = run_study("params/studies/tiny.yaml", overrides=tiny_overrides, log=logs.append)
