@@ -41,6 +41,19 @@ def git_commit(folder: str | Path) -> str | None:
     return sha or None
 
 
+def committed_text(path: str | Path) -> str | None:
+    """A file of the project as its HEAD commit holds it (stripped); None outside the project's repository, for a
+    file HEAD does not hold, or when git cannot tell."""
+    root = project_root()
+    try:
+        rel = Path(path).resolve().relative_to(root.resolve())
+    except ValueError:
+        return None
+    if git_commit(root) is None:
+        return None
+    return _git(root, "show", f"HEAD:{rel.as_posix()}")
+
+
 def git_state() -> dict[str, Any]:
     """The project's commit (git_commit of its root) and whether tracked files differ from it."""
     root = project_root()

@@ -268,6 +268,7 @@ def test_notebook_07_executes_and_shows_results(executed: nbformat.NotebookNode)
     assert all(c.execution_count is not None for c in code)
     text = json.dumps([c.outputs for c in code])
     assert "missing: tiny-1.8b/drop-low v001: stage judge failed" in text  # printed by make_figures
+    assert "drew tiny-150m: baseline v001, central v001, " in text  # which version of each run it drew
     assert "stage judge failed" in text and "metrics/eval.json missing" in text  # the missing table
     assert text.count("image/png") == 6  # the six figures, each shown once
 
@@ -324,3 +325,37 @@ def test_regenerating_from_unchanged_results_gives_identical_bytes(tmp_path: Pat
     assert not any(f.exists() for f in stale)  # a table the study no longer produces does not stay behind
     assert first.keys() == second.keys()
     assert [k for k in first if first[k] != second[k]] == []
+
+
+@pytest.mark.integration
+def test_07_refuses_to_redraw_a_committed_reference_from_other_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A study whose tables are committed (as results/demo is): with redraw_reference=False (notebook 07's default)
+    figures come only from the runs those tables were drawn from; a newer complete run is named and refused, and
+    nothing is written; the runs drawn are printed; redraw_reference=True (the command line) redraws."""
+    import subprocess
+
+    proj = tmp_path / "proj"
+    results, study_file = build_tree(proj)
+    shutil.copytree(ROOT / "params", proj / "params")
+    shutil.copy(ROOT / "pyproject.toml", proj / "pyproject.toml")
+    monkeypatch.setenv("SELFTRAIN_ROOT", str(proj))
+    figures.make_figures(STUDY, results, study_file=study_file, redraw_reference=False)  # not committed: drawn
+    assert "drew tiny-150m: baseline v001, central v001, " in capsys.readouterr().out
+    git = ["git", "-C", str(proj), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "reference"], check=True)
+    study_dir = results / STUDY
+    tables = {p: p.read_bytes() for p in (study_dir / "tables").iterdir()}
+    figures.make_figures(STUDY, results, study_file=study_file, redraw_reference=False)  # the same runs: fine
+    write_run(study_dir, "v003", "tiny-150m", "central", 0, 1, STAGES)  # a newer complete run (a later `make demo`)
+    with pytest.raises(ConfigError) as e:
+        figures.make_figures(STUDY, results, study_file=study_file, redraw_reference=False)
+    assert "committed reference" in str(e.value) and "new: tiny-150m/central/v003" in str(e.value)
+    assert "not drawn: tiny-150m/central/v001" in str(e.value) and "redraw_reference = True" in str(e.value)
+    assert {p: p.read_bytes() for p in (study_dir / "tables").iterdir()} == tables  # nothing written
+    res = figures.make_figures(STUDY, results, study_file=study_file)  # the command line redraws
+    assert res.runs[("tiny-150m", "central")].name == "v003"
+    assert "tiny-150m/central/v003" in figures.drawn_runs(pd.read_csv(study_dir / "tables" / "results.csv"))
