@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from selftrain.config import ConfigError, RunConfig, dump_config, load_resolved, resolve_run_config
-from selftrain.inference import exact_numerics
+from selftrain.inference import exact_numerics, free_memory, release_frames
 from selftrain.io import FileLock, atomic_write_text, read_json, read_jsonl, sha256_file, sha256_json, write_json
 from selftrain.models import resolve_model_path
 from selftrain.paths import UnsafePath, output_folder, resolve_path
@@ -32,6 +32,19 @@ _SUMMARY_SKIP = {"datasets", "categories", "errors", "quality", "safety", "endpo
 
 class StageNotDone(RuntimeError):
     """A stage needs another stage's outputs; the message names the notebook to run first."""
+
+
+def _interrupt_in_one_line(e: KeyboardInterrupt, stage: str) -> None:
+    """What a notebook shows for an interrupted stage: one line, not a traceback through every frame the stage went
+    through. IPython asks an exception for `_render_traceback_` when it shows it, once every frame has returned:
+    their locals (the model, an engine, a trainer) are cleared then, so the line says true."""
+
+    def render() -> list[str]:
+        release_frames(e)
+        free_memory()
+        return [f"KeyboardInterrupt: stage {stage} stopped; its model was released (run the cell again to redo it)"]
+
+    e._render_traceback_ = render  # type: ignore[attr-defined]  # IPython looks the hook up on the exception
 
 
 def _now() -> str:
@@ -143,6 +156,8 @@ class Run:
                 yield info
         except BaseException as e:
             _failed(e)
+            if isinstance(e, KeyboardInterrupt):
+                _interrupt_in_one_line(e, name)
             raise
         try:
             record = self._finish(name, info, start, inputs)

@@ -244,6 +244,7 @@ def test_an_interrupted_generation_leaves_no_model_in_the_kernel(page: object, l
         time.sleep(0.5)
     page.screenshot(path=str(ARTIFACTS / "interrupted.png"), full_page=True)
     assert page.locator("text=KeyboardInterrupt").count() > 0
+    assert page.locator("text=its model was released").count() > 0  # one line, not the stage's frames
     # A new cell at the end counts the models still alive in the kernel.
     page.locator(f"{PANEL} .jp-Cell").last.click()
     page.keyboard.press("Escape")

@@ -193,6 +193,38 @@ def test_an_interrupted_generation_releases_the_model(tiny_model: Path, monkeypa
     assert held.value is not None and refs and refs[0]() is None  # freed, though the traceback is held
 
 
+def test_an_interrupted_stage_ends_in_one_line_and_releases_its_model(
+    tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stage 01 interrupted mid-generation: what IPython shows in the notebook (the exception's _render_traceback_) is
+    one line saying the model was released, and it is: nothing the traceback holds keeps it alive."""
+    import gc
+    import weakref
+
+    refs: list[weakref.ref] = []
+    real = inference.load_hf
+
+    def interrupt(module, inputs):
+        raise KeyboardInterrupt  # as Jupyter's stop button does
+
+    def spy(*args, **kwargs):
+        model, tok = real(*args, **kwargs)
+        refs.append(weakref.ref(model))
+        model.model.layers[0].register_forward_pre_hook(interrupt)
+        return model, tok
+
+    monkeypatch.setattr(inference, "load_hf", spy)
+    run = _run(tiny_overrides, "central", ["generation.seed=41"])
+    with pytest.raises(KeyboardInterrupt) as held:
+        generate.run(run, progress=False)
+    shown = held.value._render_traceback_()
+    assert len(shown) == 1 and "released" in shown[0]
+    assert shown[0].startswith("KeyboardInterrupt: stage generate stopped")
+    gc.collect()
+    assert refs and refs[0]() is None
+    assert run.manifest()["stages"]["generate"]["status"] == "failed" and not run.is_done("generate")
+
+
 def test_selection_n_uses_a_prefix_of_the_generation(tiny_overrides: list[str]) -> None:
     """generation.n=3 once; selection.n=2 selects among candidates 0 and 1 only (plus the original), reusing the
     same candidates file and embeddings; a control arm runs on the same pool."""
