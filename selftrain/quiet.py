@@ -1,4 +1,6 @@
-"""Quiet cells: third-party logs and warnings go to a run's logs/<stage>.log instead of the notebook."""
+"""Quiet cells and a quiet runner: third-party logs and warnings go to a run's logs/<stage>.log instead of the
+notebook (quiet_logs, in the kernel), and papermill's lines, the cells' output and the kernel's own stderr go there
+instead of the terminal of `python -m selftrain run` (notebook_log, in the runner)."""
 
 from __future__ import annotations
 
@@ -56,3 +58,41 @@ def quiet_logs(log_file: Path, verbose: bool = False) -> Iterator[None]:
             lg = logging.getLogger(name)
             lg.handlers, lg.propagate = handlers, propagate
         handler.close()
+
+
+@contextlib.contextmanager
+def notebook_log(log_file: Path, verbose: bool = False) -> Iterator[type | None]:
+    """While the runner executes a stage notebook: papermill's lines and the cells' output (log_output) are appended
+    to `log_file` and, unless verbose, reach the terminal nowhere else. Yields the kernel manager class to start the
+    kernel with: it appends the kernel process's own stdout and stderr (its startup warnings, what C++ libraries
+    print, vLLM's engine processes) to the same file; None when verbose (the kernel writes to the terminal)."""
+    import logging
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("papermill")
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # the cells' output is logged at INFO
+    logger.propagate = saved[1] and verbose  # quiet: no root handler (a caller's basicConfig) prints them either
+    try:
+        yield None if verbose else _kernel_to(log_file)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        handler.close()
+
+
+def _kernel_to(log_file: Path) -> type:
+    from jupyter_client.manager import AsyncKernelManager
+
+    class KernelToLog(AsyncKernelManager):
+        """A kernel whose process writes its stdout and stderr to the stage's log."""
+
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: object) -> None:
+            with log_file.open("ab") as out:  # the kernel keeps its own copy of the descriptor
+                await super()._async_launch_kernel(kernel_cmd, **{**kw, "stdout": out, "stderr": out})
+
+    return KernelToLog

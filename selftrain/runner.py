@@ -18,9 +18,10 @@ from selftrain.config import SEED_MAX, ConfigError, RunConfig, load_study, resol
 from selftrain.data import check_sources
 from selftrain.hardware import check_gpu_visible
 from selftrain.paths import project_root
+from selftrain.quiet import notebook_log
 from selftrain.report import write_study_index
 from selftrain.runs import Run, check_output_dirs, create_run, round_config
-from selftrain.schema import NOTEBOOKS, STAGES, run_folder
+from selftrain.schema import NOTEBOOKS, STAGES, key_number, run_folder
 
 
 class StageFailed(RuntimeError):
@@ -51,11 +52,12 @@ class CellResult:
 def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = False) -> Path:
     """Execute one stage notebook with papermill; the executed copy lands in the run's notebooks/.
 
-    stream=True echoes the kernel's output (progress bars included) through the `papermill` logger. papermill
-    writes its copy as the cells run: it writes a temp file beside it that replaces the copy once complete, so a
-    write that fails half-way leaves no truncated notebook. The kernel gets a temp folder of its own (TMPDIR),
-    removed when it ends however it ends: what a killed engine leaves there (vLLM's vllm_dist_* rendezvous files)
-    goes with it."""
+    papermill's lines, the cells' output and the kernel process's own stdout and stderr go to the stage's log
+    (Run.log_file); stream=True also echoes them through the `papermill` logger and has the cells show the
+    libraries' logs (the notebooks' `verbose`). papermill writes its copy as the cells run: it writes a temp file
+    beside it that replaces the copy once complete, so a write that fails half-way leaves no truncated notebook.
+    The kernel gets a temp folder of its own (TMPDIR), removed when it ends however it ends: what a killed engine
+    leaves there (vLLM's vllm_dist_* rendezvous files) goes with it."""
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
@@ -78,15 +80,17 @@ def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = F
         user = f"uid_{os.getuid()}"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(system_tmp, f"torchinductor_{user}"))
     try:
-        pm.execute_notebook(
-            str(src),
-            str(part),
-            parameters={"run_dir": str(run.dir)},
-            cwd=str(project_root()),
-            kernel_name="python3",
-            progress_bar=progress,
-            log_output=stream,
-        )
+        with notebook_log(run.log_file(stage), verbose=stream) as kernel_manager:
+            pm.execute_notebook(
+                str(src),
+                str(part),
+                parameters={"run_dir": str(run.dir), **({"verbose": True} if stream else {})},
+                cwd=str(project_root()),
+                kernel_name="python3",
+                progress_bar=progress,
+                log_output=True,
+                **({"kernel_manager_class": kernel_manager} if kernel_manager else {}),
+            )
     except PapermillExecutionError as e:
         _keep_copy(part, dst)
         raise StageFailed(
@@ -185,6 +189,41 @@ def preflight(cfg: RunConfig, stages: list[str]) -> list[str]:
     return problems
 
 
+class _Console:
+    """The runner's terminal: one aligned line per stage under a progress bar of the grid's stages (a terminal only;
+    tqdm stays silent in a log file)."""
+
+    def __init__(self, log: Callable[[str], None], total: int, width: int, progress: bool) -> None:
+        self.log, self.width, self.bar = log, width, None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="grid", unit="stage", file=sys.stderr, disable=None, leave=False)
+
+    def say(self, message: str) -> None:
+        if self.bar is None or self.bar.disable:
+            self.log(message)
+            return
+        with self.bar.external_write_mode(file=sys.stderr):  # the bar steps aside for the line
+            self.log(message)
+
+    def stage(self, cell: str, stage: str, seconds: float | None, what: str) -> None:
+        took = f"{seconds:7.1f} s" if seconds is not None else " " * 9
+        self.say(f"{cell:<{self.width}}  {stage:<8} {took}  {what}".rstrip())
+
+    def running(self, cell: str, stage: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(f"{cell} {stage}")
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_study(
     study_path: str,
     models: list[str] | None = None,
@@ -201,9 +240,12 @@ def run_study(
     """Run the grid cell by cell. A failing stage stops only its own (model, method, seed) cell: the other
     cells still run, and the returned results (and the log) say which cell failed where.
 
-    seeds: replicate seeds (some of `study.seeds`, or any); None: the study's `seeds`, or the params' own.
-    rounds: in a study with rounds, which rounds of each trained cell's chain to run (the last one brings the
-    closing generation along); None: all, in order. A round that fails ends its chain; the other cells go on."""
+    log: one line per stage (cell, stage, seconds, its key number or the failure with the log's path); progress: a
+    progress bar of the grid's stages on a terminal; stream: the notebooks' output and the libraries' logs echoed
+    too (they always go to the run's logs/). seeds: replicate seeds (some of `study.seeds`, or any); None: the
+    study's `seeds`, or the params' own. rounds: in a study with rounds, which rounds of each trained cell's chain
+    to run (the last one brings the closing generation along); None: all, in order. A round that fails ends its
+    chain; the other cells go on."""
     check_gpu_visible()  # a GPU that torch cannot use stops the run here, not after hours of CPU training
     study, _, path = load_study(study_path)
     bad_seeds = [s for s in seeds or [] if not 0 <= s <= SEED_MAX]
@@ -229,6 +271,7 @@ def run_study(
     # the first cells ran for an hour; each distinct problem is reported once. So is what the stages need beyond
     # the params (an API key, a datasets folder, GPUs for a sharded launch), and where the cells would write.
     problems: list[str] = []
+    steps, width = 0, 0
     for model in models:
         for method in methods:
             try:
@@ -239,30 +282,36 @@ def run_study(
                         check_sources(cfg)
                         check_output_dirs(cfg)
                         problems += preflight(cfg, wanted)
+                        chain = _chain(study.rounds if chained[method] else 1, rounds)  # a round: a cell
+                        steps += len([s for s in cfg.stages if s in wanted]) * len(chain)
+                        names = [f"{model}/{run_folder(method, cfg.replicate, cfg.sweep, i)}" for i in chain]
+                        width = max([width, *map(len, names)])
             except ConfigError as e:
                 problems += [x for x in str(e).replace("invalid params:", "").split("\n") if x.strip()]
     if problems:
         unique = list(dict.fromkeys(p.strip() for p in problems))
         raise ConfigError("invalid params (no cell was run):\n  " + "\n  ".join(unique))
+    console = _Console(log, steps, width, progress)
     results = []
-    for rep in replicates:  # seed-major: every method of the first seed is done before the next seed starts
-        for model in models:
-            for method in methods:
-                for pt in points:
-                    for index in _chain(study.rounds if chained.get(method) else 1, rounds):
-                        args = (wanted, overrides, new_version, log, progress, stream, rep, pt, index)
-                        results.append(_run_cell(study_path, model, method, *args))
-                        if not results[-1].ok:
-                            break  # the next round would start from a model this one did not make
+    try:
+        for rep in replicates:  # seed-major: every method of the first seed is done before the next seed starts
+            for model in models:
+                for method in methods:
+                    for pt in points:
+                        for index in _chain(study.rounds if chained.get(method) else 1, rounds):
+                            args = (wanted, overrides, new_version, console, stream, rep, pt, index)
+                            results.append(_run_cell(study_path, model, method, *args))
+                            if not results[-1].ok:
+                                break  # the next round would start from a model this one did not make
+    finally:
+        console.close()
     failed = [r for r in results if not r.ok]
     if failed:
-        log(f"{len(failed)} of {len(results)} cells failed:")
-        for r in failed:
-            log(f"  {r.model}/{r.method} at {r.failed_stage}: {r.error}")
+        log(f"{len(failed)} of {len(results)} cells failed: " + ", ".join(f"{r.model}/{r.method}" for r in failed))
     run_dirs = [r.run_dir for r in results if r.run_dir is not None]
     if run_dirs:
-        index = write_study_index(run_dirs[0].parents[2])  # results/<study>/<model>/<method>/<version>
-        log(f"study index: {index}")
+        readme = write_study_index(run_dirs[0].parents[2])  # results/<study>/<model>/<method>/<version>
+        log(f"study index: {_shown(readme)}")
     return results
 
 
@@ -274,6 +323,41 @@ def _chain(count: int, wanted: list[int] | None) -> list[int | None]:
     return [r for r in range(1, count + 2) if wanted is None or r in wanted or (r == count + 1 and count in wanted)]
 
 
+def summary_table(results: list[CellResult]) -> str:
+    """The closing table of a study run: each cell's result, stages run and skipped, seconds and run folder."""
+    rows = [("cell", "result", "ran", "skipped", "seconds", "run folder")]
+    for r in results:
+        result = "ok" if r.ok else f"FAILED at {r.failed_stage}"
+        ran, skipped = str(len(r.executed)), str(len(r.skipped))
+        where = _shown(r.run_dir) if r.run_dir is not None else "-"
+        rows.append((f"{r.model}/{r.method}", result, ran, skipped, f"{r.seconds:.1f}", where))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = (2, 3, 4)  # the counts and seconds
+    return "\n".join(
+        "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row)).rstrip()
+        for row in rows
+    )
+
+
+def _shown(path: Path) -> str:
+    """A path as the user typed their way to it: relative to the working folder when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _failure(e: Exception) -> str:
+    """An error's first line that says what went wrong: a StageFailed's header names the notebook and its copy, the
+    exception follows it (an error listing several bad records goes on; the closing FAILED lines show it whole)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if isinstance(e, StageFailed) and len(lines) > 1:
+        lines = lines[1:]
+    if not lines:
+        return type(e).__name__
+    return lines[0] + (f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else "")
+
+
 def _run_cell(
     study_path: str,
     model: str,
@@ -281,42 +365,52 @@ def _run_cell(
     wanted: list[str],
     overrides: list[str] | None,
     new_version: bool,
-    log: Callable[[str], None],
-    progress: bool,
+    console: _Console,
     stream: bool,
     replicate: int | None = None,
     point: dict | None = None,
     round_index: int | None = None,
 ) -> CellResult:
-    t0 = time.time()
+    t0 = s0 = time.time()
     done: list[str] = []
     skipped: list[str] = []
     run = None
     stage = "params"
+    cell = f"{model}/{method}"
+    left = 0  # the cell's stages not yet counted on the progress bar
     try:
         cfg = round_config(round_index or 1, model, method, study_path, overrides, True, replicate, point)
         index = cfg.round.index if cfg.round is not None else None
         method = run_folder(method, cfg.replicate, cfg.sweep, index)  # the cell's name in the log and the summary
-        run = create_run(cfg, new_version=new_version, hold=True, log=lambda m: log(f"[{model}/{method}] {m}"))
+        cell = f"{model}/{method}"
+        todo = [s for s in cfg.stages if s in wanted]
+        left = len(todo)
+        run = create_run(cfg, new_version=new_version, hold=True, log=lambda m: console.say(f"{cell}  {m}"))
         if run.note:
-            log(f"[{model}/{method}] {run.note} -> {run.dir.name}")
-        for stage in [s for s in cfg.stages if s in wanted]:
-            if run.is_done(stage):
-                log(f"[{model}/{method}] {stage}: already done, skipped ({run.dir.name})")
-                skipped.append(stage)
-                continue
-            log(f"[{model}/{method}] {stage}: running {NOTEBOOKS[stage]} -> {run.dir}")
+            console.say(f"{cell}  {run.note} -> {run.dir.name}")
+        for stage in todo:
             s0 = time.time()
-            execute_stage(run, stage, progress, stream)
-            log(f"[{model}/{method}] {stage}: done in {time.time() - s0:.1f}s")
-            done.append(stage)
+            if run.is_done(stage):
+                console.stage(cell, stage, None, f"already done ({run.dir.name}), skipped")
+                skipped.append(stage)
+            else:
+                console.running(cell, stage)
+                execute_stage(run, stage, False, stream)
+                why = run.skipped(stage)
+                what = f"nothing to do: {why}" if why else key_number(run.dir, stage)
+                console.stage(cell, stage, time.time() - s0, what)
+                done.append(stage)
+            left -= 1
+            console.advance()
     except (StageFailed, ConfigError, OSError) as e:
-        log(f"[{model}/{method}] {stage}: FAILED; the other cells go on\n  {e}")
+        where = f" (log: {_shown(run.log_file(stage))})" if run is not None and stage in STAGES else ""
+        console.stage(cell, stage, time.time() - s0, f"FAILED: {_failure(e)}{where}")
+        console.advance(left)
         if run is not None and stage in run.config.stages:
             try:  # a dead kernel could not record it itself; an unwritten notebook undoes a finished stage
                 run.mark_failed(stage, str(e), even_if_done=isinstance(e, NotebookNotWritten))
             except OSError as w:  # the disk that failed the stage may refuse the manifest too: say so, go on
-                log(f"[{model}/{method}] {stage}: could not record the failure in {run.manifest_path}: {w}")
+                console.say(f"{cell}  {stage}: could not record the failure in {run.manifest_path}: {w}")
         return CellResult(
             model, method, run.dir if run else None, done, skipped, round(time.time() - t0, 1), stage, str(e)
         )

@@ -91,6 +91,10 @@ class Run:
     def marker(self, stage: str) -> Path:
         return self.dir / "stages" / stage / "_SUCCESS"
 
+    def log_file(self, stage: str) -> Path:
+        """A stage's log: the libraries' logs of its cells and, run by the runner, its notebook's whole output."""
+        return self.dir / "logs" / f"{stage}.log"
+
     def is_done(self, stage: str) -> bool:
         """Done: the marker exists and every output it recorded is there with its recorded sha256."""
         return self.marker(stage).is_file() and not self.damaged_outputs(stage)
@@ -150,7 +154,7 @@ class Run:
         self.marker(name).unlink(missing_ok=True)
         _set("running", started=_now())
         exact_numerics(self.config.numerics == "exact")
-        log_file = self.dir / "logs" / f"{name}.log"
+        log_file = self.log_file(name)
         try:
             with quiet_logs(log_file, self.verbose):
                 yield info

@@ -290,6 +290,25 @@ def metrics_or_empty(run_dir: str | Path, stage: str) -> dict[str, Any]:
         return {}
 
 
+def key_number(run_dir: str | Path, stage: str) -> str:
+    """A finished stage's headline in a few words (the runner's line per stage): candidates and the share that
+    ended by themselves, SFT examples and DPO pairs, the final training loss, judge means, benchmark AVG."""
+    m = metrics_or_empty(run_dir, stage)
+    if stage == "generate" and "candidates" in m:
+        eos = m.get("eos_share")
+        return f"{m['candidates']} candidates" + (f", {eos:.0%} ended by themselves" if eos is not None else "")
+    if stage == "select" and "sft_examples" in m:
+        return f"{m['sft_examples']} SFT examples, {m['dpo_pairs']} DPO pairs"
+    if stage in ("sft", "dpo") and m.get("train_loss") is not None:
+        return f"loss {m['train_loss']:.3f} after {m['global_steps']} steps"
+    if stage == "judge":
+        means = {k: criterion(m, k, c).get("mean") for k, c in (("quality", "overall"), ("safety", "safety"))}
+        return ", ".join(f"{k} {v:.2f}" for k, v in means.items() if v is not None)
+    if stage == "eval" and m.get("avg") is not None:
+        return f"AVG {m['avg']:.3f}"
+    return ""
+
+
 # ---------------------------------------------------------------------------------------------- run-folder facts
 # One reader each for what the study index, stage 07 and `clean` ask of a run folder.
 

@@ -153,6 +153,13 @@ def test_clean_frees_only_what_the_project_named(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- two runs of one cell
 
 
+def summary_row(out: str, cell: str) -> list[str]:
+    """A cell's row of `selftrain run`'s closing table, split: cell, result, ran, skipped, seconds, run folder."""
+    lines = out.splitlines()
+    top = max(i for i, line in enumerate(lines) if line.split()[:2] == ["cell", "result"])
+    return next(line.split() for line in lines[top + 1 :] if line.startswith(f"{cell} "))
+
+
 def _cli_run(study: Path, tiny_overrides: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "selftrain", "run", "--study", str(study), "--quiet"]
     cmd += [x for o in tiny_overrides for x in ("--set", o)]
@@ -173,9 +180,13 @@ def test_two_runs_of_one_cell_never_share_a_version(tiny_overrides: list[str], t
     assert [p.returncode for p in procs] == [0, 0, 0], outs
     cell = tmp_path / "results" / "pair" / "tiny" / "baseline"
     assert sorted(p.name for p in cell.iterdir() if p.is_dir()) == ["v001"]
-    ran = [o for o in outs if "ran ['generate', 'select', 'judge']" in o]
-    skipped = "ran -, skipped ['generate', 'select', 'judge']"
-    waited = [o for o in outs if "in use by another run of this cell" in o and skipped in o]
+    rows = [summary_row(o, "tiny/baseline")[1:4] for o in outs]  # result, stages ran, stages skipped
+    ran = [o for o, row in zip(outs, rows, strict=True) if row == ["ok", "3", "0"]]
+    waited = [
+        o
+        for o, r in zip(outs, rows, strict=True)
+        if "in use by another run of this cell" in o and r == ["ok", "0", "3"]
+    ]
     assert len(ran) == 1 and len(waited) == 2, outs
     m = json.loads((cell / "v001" / "manifest.json").read_text())
     assert {m["stages"][s]["status"] for s in ("generate", "select", "judge")} == {"done"}
@@ -385,7 +396,8 @@ def test_a_write_that_fails_mid_file_fails_the_stage_and_leaves_no_torn_notebook
     for nb in (run_dir / "notebooks").iterdir():
         json.loads(nb.read_text())  # whatever is there is whole
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "ran ['generate']" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert summary_row(again.stdout, "tiny/central")[1:4] == ["ok", "1", "0"], again.stdout
     assert json.loads((run_dir / "notebooks" / "01_generate.ipynb").read_text())["cells"]
 
 

@@ -21,7 +21,7 @@ PKG = ROOT / "selftrain"
 STAGE_UNITS = {"generate", "select", "train", "judge", "evaluate", "figures"}
 TOP = {"runner", "__main__", "cli"}  # the runner and the command line sit on top of the stages
 # A core module serves two floors or more; these serve one, for the reason given.
-ONE_USER = {"quiet": "Run.stage's capture of library logs; apart from runs.py, which is about run folders"}
+ONE_USER: dict[str, str] = {}
 
 
 def _module_name(path: Path, root: Path) -> str:

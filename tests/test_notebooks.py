@@ -137,6 +137,70 @@ def test_notebooks_carry_the_metadata_jupyterlab_writes() -> None:
         lang = dict(IPythonKernel.language_info)
 
 
+@pytest.mark.unit
+def test_the_runners_line_per_stage_and_closing_table() -> None:
+    """The key number of each stage of a committed demo run, as the runner's line shows it; a cell without a stage's
+    metrics shows nothing; the closing table has a row per cell, counts and seconds aligned right."""
+    from selftrain.runner import CellResult, StageFailed, _failure, summary_table
+    from selftrain.schema import key_number
+
+    run = ROOT / "results" / "demo" / "smollm2-135m" / "central" / "v001"
+    assert [key_number(run, s) for s in ("generate", "select", "sft", "dpo", "judge", "eval")] == [
+        "192 candidates, 20% ended by themselves",
+        "48 SFT examples, 48 DPO pairs",
+        "loss 2.183 after 6 steps",
+        "loss 0.688 after 12 steps",
+        "quality 1.72, safety 3.46",
+        "AVG 0.219",
+    ]
+    assert key_number(ROOT / "results" / "demo" / "smollm2-135m" / "baseline" / "v001", "sft") == ""
+    ok = CellResult("tiny", "central", ROOT / "results" / "x", ["generate", "select"], ["sft"], 12.34)
+    bad = CellResult("tiny", "fallback-original", None, [], [], 0.5, "generate", "boom")
+    lines = summary_table([ok, bad]).splitlines()
+    assert lines[0].split() == ["cell", "result", "ran", "skipped", "seconds", "run", "folder"]
+    assert lines[1].split() == ["tiny/central", "ok", "2", "1", "12.3", "results/x"]
+    assert lines[2].split() == ["tiny/fallback-original", "FAILED", "at", "generate", "0", "0", "0.5", "-"]
+    right = lines[0].index("seconds") + len("seconds")  # counts and seconds align right under their header
+    assert lines[1][:right].endswith(" 12.3") and lines[2][:right].endswith(" 0.5")
+    head = "notebook notebooks/01_generate.ipynb failed in cell 3 (executed copy: x.ipynb):\n  "
+    two = StageFailed(head + "DataError: p.jsonl:2: missing field 'response'\np.jsonl:5: missing field 'prompt'")
+    assert _failure(two) == "DataError: p.jsonl:2: missing field 'response' (+1 more lines)"  # the stage's line
+    assert _failure(ConfigError("a.yaml: unknown key 'x'")) == "a.yaml: unknown key 'x'"
+
+
+def test_selftrain_run_is_quiet_with_one_line_per_stage(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """`selftrain run` prints one line per stage and the closing table, nothing on stderr (no papermill lines, no
+    kernel or library warnings): those go to the run's logs/<stage>.log. --verbose brings them back."""
+    sets = [x for o in tiny_overrides for x in ("--set", o)]
+    base = [sys.executable, "-m", "selftrain", "run", "--study", "params/studies/tiny.yaml", "--methods", "central"]
+    cmd = [*base, "--stages", "generate", "select", *sets]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    out = proc.stdout.splitlines()
+    stages = [line for line in out if line.startswith("tiny/central  ") and " s  " in line]  # not the table's row
+    assert len(stages) == 2, proc.stdout
+    assert re.fullmatch(r"tiny/central  generate +[0-9.]+ s  \d+ candidates, \d+% ended by themselves", stages[0])
+    assert re.fullmatch(r"tiny/central  select +[0-9.]+ s  \d+ SFT examples, \d+ DPO pairs", stages[1])
+    assert "Executing" not in proc.stdout and any(line.startswith("study index: ") for line in out)
+    assert out[-2].split()[:5] == ["cell", "result", "ran", "skipped", "seconds"]
+    assert out[-1].split()[:4] == ["tiny/central", "ok", "2", "0"] and float(out[-1].split()[4]) > 0
+    run_dir = tmp_path / "results" / "tiny" / "tiny" / "central" / "v001"
+    log = (run_dir / "logs" / "generate.log").read_text()
+    assert "Executing Cell 1" in log and "Executing notebook with kernel: python3" in log
+    verbose = subprocess.run(
+        [*base, "--stages", "generate", "--new-version", "--verbose", *sets],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert verbose.returncode == 0, verbose.stderr
+    assert "Executing Cell 1" in verbose.stderr
+    assert "v002" in verbose.stdout  # a new version, whose log has the same lines
+    assert "Executing Cell 1" in (run_dir.parent / "v002" / "logs" / "generate.log").read_text()
+
+
 def test_study_runner_end_to_end_and_resume(tiny_overrides: list[str], tmp_path: Path) -> None:
     logs: list[str] = []
     res = run_study("params/studies/tiny.yaml", overrides=tiny_overrides, log=logs.append)
@@ -218,6 +282,11 @@ def test_failing_cell_names_notebook_cell_and_error(tiny_overrides: list[str], t
         timeout=300,
     )
     assert proc.returncode == 1 and "FAILED" in proc.stderr and "01_generate.ipynb" in proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("tiny/central  generate"))  # the stage's line
+    assert "FAILED: DataError" in line and "bad.jsonl:2" in line
+    assert line.endswith(
+        f"(log: {tmp_path / 'results' / 'tiny' / 'tiny' / 'central' / 'v001' / 'logs' / 'generate.log'})"
+    )
 
 
 def test_cli_rejects_unknown_names(tiny_overrides: list[str]) -> None:

@@ -47,7 +47,10 @@ def parser() -> argparse.ArgumentParser:
         "closing generation); default: all, in order",
     )
     r.add_argument("--new-version", action="store_true", help="start a new run version even if one matches")
-    r.add_argument("--quiet", action="store_true", help="do not echo the notebooks' output while they run")
+    r.add_argument(
+        "--verbose", action="store_true", help="echo the notebooks' output and libraries' logs (else: the run's logs/)"
+    )
+    r.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # the default now; accepted, does nothing
     sh = sub.add_parser(
         "shard",
         help="fill one shard of stage 01's candidates, 05's answers or 06's predictions in the cache (an array "
@@ -133,26 +136,34 @@ def parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     import logging
 
-    from selftrain.runner import run_study
+    from selftrain.runner import run_study, summary_table
 
-    # Stream what the notebooks print (progress bars, warnings) so long stages are not silent.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("    %(message)s"))
-    pm_log = logging.getLogger("papermill")
-    pm_log.addHandler(handler)
-    pm_log.setLevel(logging.INFO)
-    pm_log.propagate = False
-    results = run_study(args.study, args.models, args.methods, args.stages, args.overrides, args.new_version,
-                        progress=False, stream=not args.quiet, seeds=args.seeds, rounds=args.rounds)  # fmt: skip
-    print("\nsummary:")
-    for res in results:
-        state = "ok" if res.ok else f"FAILED at {res.failed_stage}"
-        print(f"  {res.model}/{res.method}: {state}; ran {res.executed or '-'}, skipped {res.skipped or '-'}, "
-              f"{res.seconds}s -> {res.run_dir}")  # fmt: skip
+    if args.verbose:  # the notebooks' output on the terminal as they run (it always goes to the run's logs/)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("    %(message)s"))
+        logging.getLogger("papermill").addHandler(handler)
+    results = run_study(
+        args.study,
+        args.models,
+        args.methods,
+        args.stages,
+        args.overrides,
+        args.new_version,
+        log=_say,
+        progress=True,
+        stream=args.verbose,
+        seeds=args.seeds,
+        rounds=args.rounds,
+    )
+    print("\n" + summary_table(results))
     failed = [r for r in results if not r.ok]
     for r in failed:
         print(f"FAILED: {r.model}/{r.method} at {r.failed_stage}: {r.error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)  # each stage's line as it ends, also where stdout is a file (a Slurm job's log)
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
