@@ -121,7 +121,7 @@ def rounds_table(res: StudyResults) -> pd.DataFrame:
         baseline = runs.get((model, run_folder("baseline", seed, point)))
         for k in range(count + 1):
             scores_from = baseline if k == 0 else chain.get(k)
-            row = {"model": model, "method": method, "sweep": rest, "seed": seed, "round": k}
+            row: dict[str, Any] = {"model": model, "method": method, "sweep": rest, "seed": seed, "round": k}
             row |= _candidates(chain.get(k + 1)) | _scores(scores_from)
             row["candidates_from"] = _name(chain.get(k + 1), res.study_dir)
             row["scores_from"] = _name(scores_from, res.study_dir)
