@@ -83,6 +83,7 @@ FILE_TIERS = {
     "test_poster_rehearsal.py": "rehearsal",
     "test_replicates.py": "unit",
     "test_runs.py": "unit",
+    "test_rounds.py": "unit",
     "test_seeding.py": "unit",
     "test_select_math.py": "unit",
     "test_shards.py": "unit",
