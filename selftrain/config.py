@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -1234,7 +1235,9 @@ def validate_params_file(path: str | Path) -> None:
 PairedMetric = Literal["quality", "safety", "eval_exact", "eval_sampled"]
 
 
-DEFAULT_DIFFERENCE: dict[str, float] = {"quality": 0.25, "safety": 0.25, "eval_exact": 0.05, "eval_sampled": 0.05}
+DEFAULT_DIFFERENCE: dict[PairedMetric, float] = {
+    "quality": 0.25, "safety": 0.25, "eval_exact": 0.05, "eval_sampled": 0.05,
+}  # fmt: skip
 
 
 class FiguresPower(_Section):
@@ -1249,11 +1252,15 @@ class FiguresPower(_Section):
 
     @field_validator("difference")
     @classmethod
-    def _named(cls, v: dict[str, float]) -> dict[str, float]:
+    def _named(cls, v: dict[PairedMetric, float]) -> dict[PairedMetric, float]:
         bad = {k: x for k, x in v.items() if not x > 0}
         if bad:
             raise ValueError(f"differences must be above 0, got {bad}")
         return {**DEFAULT_DIFFERENCE, **v}
+
+    def difference_for(self, metric: str) -> float:
+        """The difference to detect for a metric; nan for one stage 07 does not pair."""
+        return {str(k): v for k, v in self.difference.items()}.get(metric, math.nan)
 
     @model_validator(mode="after")
     def _levels(self) -> FiguresPower:

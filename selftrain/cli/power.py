@@ -145,7 +145,7 @@ def plan_power(
                     rows.append(power_row({
                         "model": model, "method": method, "sweep": label, "versus": versus, "metric": metric,
                         "items": n_items.get(metric, math.nan), "sd": sd, "sd_from": sd_from, "family": len(family),
-                        "alpha": settings.alpha / len(family), "named": settings.difference.get(metric, math.nan),
+                        "alpha": settings.alpha / len(family), "named": settings.difference_for(metric),
                         "seeds": seeds, "seed_sd": seed_sd if seeds > 1 or not math.isnan(seed_sd) else math.nan,
                     }, settings))  # fmt: skip
     cols = PLAN_COLUMNS if any(r["sweep"] for r in rows) else [c for c in PLAN_COLUMNS if c != "sweep"]

@@ -33,13 +33,13 @@ def chat_turns(instruction: str, few_shots: Sequence[Mapping[str, str]], input_t
 
 
 def fit_prompt(
-    render: Callable[[Sequence[Mapping[str, str]]], str],
+    render: Callable[[Sequence[Mapping[str, str]]], Any],
     shots: Sequence[Mapping[str, str]],
     output_length: int,
-    count_tokens: Callable[[str], int],
+    count_tokens: Callable[[Any], int],
     max_len: int,
     shorten: bool = True,
-) -> tuple[str, int, bool]:
+) -> tuple[Any, int, bool]:
     """The prompt with the given few-shots, and with shorten=True fewer (k lowered) until prompt + output
     fit in max_len. Returns (prompt, k used, fits).
 

@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,14 @@ def plan_predictions(
         shots = protocol.few_shots(ds)
         wanted[ds.name] = len(shots)
         for i, s in enumerate(ds.samples[: cfg.max_samples]):
-            prompt, k, fits = fit_prompt(
-                (lambda sh, ds=ds, s=s: chat_turns(ds.instruction, sh, s["input"]))
+            # A string prompt, or chat turns (eval.chat_layout turns).
+            render: Callable[[Sequence[Mapping[str, str]]], Any] = (
+                partial(chat_turns, ds.instruction, input_text=s["input"])
                 if turns
-                else (lambda sh, ds=ds, s=s: protocol.prompt(ds, sh, s["input"])),
+                else partial(protocol.prompt, ds, input_text=s["input"])
+            )
+            prompt, k, fits = fit_prompt(
+                render,
                 shots,
                 protocol.max_new_tokens(ds),
                 count,
@@ -105,7 +110,7 @@ def plan_predictions(
                 shorten=protocol.own,
             )
             if ds.name not in examples:  # eval.json shows one prompt per dataset, as text
-                examples[ds.name] = (
+                examples[ds.name] = str(
                     tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if turns else prompt
                 )
             jobs.append({"ds": ds, "index": i, "sample": s, "prompt": prompt, "few_shots": k, "fits": fits})
@@ -204,8 +209,8 @@ def evaluate(
             shard_folder = prediction_shards(cache_dir, p.key)
             outs, made = run_sharded(shard_folder, _split(p, cfg, backend), produce)
     seconds = time.perf_counter() - t0
-    for j, o in zip(todo, sorted(outs, key=lambda r: r["prompt_index"]), strict=True):
-        j["out"] = o
+    for j, out in zip(todo, sorted(outs, key=lambda r: r["prompt_index"]), strict=True):
+        j["out"] = out
     k = cfg.sampled.k
     sampled_seconds = 0.0
     if k and todo:
@@ -503,7 +508,7 @@ def plot_categories(categories: pd.DataFrame, datasets: pd.DataFrame | None = No
     ax.set_ylim(min(0.0, *values) - 0.05 if values else 0.0, 1.0)
     ax.set_ylabel("score (0-1)")
     ax.set_title("Category scores (grey: not in AVG)")
-    if panels == 2:
+    if panels == 2 and datasets is not None:
         ax = axes[0][1]
         x = list(range(len(datasets)))
         ax.bar([i - 0.2 for i in x], datasets["score"], width=0.4, label="score (main metric)")

@@ -54,11 +54,11 @@ def item_scores(d: Path | None) -> dict[str, dict[Any, float]]:
         if isinstance(v, int | float):
             out["quality" if key == "overall" else "safety"][it.get("id")] = float(v)
     for r in _items(d, "eval_predictions.jsonl"):
-        key = (r.get("dataset"), r.get("index"))
+        pair = (r.get("dataset"), r.get("index"))
         if isinstance(r.get("exact"), bool):
-            out["eval_exact"][key] = float(r["exact"])
+            out["eval_exact"][pair] = float(r["exact"])
         if isinstance(r.get("sampled_exact"), int | float) and not isinstance(r.get("sampled_exact"), bool):
-            out["eval_sampled"][key] = float(r["sampled_exact"])
+            out["eval_sampled"][pair] = float(r["sampled_exact"])
     return out
 
 
@@ -92,7 +92,7 @@ def paired_table(res: StudyResults, baseline: str = "baseline", methods: list[st
     both scored; Holm across them per model and metric."""
     rows = []
     for model, metric, family in comparisons(res, baseline, methods):
-        block = []
+        block: list[dict[str, Any]] = []
         for method, label, diff in family:
             mean, lo, hi = paired_bootstrap(diff)
             block.append({"model": model, "method": method, "sweep": label, "metric": metric, "items": len(diff),
@@ -180,7 +180,8 @@ def plot_length(res: StudyResults) -> Any:
     models = res.models or ["-"]
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        xs, ys = [], []
+        xs: list[float] = []
+        ys: list[float] = []
         for method in res.methods:
             for label, d in point_runs(res, model, method):
                 pts = quality_points(d)

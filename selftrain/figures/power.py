@@ -79,7 +79,7 @@ def power_table(res: StudyResults, settings: FiguresPower | None = None) -> pd.D
     settings = settings or load_figures_power(res.spec_path)
     rows = []
     controls = [m for m in res.methods if m in CONTROLS]
-    plans = [("baseline", None, res.paired)]
+    plans: list[tuple[str, list[str] | None, pd.DataFrame | None]] = [("baseline", None, res.paired)]
     if "central" in res.methods and controls:
         plans.append(("central", controls, res.controls))
     for versus, methods, table in plans:
@@ -101,7 +101,7 @@ def power_table(res: StudyResults, settings: FiguresPower | None = None) -> pd.D
                     "model": model, "method": method, "sweep": label, "versus": versus, "metric": metric,
                     "items": len(diff), "observed": float(diff.mean()), "sd": _sd(diff),
                     "family": int(np.sum(~np.isnan(p))), "alpha": alpha,
-                    "named": settings.difference.get(metric, math.nan),
+                    "named": settings.difference_for(metric),
                     "seeds": len(seeds), "seed_sd": _sd(seeds),
                 }, settings))  # fmt: skip
     return pd.DataFrame(rows).reindex(columns=with_sweep(POWER_COLUMNS, rows))
