@@ -6,7 +6,9 @@ import contextlib
 import getpass
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -70,7 +72,7 @@ def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = F
     os.environ.setdefault("SELFTRAIN_ROOT", str(project_root()))
     system_tmp = tempfile.gettempdir()  # this process keeps the system's temp folder; the kernel gets its own
     sweep_scratch(system_tmp)
-    scratch = tempfile.mkdtemp(prefix=f"selftrain-{stage}-{os.getpid()}-")
+    scratch = tempfile.mkdtemp(prefix=f"selftrain-{stage}-{os.getpid()}@{socket.gethostname()}-")
     old_tmp = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = scratch
     # The cache torch's compiler keeps in the temp folder by default stays where it was, shared across stages.
@@ -121,18 +123,23 @@ def execute_stage(run: Run, stage: str, progress: bool = False, stream: bool = F
     return dst
 
 
+SCRATCH = re.compile(r"^selftrain-[a-z]+-(\d+)@(.+)-[a-z0-9_]+$")  # selftrain-<stage>-<pid>@<host>-<mkdtemp's>
+
+
 def sweep_scratch(folder: str) -> list[Path]:
-    """Removes the kernel temp folders (selftrain-<stage>-<pid>-*) of runners that are gone: a runner killed with
-    SIGKILL cannot remove its own, and vLLM leaves its rendezvous file there. Only this user's, only dead pids."""
+    """Removes the kernel temp folders (selftrain-<stage>-<pid>@<host>-*) of runners that are gone: a runner killed
+    with SIGKILL cannot remove its own, and vLLM leaves its rendezvous file there. Only this user's, only this
+    host's (a temp folder shared by cluster nodes holds other nodes' live runners), only dead pids."""
     import psutil
 
     gone = []
-    for d in Path(folder).glob("selftrain-*-*-*"):
-        parts = d.name.split("-")
-        if len(parts) < 4 or not parts[2].isdigit() or not d.is_dir() or d.is_symlink():
+    host = socket.gethostname()
+    for d in Path(folder).glob("selftrain-*"):
+        m = SCRATCH.match(d.name)
+        if not m or m.group(2) != host or not d.is_dir() or d.is_symlink():
             continue
         try:
-            if d.stat().st_uid != os.getuid() or psutil.pid_exists(int(parts[2])):
+            if d.stat().st_uid != os.getuid() or psutil.pid_exists(int(m.group(1))):
                 continue
         except OSError:
             continue

@@ -558,22 +558,26 @@ def test_a_killed_engine_leaves_no_vllm_files_in_the_temp_folder(tiny_overrides:
 
 
 def test_a_dead_runners_kernel_temp_folder_is_swept(tmp_path: Path) -> None:
-    """A runner killed with SIGKILL leaves selftrain-<stage>-<pid>-*; the next runner removes it, and leaves a
-    live runner's folder and anything not shaped like ours alone."""
+    """A runner killed with SIGKILL leaves selftrain-<stage>-<pid>@<host>-*; the next runner removes it, and leaves
+    a live runner's folder, another host's and anything not shaped like ours alone."""
+    import socket
     import subprocess
 
     from selftrain.runner import sweep_scratch
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = tmp_path / f"selftrain-generate-{dead.pid}-abc"
+    host = socket.gethostname()
+    stale = tmp_path / f"selftrain-generate-{dead.pid}@{host}-abc"
     (stale / "sub").mkdir(parents=True)
     (stale / "sub" / "vllm_dist_x").write_text("x")
-    live = tmp_path / f"selftrain-judge-{os.getpid()}-def"
+    live = tmp_path / f"selftrain-judge-{os.getpid()}@{host}-def"
     live.mkdir()
+    elsewhere = tmp_path / f"selftrain-sft-{dead.pid}@not-{host}-ghi"  # another node's runner, on a shared folder
+    elsewhere.mkdir()
     other = tmp_path / "selftrain-bench"
     other.mkdir()
     odd = tmp_path / "selftrain-eval-notapid-x"
     odd.mkdir()
     assert sweep_scratch(str(tmp_path)) == [stale]
-    assert not stale.exists() and live.exists() and other.exists() and odd.exists()
+    assert not stale.exists() and live.exists() and other.exists() and odd.exists() and elsewhere.exists()
