@@ -341,7 +341,14 @@ class TrainingConfig(_Section):
         "through `srun`, each with its machine rank and the first node as the main address. None: the "
         "allocation's node count (SLURM_JOB_NUM_NODES), or 1 outside Slurm.",
     )
-    launch_port: int = Field(29500, ge=1024, le=65535, description="Main process port of a multi-node launch.")
+    launch_port: int | None = Field(
+        None,
+        ge=1024,
+        le=65535,
+        description="Main process port of a launch. None: picked per launch, so two cells' launches on one node never "
+        "share one: a free port on one machine; across machines 20000 + SLURM_JOB_ID mod 10000 (every node of the "
+        "job computes the same).",
+    )
 
     @model_validator(mode="after")
     def _launch_config_exists(self) -> TrainingConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -136,10 +137,17 @@ def test_killed_kernel_takes_the_ranks_down_and_the_stage_resumes(tiny_overrides
     assert not trainer_dir.exists() and (train.checkpoints_dir(run, "sft") / "final" / "_SUCCESS").is_file()
 
 
-def test_launch_commands_for_one_and_two_nodes(tiny_overrides: list[str], tmp_path: Path) -> None:
+def test_launch_commands_for_one_and_two_nodes(
+    tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "123457")
     cfg = resolve_run_config("tiny", "central", overrides=[*tiny_overrides, "training.launch=fsdp",
                                                             "training.launch_processes=4"])  # fmt: skip
     argv = launch.command(cfg, tmp_path / "run", "dpo", tmp_path / "start", tmp_path / "r.json", python="py")
+    # one machine: a port free here now (two cells launched side by side on one node never share 29500 any more)
+    port = int(argv[argv.index("--main_process_port") + 1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
     assert argv[:4] == ["py", "-m", "accelerate.commands.launch", "--config_file"]
     assert argv[4].endswith("params/accelerate/fsdp.yaml") and argv[argv.index("--num_processes") + 1] == "4"
     assert argv[-6:] == ["--worker", str(tmp_path / "run"), "dpo", str(tmp_path / "start"), str(tmp_path / "r.json")][
@@ -150,7 +158,9 @@ def test_launch_commands_for_one_and_two_nodes(tiny_overrides: list[str], tmp_pa
     assert argv[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     script = argv[-1]
     assert "--num_processes 8" in script and "--num_machines 2" in script and '--machine_rank "$SLURM_NODEID"' in script
-    assert '--main_process_ip "$MAIN"' in script and "--main_process_port 29500" in script
+    assert '--main_process_ip "$MAIN"' in script and "--main_process_port 23457" in script  # 20000 + job id % 10000
+    fixed = two.model_copy(update={"training": two.training.model_copy(update={"launch_port": 29600})})
+    assert "--main_process_port 29600" in launch.command(fixed, tmp_path, "sft", tmp_path, tmp_path / "r")[-1]
     assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
     # The script's own variables: the main address is the allocation's first host.
     fake = tmp_path / "bin"
@@ -215,3 +225,19 @@ def test_vllm_tensor_parallel_size_reaches_the_engine_and_the_cache_key(tiny_ove
     key = {(b, tp): generation_key(folder, prompts, cfg.generation, b, 512, tp) for b in ("vllm", "transformers")
            for tp in (1, 4)}  # fmt: skip
     assert key["vllm", 1] != key["vllm", 4] and key["transformers", 1] == key["transformers", 4]
+
+
+def test_ranks_share_the_tasks_cpus(tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads per rank: the task's CPUs (the script's OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK, else this process's
+    CPUs) divided among the machine's processes; before issue 28 each rank took the whole node's CPU count / ranks."""
+    cfg = resolve_run_config("tiny", "central", overrides=[*tiny_overrides, *DDP])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert launch.rank_threads(cfg) == 3 and launch._env(cfg)["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert launch._env(cfg)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert launch._env(cfg)["OMP_NUM_THREADS"] == "1"  # never 0
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert launch.rank_threads(cfg) == max(1, len(os.sched_getaffinity(0)) // 2)

@@ -11,6 +11,9 @@ output goes to the run's ``logs/<stage>-launch.log``.
 More than one machine (`training.launch_nodes`, or SLURM_JOB_NUM_NODES inside an allocation): the child is
 ``srun --nodes N --ntasks-per-node 1`` over the allocation, each node's accelerate given its machine rank
 (SLURM_NODEID) and the first node of the allocation as the main address.
+
+Each launch has a port of its own (`main_port`) and each rank its share of the task's CPUs (`rank_threads`), so two
+cells launched side by side on one node neither collide on a port nor oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -58,6 +61,37 @@ def nodes(cfg: RunConfig) -> int:
     return int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1)
 
 
+PORT_BASE, PORT_SPAN = 20000, 10000  # job-derived ports: below Linux's ephemeral range (32768 and up)
+
+
+def main_port(cfg: RunConfig, n_nodes: int) -> int:
+    """The launch's main process port: training.launch_port if set; else, across machines, one every node of the
+    Slurm job derives alike from its job id (array tasks have ids of their own); else a port free here now."""
+    if cfg.training.launch_port:
+        return cfg.training.launch_port
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if n_nodes > 1 and job.isdigit():
+        return PORT_BASE + int(job) % PORT_SPAN
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def task_cpus() -> int:
+    """The CPUs this task may use: OMP_NUM_THREADS where the caller set the budget (the sbatch scripts do), else
+    Slurm's CPUs per task, else the CPUs this process may run on."""
+    for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return len(os.sched_getaffinity(0))
+
+
+def rank_threads(cfg: RunConfig) -> int:
+    """Threads per training process on a machine: the task's CPUs shared among its processes (no oversubscription)."""
+    return max(1, task_cpus() // processes(cfg))
+
+
 def distributed_type(config: Path) -> str:
     """The `distributed_type` of an accelerate config file (NO, MULTI_GPU, FSDP, DEEPSPEED, ...)."""
     import yaml
@@ -76,10 +110,11 @@ def command(
     if per_node * n_nodes > 1 and distributed_type(config) == "NO":
         acc.append("--multi_gpu")  # a one-process config asked for several processes: plain DDP
     worker = ["-m", WORKER, "--worker", str(run_dir), kind, str(start), str(result)]
+    port = str(main_port(cfg, n_nodes))
     if n_nodes == 1:
-        return [*acc, "--num_machines", "1", *worker]
+        return [*acc, "--num_machines", "1", "--main_process_port", port, *worker]
     multi = [*acc, "--num_machines", str(n_nodes), "--machine_rank", '"$SLURM_NODEID"',
-             "--main_process_ip", '"$MAIN"', "--main_process_port", str(cfg.training.launch_port), *worker]  # fmt: skip
+             "--main_process_ip", '"$MAIN"', "--main_process_port", port, *worker]  # fmt: skip
     line = " ".join(a if a.startswith('"$') else shlex.quote(a) for a in multi)
     script = f'MAIN=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1); exec {line}'
     return ["srun", f"--nodes={n_nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", script]
@@ -115,7 +150,7 @@ def watch_parent(interval_s: float = 2.0) -> None:
 def _env(cfg: RunConfig) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env[PARENT_ENV] = f"{socket.gethostname()} {os.getpid()}"
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes(cfg))))  # no oversubscription
+    env["OMP_NUM_THREADS"] = str(rank_threads(cfg))  # the task's CPUs shared among its ranks
     src = str(project_root())
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
