@@ -581,3 +581,39 @@ def test_a_dead_runners_kernel_temp_folder_is_swept(tmp_path: Path) -> None:
     odd.mkdir()
     assert sweep_scratch(str(tmp_path)) == [stale]
     assert not stale.exists() and live.exists() and other.exists() and odd.exists() and elsewhere.exists()
+
+
+_STAGE02 = """
+import json, sys
+from selftrain import select
+from selftrain.runs import open_run
+run = open_run(sys.argv[1])
+select.run(run, progress=False)
+print(json.dumps(json.loads((run.metrics_dir / "select.json").read_text())))
+"""
+
+
+def test_two_methods_embedding_one_model_at_once_compute_it_once(
+    tiny_overrides: list[str], tmp_path: Path, cache_dir: Path
+) -> None:
+    """Issue 28: stage 02's embeddings do not depend on the method, yet each method's stage 02 computed them when
+    they started together (four array tasks of one model: four passes). The entry's lock makes one compute and the
+    other wait and read it; one entry, recorded, both selections made from the same embeddings."""
+    from selftrain import generate
+
+    ov = [*tiny_overrides, "generation.seed=4200"]
+    runs = [create_run(resolve_run_config("tiny", m, overrides=ov)) for m in ("central", "fallback-original")]
+    for run in runs:
+        generate.run(run, progress=False)
+    procs = [subprocess.Popen([sys.executable, "-c", _STAGE02, str(r.dir)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for r in runs]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    metas = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    assert sorted(m["embedding_cache_hit"] for m in metas) == [False, True]
+    key = metas[0]["embedding_cache"]
+    assert metas[1]["embedding_cache"] == key
+    assert (cache_dir / "embeddings" / f"{key}.npy").is_file() and (
+        cache_dir / "embeddings" / f"{key}.npy.sha256"
+    ).is_file()
+    assert not [p for p in (cache_dir / "embeddings").iterdir() if p.name.endswith(".tmp")]

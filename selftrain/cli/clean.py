@@ -101,7 +101,7 @@ def unreferenced(
                             lock_path(entry)))  # fmt: skip
     for entry in sorted((cache / "embeddings").glob("*.npy")) if (cache / "embeddings").is_dir() else []:
         if EMBEDDING_KEY.match(entry.stem) and entry.stem not in emb_keys:
-            out.append(Item(entry, _size(entry), "embedding cache no run's select.json names"))
+            out.append(Item(entry, _size(entry), "embedding cache no run's select.json names", lock_path(entry)))
     return out
 
 

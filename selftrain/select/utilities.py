@@ -5,7 +5,8 @@ embeddings (cosine is the utility) or a utility matrix per pool, with what the s
 computed. Stage 02 looks the utility up in UTILITIES; a new one is a function here and a line in the table.
 
 - ``self-embedding``: the target model's own pooled hidden states over the response tokens (`embedding.*`), cached
-  by model + candidates + params under ``<cache_dir>/embeddings/`` and shared by every method of a model;
+  by model + candidates + params under ``<cache_dir>/embeddings/`` and shared by every method of a model: computed
+  once, under the entry's lock (the other methods' stage 02 started at the same time wait and read it);
 - ``embedder``: an external sentence embedder (`selection.embedder`);
 - ``chrf``: sentence chrF, character 1-6-grams (lexical MBR);
 - ``judge``: the stage-05 judge's pointwise scores or pairwise preferences (`selection.judge`).
@@ -28,6 +29,7 @@ from selftrain.models import model_fingerprint, resolve_model_path
 from selftrain.paths import resolve_path
 from selftrain.select.judge_utility import judge_sim
 from selftrain.select.similarity import centre, chrf_sim, embedder_embeddings
+from selftrain.shards import holding
 
 
 @dataclass
@@ -59,10 +61,10 @@ class Scored:
 
 def self_embedding(p: Pools) -> Scored:
     cfg, n, n_all = p.cfg, p.n, p.cfg.generation.n
-    emb, key = _embeddings(cfg, p.prompts, p.texts, p.cand_file, p.progress)  # every candidate: shared cache
+    emb, key, hit = _embeddings(cfg, p.prompts, p.texts, p.cand_file, p.progress)  # every candidate: shared cache
     emb = centre(emb[:, [*range(n), n_all]], p.valid, cfg.embedding.center)
     numerics = {"dtype": inference_dtype(cfg.model.dtype, "transformers"), "backend": "transformers"}
-    return Scored(emb=emb, cache_key=key, numerics=numerics)
+    return Scored(emb=emb, cache_key=key, numerics=numerics, metrics={"embedding_cache_hit": hit})
 
 
 def embedder(p: Pools) -> Scored:
@@ -172,9 +174,10 @@ def _embed_batches(
 
 def _embeddings(
     cfg: RunConfig, prompts: list[dict], texts: list[list[str]], cand_file: Path, progress: bool
-) -> tuple[np.ndarray, str]:
-    """(P, n+1, d) embeddings and their cache key; cached by model + candidates + embedding params (shared by
-    methods)."""
+) -> tuple[np.ndarray, str, bool]:
+    """(P, n+1, d) embeddings, their cache key and whether the cache had them; cached by model + candidates +
+    embedding params (shared by methods). The entry's lock is held while it is looked up and filled: of several
+    methods' stage 02 at once (array tasks of one model), one computes and the others wait and read it."""
     folder = resolve_model_path(cfg.model.path, cfg.output.cache_dir)
     key = sha256_json(
         {
@@ -187,19 +190,20 @@ def _embeddings(
     )[:16]
     cache = resolve_path(cfg.output.cache_dir) / "embeddings" / f"{key}.npy"
     P, K = len(prompts), len(texts[0]) + 1
-    emb = load_cached_npy(cache, "embedding")
-    if emb is not None:
-        return emb.reshape(P, K, -1), key
-    model, tok = load_hf(folder, cfg.model.dtype, padding_side="right")
-    convs = [p["messages"] for p in prompts for _ in range(K)]
-    resps = [t for p, row in zip(prompts, texts, strict=True) for t in [*row, p["original"]]]
-    try:
-        emb = embed_responses(model, tok, convs, resps, cfg.embedding, progress)
-    except BaseException as e:
-        release_frames(e)  # an interrupted embedding pass must not keep the model alive in the traceback
-        raise
-    finally:
-        del model
-        free_memory()
-    write_npy(cache, emb, record=True)
-    return emb.reshape(P, K, -1), key
+    with holding(cache):  # embeddings/.<key>.npy.lock
+        emb = load_cached_npy(cache, "embedding")
+        if emb is not None:
+            return emb.reshape(P, K, -1), key, True
+        model, tok = load_hf(folder, cfg.model.dtype, padding_side="right")
+        convs = [p["messages"] for p in prompts for _ in range(K)]
+        resps = [t for p, row in zip(prompts, texts, strict=True) for t in [*row, p["original"]]]
+        try:
+            emb = embed_responses(model, tok, convs, resps, cfg.embedding, progress)
+        except BaseException as e:
+            release_frames(e)  # an interrupted embedding pass must not keep the model alive in the traceback
+            raise
+        finally:
+            del model
+            free_memory()
+        write_npy(cache, emb, record=True)
+    return emb.reshape(P, K, -1), key, False
