@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,11 @@ def _study(tmp_path: Path, seeds: list[int]) -> Path:
     body = {"name": "grid", "models": ["tiny", "smollm2-135m"], "methods": ["baseline", "central", "drop-low"]}
     f.write_text(yaml.safe_dump({"study": {**body, "seeds": seeds}}))
     return f
+
+
+def _table(script: str) -> str:
+    """The task table of a script (its bash arrays), to evaluate without running anything."""
+    return "models=(" + script.split("models=(", 1)[1].split("i=$SLURM_ARRAY_TASK_ID")[0]
 
 
 def _parse_all(files: dict[str, str], folder: Path, prefix: str = "") -> None:
@@ -38,10 +45,9 @@ def test_scripts_cover_every_cell_and_parse(tmp_path: Path, seeds: list[int]) ->
     assert "afterok" in files["submit.sh"]
     _parse_all(files, tmp_path)
     # Evaluate the cell table of task 4 (bash arrays as written) without running selftrain.
-    body = files["cells.sbatch"].split("i=$SLURM_ARRAY_TASK_ID")[0].split("set -euo pipefail")[1]
-    body = "\n".join(line for line in body.splitlines() if not line.startswith("cd "))
-    got = subprocess.run(["bash", "-c", body + '\ni=4; echo "${models[$i]} ${methods[$i]} ${seeds[$i]}"'],
-                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    show = '\ni=4; echo "${models[$i]} ${methods[$i]} ${seeds[$i]}"'
+    got = subprocess.run(["bash", "-c", _table(files["cells.sbatch"]) + show], capture_output=True, text=True)
+    got = got.stdout.split()
     assert got[:2] == ["smollm2-135m", "central"] and got[2:] == ([] if not seeds else ["1"])
 
 
@@ -69,10 +75,9 @@ def test_sharded_generation_gets_one_task_per_shard(tmp_path: Path) -> None:
     p = tmp_path / "generate.sbatch"
     p.write_text(files["generate.sbatch"])
     assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0
-    body_text = files["generate.sbatch"].split("i=$SLURM_ARRAY_TASK_ID")[0].split("set -euo pipefail")[1]
-    body_text = "\n".join(line for line in body_text.splitlines() if not line.startswith("cd "))
-    got = subprocess.run(["bash", "-c", body_text + '\ni=5; echo "${models[$i]} ${seeds[$i]} ${shards[$i]}"'],
-                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    show = '\ni=5; echo "${models[$i]} ${seeds[$i]} ${shards[$i]}"'
+    got = subprocess.run(["bash", "-c", _table(files["generate.sbatch"]) + show], capture_output=True, text=True)
+    got = got.stdout.split()
     assert got == ["smollm2-135m", "1", "2"]
     assert "selftrain shard --study" in files["generate.sbatch"]
 
@@ -88,8 +93,7 @@ def test_sharded_inference_adds_a_shard_array_and_a_finishing_array(tmp_path: Pa
     assert "--array=0-3" in files["finish.sbatch"] and "--stages judge eval" in files["finish.sbatch"]
     assert "--array=0-19" in files["infer.sbatch"]  # 2 methods x 2 seeds x (3 judge + 2 eval shards)
     _parse_all(files, tmp_path)
-    table = files["infer.sbatch"].split("i=$SLURM_ARRAY_TASK_ID")[0].split("set -euo pipefail")[1]
-    table = "\n".join(line for line in table.splitlines() if not line.startswith("cd "))
+    table = _table(files["infer.sbatch"])
     rows = [subprocess.run(["bash", "-c", table + f'\ni={i}; echo "${{models[$i]}} ${{methods[$i]}} ${{seeds[$i]}} '
                             '${stages[$i]} ${shards[$i]}"'], capture_output=True, text=True).stdout.split()
             for i in range(20)]  # fmt: skip
@@ -98,10 +102,56 @@ def test_sharded_inference_adds_a_shard_array_and_a_finishing_array(tmp_path: Pa
     assert sorted(r[4] for r in rows if r[3] == "eval") == sorted(["0", "1"] * 4)
     assert "selftrain shard --study" in files["infer.sbatch"] and '--stage "${stages[$i]}"' in files["infer.sbatch"]
     submit = files["submit.sh"]
-    assert 'cells=$(sbatch --parsable --dependency=afterok:"$gen"' in submit
+    assert 'cells=$(sbatch --parsable --kill-on-invalid-dep=yes --dependency=afterok:"$gen"' in submit
     assert 'inf=$(sbatch --parsable --dependency=afterany:"$cells"' in submit
-    assert 'sbatch --dependency=afterany:"$inf" results/inf/slurm/finish.sbatch' in submit
+    assert 'fin=$(sbatch --parsable --dependency=afterany:"$inf" results/inf/slurm/finish.sbatch)' in submit
     # without sharded inference the cells run every stage and there are three files, as before
     f.write_text(yaml.safe_dump({"study": body}))
     plain = render(str(f))
     assert set(plain) == {"generate.sbatch", "cells.sbatch", "submit.sh"} and "--stages" not in plain["cells.sbatch"]
+
+
+def _header(script: str) -> str:
+    """A script's lines before its task table: the environment it sets up."""
+    return script.split("models=(", 1)[0]
+
+
+def test_every_script_sets_up_its_environment_offline_with_the_tasks_threads(tmp_path: Path) -> None:
+    """Issue 28: the scripts called a bare `python` with neither an environment nor HF_HUB_OFFLINE, and torch took the
+    node's CPU count. Every script now runs the --setup line first, keeps a compute node offline unless the submitter
+    said otherwise, and gives OMP_NUM_THREADS the task's CPUs."""
+    f = tmp_path / "inf.yaml"
+    body = {"name": "inf", "models": ["tiny"], "methods": ["baseline", "central"], "seeds": [1]}
+    f.write_text(yaml.safe_dump({"study": body, "judge": {"answers": {"shards": 2}}, "generation": {"shards": 2},
+                                 "output": {"results_dir": str(tmp_path / "out")}}))  # fmt: skip
+    files = render(str(f), gpus_per_node=0, cpus_per_task=3, setup="source .venv/bin/activate")
+    scripts = [n for n in files if n.endswith(".sbatch")]
+    assert sorted(scripts) == ["cells.sbatch", "finish.sbatch", "generate.sbatch", "infer.sbatch"]
+    for name in scripts:
+        text = files[name]
+        head = _header(text)
+        assert "source .venv/bin/activate" in head and "HF_HUB_OFFLINE" in head and "OMP_NUM_THREADS" in head, name
+        assert "--cpus-per-task=3" in head and "--gpus-per-node" not in head, name  # a CPU cluster: no GPU request
+        assert f"#SBATCH --output={tmp_path / 'out' / 'inf' / 'slurm'}/%x-%A_%a.out" in head, name
+        for env, want in (({"SLURM_CPUS_PER_TASK": "3", "SLURM_CPUS_ON_NODE": "8"}, "3 1"),
+                          ({"SLURM_CPUS_ON_NODE": "8", "HF_HUB_OFFLINE": "0"}, "8 0"), ({}, "1 1")):  # fmt: skip
+            lines = [x for x in head.splitlines() if x.startswith("export ")]
+            script = "\n".join([*lines, 'echo "$OMP_NUM_THREADS $HF_HUB_OFFLINE"'])
+            clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HF_HUB", "OMP_"))}
+            out = subprocess.run(["bash", "-c", script], env={**clean, **env}, capture_output=True, text=True).stdout
+            assert out.strip() == want, (name, env, out)
+    # the default environment line: the virtualenv running the command (this test's, if it is one)
+    default = render(str(f))["cells.sbatch"]
+    activate = Path(sys.prefix) / "bin" / "activate"
+    if sys.prefix != sys.base_prefix and activate.is_file():
+        assert f"source {activate}  # the environment" in default
+    assert "--gpus-per-node=1" in default
+    with pytest.raises(ConfigError, match="--setup must be one line"):
+        render(str(f), setup="a\nb")
+    with pytest.raises(ConfigError, match="--gpus-per-node must be 0 or more"):
+        render(str(f), gpus_per_node=-1)
+    # written where the study's results go, and submit.sh says which jobs it submitted
+    assert main(["slurm", "--study", str(f), "--setup", "true"]) == 0
+    written = tmp_path / "out" / "inf" / "slurm"
+    assert (written / "submit.sh").is_file() and 'echo "generate job $gen, cells job $cells, infer job $inf, finish ' \
+        'job $fin"' in (written / "submit.sh").read_text()  # fmt: skip

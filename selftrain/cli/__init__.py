@@ -104,7 +104,13 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sl = sub.add_parser("slurm", help="write sbatch scripts for a study: generation first, then one task per cell")
     sl.add_argument("--study", required=True, help="study YAML, e.g. params/studies/poster.yaml")
-    sl.add_argument("--gpus-per-node", type=int, default=1)
+    sl.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per task (0: a CPU cluster; default 1)")
+    sl.add_argument("--cpus-per-task", type=int, help="CPUs per task (default: Slurm's); the tasks' thread count")
+    sl.add_argument(
+        "--setup",
+        help="the environment line every script runs first, e.g. 'source .venv/bin/activate' or 'module load "
+        "cuda; conda activate selftrain' (default: activate the virtualenv running this command, if any)",
+    )
     sl.add_argument(
         "--nodes", type=int, default=1, help="nodes per cell; above 1 training spans them (training.launch)"
     )
@@ -217,7 +223,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_slurm(args: argparse.Namespace) -> int:
     from selftrain.cli.slurm import render, write
 
-    files = render(args.study, args.gpus_per_node, args.nodes, args.time, args.partition)
+    files = render(args.study, args.gpus_per_node, args.nodes, args.time, args.partition, setup=args.setup,
+                   cpus_per_task=args.cpus_per_task)  # fmt: skip
     if args.dry_run:
         for name, text in files.items():
             print(f"# ---- {name}\n{text}")
