@@ -352,6 +352,11 @@ def run_parent(cfg: RunConfig) -> Path:
     return parent
 
 
+def versions(cfg: RunConfig) -> list[Path]:
+    """The cell's version folders, oldest first (what `selftrain status` reads)."""
+    return _versions_of(run_parent(cfg))
+
+
 def open_run(run_dir: str | Path) -> Run:
     """Open an existing run folder (what each notebook does with its `run_dir` parameter)."""
     d = resolve_path(run_dir)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +157,48 @@ def test_every_script_sets_up_its_environment_offline_with_the_tasks_threads(tmp
     written = tmp_path / "out" / "inf" / "slurm"
     assert (written / "submit.sh").is_file() and 'echo "generate job $gen, cells job $cells, infer job $inf, finish ' \
         'job $fin"' in (written / "submit.sh").read_text()  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ status
+
+
+def test_status_names_each_stages_state_and_cause(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`selftrain status`: done (with the training steps), running (who holds the run), interrupted (running in the
+    manifest but no process holds it), failed with its cause, not started; a cell never run says so."""
+    from selftrain.config import resolve_run_config
+    from selftrain.runs import create_run
+    from selftrain.schema import METRICS_FILES
+
+    f = tmp_path / "st.yaml"
+    body = {"name": "st", "models": ["tiny"], "methods": ["central"], "seeds": [1, 2],
+            "stages": ["generate", "select", "sft", "judge"]}  # fmt: skip
+    f.write_text(yaml.safe_dump({"study": body, "output": {"results_dir": str(tmp_path / "res")}}))
+    run = create_run(resolve_run_config("tiny", "central", f, replicate=1), hold=True)
+    for stage, metrics in (("generate", {"candidates": 3}), ("sft", {"global_steps": 12, "train_loss": 1.0,
+                                                                      "resumed_from": "/x/checkpoint-4"})):  # fmt: skip
+        with run.stage(stage) as info:
+            path = run.metrics_dir / METRICS_FILES[stage][0]
+            path.write_text(json.dumps(metrics))
+            info["outputs"] = [path]
+    with pytest.raises(ValueError), run.stage("select"):
+        raise ValueError("no candidates for prompt p3")
+    run._update_manifest(lambda m: m["stages"].update(judge={"status": "running", "started": "2026-01-01T10:00:00"}))
+    assert main(["status", "--study", str(f)]) == 0
+    out = capsys.readouterr().out
+    cell = out.split("tiny/central.seed1:")[1].split("tiny/central.seed2:")[0]
+    assert f"running (pid {os.getpid()} on" in cell.splitlines()[0]
+    assert re.search(r"generate +done\n", cell) and re.search(
+        r"sft +done \(12 steps, resumed from checkpoint-4\)", cell
+    )
+    assert re.search(r"select +failed: ValueError: no candidates for prompt p3", cell)
+    assert re.search(r"judge +running \(pid \d+ on", cell)
+    assert "tiny/central.seed2: not started" in out
+    run.release()  # the runner is gone (killed): its stage was interrupted, not running
+    main(["status", "--study", str(f), "--seeds", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"judge +interrupted \(started 2026-01-01T10:00:00; no run holds it: a rerun resumes it\)", out)
+    assert "tiny/central.seed1: failed at select" in out and "seed2" not in out
+    # a changed output is no longer "done"
+    (run.metrics_dir / "generate.json").write_text("{}")
+    main(["status", "--study", str(f), "--seeds", "1"])
+    assert re.search(r"generate +damaged: metrics/generate.json \(changed\)", capsys.readouterr().out)

@@ -129,6 +129,13 @@ def parser() -> argparse.ArgumentParser:
     pw.add_argument("--difference", nargs="+", metavar=metric,
                     help="the difference to detect (default: figures.power.difference), e.g. quality=0.3")  # fmt: skip
     pw.add_argument("--items", nargs="+", metavar="METRIC=N", help="items per comparison (default: the study's params)")
+    st = sub.add_parser(
+        "status", help="every cell's stage states (done / running / failed and why / not started) and queued jobs"
+    )
+    st.add_argument("--study", required=True, help="study YAML, e.g. params/studies/poster.yaml")
+    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="the overrides the cells were run with, as for run")  # fmt: skip
+    st.add_argument("--seeds", nargs="+", type=int, help="only these replicate seeds")
     i = sub.add_parser("index", help="rewrite a study's README index from its run folders")
     i.add_argument("--study-dir", required=True, help="e.g. results/demo")
     k = sub.add_parser("clean", help="list and free checkpoints and caches no run references")
@@ -242,6 +249,14 @@ def cmd_power(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from selftrain.cli.status import status_lines
+
+    for line in status_lines(args.study, args.overrides, args.seeds):
+        print(line)
+    return 0
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from selftrain.report import write_study_index
 
@@ -265,8 +280,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "shard": cmd_shard, "check": cmd_check, "convert": cmd_convert, "figures": cmd_figures,
-    "compare": cmd_compare, "plan": cmd_plan, "slurm": cmd_slurm, "index": cmd_index, "clean": cmd_clean,
-    "power": cmd_power,
+    "compare": cmd_compare, "plan": cmd_plan, "slurm": cmd_slurm, "status": cmd_status, "index": cmd_index,
+    "clean": cmd_clean, "power": cmd_power,
 }  # fmt: skip
 
 
