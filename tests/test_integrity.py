@@ -313,6 +313,23 @@ def test_clean_lists_stray_shards_of_a_merged_generation(tmp_path: Path) -> None
     assert not (entry / "shards").exists() and (entry / "_SUCCESS").is_file()
 
 
+def test_clean_leaves_an_embedding_entry_a_stage_holds(tmp_path: Path) -> None:
+    """Issue 28: stage 02 now fills an embedding entry under the entry's lock (the other methods of the model wait
+    for it); clean listed the entry while it was being filled and removed it without asking that lock."""
+    from selftrain.cli.clean import clean, unreferenced
+    from selftrain.io import FileLock
+    from selftrain.shards import lock_path
+
+    entry = tmp_path / "cache" / "embeddings" / "0123456789abcdef.npy"
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(b"x")
+    items = unreferenced(tmp_path / "r", tmp_path / "ck", tmp_path / "cache")
+    assert [it.path for it in items] == [entry] and items[0].lock == lock_path(entry)
+    with FileLock(lock_path(entry)):  # a stage 02 fills it (or reads it) right now
+        assert clean(items) == 0 and entry.is_file()
+    assert clean(items) == 1 and not entry.exists()
+
+
 # ------------------------------------------------------------------------------- cache contents
 
 
