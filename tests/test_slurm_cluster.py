@@ -113,6 +113,9 @@ def _task_logs(scripts: Path) -> str:
 # ------------------------------------------------------------------------------------------------ comparisons
 
 TIMING = re.compile(r"(seconds|_per_second|runtime)$")
+# Which shards a stage made itself, the rest having come from `selftrain shard` (array tasks): all of them on a local
+# run, none on the grid's; the grid test checks its side.
+HERE = {"shards_generated_here", "shards_answered_here", "shards_predicted_here"}
 RUN_ID = re.compile(r"v\d{3}-[0-9a-f]{8}")  # the checkpoints folder's run id (hash of run folder + creation time)
 
 
@@ -129,11 +132,31 @@ def _drop(obj: object, keys: set[str]) -> object:
     return obj
 
 
+def _values(metrics: Path, keys: set[str]) -> dict[str, list[object]]:
+    """Every value of these keys, at any depth, in a run's metrics JSON files."""
+    out: dict[str, list[object]] = {}
+
+    def walk(obj: object) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if k in keys:
+                    out.setdefault(k, []).append(v)
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    for f in sorted(metrics.glob("*.json")):
+        walk(json.loads(f.read_text()))
+    return out
+
+
 def compare_runs(a: Path, base_a: Path, b: Path, base_b: Path, resumed: tuple[str, ...] = ()) -> list[str]:
     """Every data file byte for byte, every metrics file as JSON (CSV as text) without timing keys, paths made
     relative to each side's base folder. A training stage in `resumed` was resumed from a checkpoint on one side:
-    its `train_loss` (the Trainer's mean over the steps run since the resume) and its log's `num_tokens` (TRL's
-    counter restarts) are left out; its `resumed_from` is always left out. Returns what differs."""
+    its log's last row's `train_loss` (the Trainer's mean over the steps run since the resume) and its log's
+    `num_tokens` (TRL's counter restarts) are left out, not the stage's own `train_loss` (over every logged step);
+    `resumed_from` is always left out, and so is which shards a stage made itself (HERE). Returns what differs."""
     diffs = []
     data = sorted(p.name for p in (a / "data").iterdir())
     if data != sorted(p.name for p in (b / "data").iterdir()):
@@ -147,7 +170,8 @@ def compare_runs(a: Path, base_a: Path, b: Path, base_b: Path, resumed: tuple[st
     for name in metrics:
         ta, tb = (_normalised((d / "metrics" / name).read_text(), base) for d, base in ((a, base_a), (b, base_b)))
         stage = name.removesuffix(".json").removesuffix("_log")
-        skip = {"resumed_from"} | ({"train_loss", "num_tokens"} if stage in resumed else set())
+        resumed_log = stage in resumed and name.endswith("_log.json")
+        skip = {"resumed_from", *HERE} | ({"train_loss", "num_tokens"} if resumed_log else set())
         if name.endswith(".json"):
             ja, jb = (_drop(json.loads(t), skip) for t in (ta, tb))
             if ja != jb:
@@ -294,6 +318,9 @@ def test_grid_through_slurm_resumes_after_a_cancelled_task_and_a_dead_node_and_e
     assert list((sl / "results" / "grid" / "figures").glob("*.png"))
     for seed in (1, 2):
         cell = f"grid/tiny/central.seed{seed}/v001"
+        # every shard of stages 01, 05 and 06 came from an array task: the cells and the finishing tasks made none
+        here = _values(sl / "results" / cell / "metrics", HERE)
+        assert here and set(here) == HERE and all(v == [] for vs in here.values() for v in vs), here
         diffs = compare_runs(sl / "results" / cell, sl, local / "results" / cell, local, resumed=("sft",))
         assert diffs == [], (seed, diffs)
 
