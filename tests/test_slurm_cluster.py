@@ -221,7 +221,7 @@ def test_grid_through_slurm_resumes_after_a_cancelled_task_and_a_dead_node_and_e
         "training": {"sft": {"num_train_epochs": 6, "save_steps": 2, "logging_steps": 1}},
         "judge": {"limit": 2, "local_model": str(tiny_model), "answers": {"shards": 2, "batch_size": 2}},
         "eval": {"shards": 2, "datasets": ["short_qa", "arithmetic"], "max_samples": 4, "num_few_shots": 1,
-                 "batch_size": 4},
+                 "batch_size": 2},
         "output": {"results_dir": str(sl / "results"), "cache_dir": str(sl / "cache"),
                    "checkpoints_dir": str(sl / "checkpoints")},
     }  # fmt: skip
