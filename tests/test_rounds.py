@@ -364,16 +364,19 @@ def test_slurm_chains_the_rounds(tmp_path: Path) -> None:
 
     files = render(str(_study(tmp_path, "sl", rounds=3)))
     submit = files["submit.sh"].splitlines()
-    assert 'cells=$(sbatch --parsable --dependency=afterok:"$gen" results/sl/slurm/cells.sbatch 1)' in submit
+    assert (
+        'cells=$(sbatch --parsable --kill-on-invalid-dep=yes --dependency=afterok:"$gen" '
+        "results/sl/slurm/cells.sbatch 1)"
+    ) in submit
     assert 'cells=$(sbatch --parsable --dependency=aftercorr:"$cells" results/sl/slurm/cells.sbatch 2)' in submit
-    assert submit[-1] == 'sbatch --dependency=aftercorr:"$cells" results/sl/slurm/cells.sbatch 3'
+    assert 'cells=$(sbatch --parsable --dependency=aftercorr:"$cells" results/sl/slurm/cells.sbatch 3)' in submit
     assert '--rounds "$round"' in files["cells.sbatch"] and "--stages generate" in files["generate.sbatch"]
     assert files["generate.sbatch"].rstrip().splitlines()[-2].endswith("--rounds 1")
     for name, text in files.items():
         p = tmp_path / name
         p.write_text(text)
         assert subprocess.run(["bash", "-n", str(p)]).returncode == 0, name
-    task = files["cells.sbatch"].split("set -euo pipefail")[1].replace("python -m selftrain", "echo")
+    task = files["cells.sbatch"].split("set -eo pipefail")[1].replace("python -m selftrain", "echo")
     out = subprocess.run(["bash", "-c", task, "cells", "2"], env={**os.environ, "SLURM_ARRAY_TASK_ID": "1"},
                          capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert out.stdout.split()[-3:] == ["central", "--rounds", "2"], out.stdout + out.stderr
