@@ -91,6 +91,7 @@ FILE_TIERS = {
     "test_shards.py": "unit",
     "test_similarity.py": "unit",
     "test_slurm.py": "unit",
+    "test_slurm_cluster.py": "slurm",
     "test_stages.py": "integration",
     "test_stats.py": "unit",
     "test_train.py": "integration",

@@ -151,18 +151,35 @@ def _values(metrics: Path, keys: set[str]) -> dict[str, list[object]]:
     return out
 
 
+def _without_weights_key(obj: object, at: tuple[str, ...] | None) -> object:
+    """The judge answers' cache `key` (at that path) hashes the trained weights' file sizes and mtimes
+    (`models.model_fingerprint`): two trainings write them at different moments, so it differs with equal answers."""
+    if at is None or not isinstance(obj, dict):
+        return obj
+    if not at:
+        return {k: v for k, v in obj.items() if k != "key"}
+    return {k: (_without_weights_key(v, at[1:]) if k == at[0] else v) for k, v in obj.items()}
+
+
 def compare_runs(a: Path, base_a: Path, b: Path, base_b: Path, resumed: tuple[str, ...] = ()) -> list[str]:
     """Every data file byte for byte, every metrics file as JSON (CSV as text) without timing keys, paths made
     relative to each side's base folder. A training stage in `resumed` was resumed from a checkpoint on one side:
     its log's last row's `train_loss` (the Trainer's mean over the steps run since the resume) and its log's
     `num_tokens` (TRL's counter restarts) are left out, not the stage's own `train_loss` (over every logged step);
-    `resumed_from` is always left out, and so is which shards a stage made itself (HERE). Returns what differs."""
+    `resumed_from` is always left out, and so is which shards a stage made itself (HERE); the judge answers' cache
+    key is left out where it is recorded (data/judge_answers.meta.json, judge.json's answers). Returns what
+    differs."""
     diffs = []
     data = sorted(p.name for p in (a / "data").iterdir())
     if data != sorted(p.name for p in (b / "data").iterdir()):
         diffs.append(f"data files differ: {data} vs {sorted(p.name for p in (b / 'data').iterdir())}")
     for name in data:
-        if _normalised((a / "data" / name).read_text(), base_a) != _normalised((b / "data" / name).read_text(), base_b):
+        ta, tb = (_normalised((d / "data" / name).read_text(), base) for d, base in ((a, base_a), (b, base_b)))
+        if name.endswith(".meta.json"):  # a cache's record of the data beside it, not data: compared as JSON
+            ja, jb = (_drop(_without_weights_key(json.loads(t), ()), HERE) for t in (ta, tb))
+            if ja != jb:
+                diffs.append(f"data/{name}")
+        elif ta != tb:
             diffs.append(f"data/{name}")
     metrics = sorted(p.name for p in (a / "metrics").iterdir())
     if metrics != sorted(p.name for p in (b / "metrics").iterdir()):
@@ -173,7 +190,8 @@ def compare_runs(a: Path, base_a: Path, b: Path, base_b: Path, resumed: tuple[st
         resumed_log = stage in resumed and name.endswith("_log.json")
         skip = {"resumed_from", *HERE} | ({"train_loss", "num_tokens"} if resumed_log else set())
         if name.endswith(".json"):
-            ja, jb = (_drop(json.loads(t), skip) for t in (ta, tb))
+            at = ("answers",) if name == "judge.json" else None
+            ja, jb = (_drop(_without_weights_key(json.loads(t), at), skip) for t in (ta, tb))
             if ja != jb:
                 diffs.append(f"metrics/{name}")
         elif ta != tb:
