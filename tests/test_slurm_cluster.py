@@ -318,7 +318,8 @@ def test_grid_through_slurm_resumes_after_a_cancelled_task_and_a_dead_node_and_e
     print(f"grid on Slurm: first submission and faults {first_pass:.0f} s, resubmission {second_pass:.0f} s")
 
     logs = "\n".join(p.read_text(errors="replace") for p in sorted(scripts.glob("*.out")))
-    assert logs.count("generate: already done, skipped") == 2 and logs.count("select: already done, skipped") == 2
+    for stage in ("generate", "select"):  # the runner's line per stage: cell, stage, what happened
+        assert len(re.findall(rf"^\S+\s+{stage}\s+already done \(v001\), skipped$", logs, re.M)) == 2, logs
     # every shard task had its half: 3 prompts (stage 01), 2 judge items, 4 benchmark prompts
     shards = re.findall(r"(generate|judge|eval) shard (\d) of 2 \((\d+) prompts\): (generated|already there)", logs)
     assert sorted(set(shards)) == sorted({(st, k, n, how) for st, n in (("generate", "3"), ("judge", "2"),
@@ -431,11 +432,13 @@ def test_identical_runs_and_two_methods_at_the_same_moment_equal_a_serial_run(
     for method in ("central", "drop-low"):
         cell = tmp_path / "results" / "conc" / "tiny" / method
         assert sorted(p.name for p in cell.iterdir() if p.is_dir()) == ["v001"]
-        mine = [t for t in logs if f"[tiny/{method}]" in t]
-        ran = [t for t in mine if "ran ['generate', 'select']" in t]
+        mine = [t for t in logs if re.search(rf"^tiny/{method} ", t, re.M)]
+        # the closing table's row: result, stages run, stages skipped
+        ran = [t for t in mine if re.search(rf"^tiny/{method}\s+ok\s+2\s+0\s", t, re.M)]
         waited = [
-            t for t in mine if "in use by another run of this cell" in t and "skipped ['generate', 'select']" in t
-        ]
+            t for t in mine
+            if "in use by another run of this cell" in t and re.search(rf"^tiny/{method}\s+ok\s+0\s+2\s", t, re.M)
+        ]  # fmt: skip
         assert len(mine) == 2 and len(ran) == 1 and len(waited) == 1, mine
     cache = tmp_path / "cache"
     entries = [p for p in (cache / "generations").iterdir() if not p.name.startswith(".")]
