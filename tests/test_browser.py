@@ -261,3 +261,34 @@ def test_an_interrupted_generation_leaves_no_model_in_the_kernel(page: object, l
     alive = page.locator("text=/ALIVE \\d+ \\d+/").first.inner_text()
     page.screenshot(path=str(ARTIFACTS / "after_interrupt.png"), full_page=True)
     assert alive.strip().endswith("ALIVE 0 0"), f"models and parameter elements still alive: {alive}"
+
+
+def test_the_start_pages_links_open_files_and_a_saved_notebook_stays_as_committed(
+    page: object, lab: tuple[str, Path]
+) -> None:
+    """Issue 27, as a researcher meets it: 00_index's params links opened folders ("is a directory" errors), and
+    JupyterLab's first save rewrote the kernel metadata of every notebook (git status: eight modified). A params
+    link opens its file in a tab with no error dialog; 03_sft opened, its kernel up, saved with Ctrl+S (what
+    autosave does) is byte for byte the committed file."""
+    url, repo = lab
+    page.goto(url.format("00_index.ipynb"))
+    page.wait_for_selector(".jp-RenderedMarkdown a", timeout=60_000)
+    for text, name in (("poster", "poster.yaml"), ("central", "central.yaml"), ("tiny", "tiny.yaml")):
+        page.locator(".jp-RenderedMarkdown a", has_text=text).first.click()
+        page.wait_for_selector(f".lm-TabBar-tabLabel:text-is('{name}')", timeout=30_000)
+        time.sleep(0.5)
+        assert not page.locator(".jp-Dialog").count(), f"{name}: {page.locator('.jp-Dialog').first.inner_text()}"
+        page.locator(".lm-TabBar-tabLabel", has_text="00_index.ipynb").first.click()
+    page.screenshot(path=str(ARTIFACTS / "index_links.png"), full_page=True)
+    saved = repo / "notebooks" / "03_sft.ipynb"
+    before = saved.stat().st_mtime_ns
+    _open(page, url, "03_sft.ipynb")
+    _wait_kernel_idle(page)
+    time.sleep(1.0)
+    page.keyboard.press("Control+s")
+    deadline = time.time() + 30
+    while saved.stat().st_mtime_ns == before:  # the save really happened
+        assert time.time() < deadline, "Ctrl+S did not save 03_sft.ipynb"
+        time.sleep(0.5)
+    time.sleep(1.0)
+    assert saved.read_bytes() == (ROOT / "notebooks" / "03_sft.ipynb").read_bytes(), "the save rewrote the notebook"

@@ -116,6 +116,27 @@ def test_notebooks_are_thin_and_stripped(path: Path) -> None:
 
 
 @pytest.mark.unit
+def test_every_link_in_the_notebooks_opens_a_file_and_the_index_links_every_params_file() -> None:
+    """JupyterLab opens a relative link of a rendered markdown cell as a document: a folder gives an "is a
+    directory" error (issue 27: 00_index's models/methods/studies links). Every such link names a file that exists;
+    the start page links every YAML of params/models, methods and studies, so a new one is not left out."""
+    bad, linked = [], set()
+    for path in NOTEBOOKS:
+        md = "".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
+        for target in re.findall(r"\]\(([^)\s]+)\)", md):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            file = (path.parent / target.split("#")[0]).resolve()
+            if not file.is_file():
+                bad.append(f"{path.name}: ({target}) {'is a folder' if file.is_dir() else 'does not exist'}")
+            if path.name == "00_index.ipynb":
+                linked.add(file)
+    assert not bad, bad
+    wanted = {f.resolve() for d in ("models", "methods", "studies") for f in (ROOT / "params" / d).glob("*.yaml")}
+    assert wanted - linked == set(), sorted(str(f.relative_to(ROOT)) for f in wanted - linked)
+
+
+@pytest.mark.unit
 def test_notebooks_carry_the_metadata_jupyterlab_writes() -> None:
     """Opening a notebook in JupyterLab starts its kernel, which reports its kernelspec and language_info; where the
     file already holds them (and JupyterLab's serialisation), autosave has nothing to write and git stays clean.
