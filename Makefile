@@ -93,7 +93,7 @@ lab: setup
 
 # Every tier (README: Testing); `make test-fast`: the unit tier alone (no model, no kernel), under two minutes.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m unit
@@ -110,6 +110,7 @@ bench: setup
 	$(BIN)/python bench/bench_select_utilities.py
 	$(BIN)/python bench/bench_generate.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_train_cpu.py
 	$(BIN)/python bench/bench_judge.py
 	$(BIN)/python bench/bench_judge_demo.py
 	$(BIN)/python bench/bench_eval.py

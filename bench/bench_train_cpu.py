@@ -1,0 +1,90 @@
+"""What a CPU training step costs under the demo's settings, arm against arm in one process (issue 30).
+
+TRL's SFTConfig and DPOConfig turn gradient checkpointing on by default: every backward pass first runs the
+forward again, which saves activation memory a 135M model on a CPU never needed. The arms train the demo's
+`central` selection of SmolLM2-135M for a few steps each, from the same start and data:
+
+- `trl-default`: the stage as TRL's defaults would run it (gradient checkpointing on);
+- `no-checkpointing`: `gradient_checkpointing: false` (what params/models/smollm2-135m.yaml now sets);
+- `no-checkpointing-sdpa`: that, with SDPA attention instead of eager.
+
+Per arm: seconds of SFT and DPO training (stage overhead apart), and the per-step losses, which must equal the
+default arm's (recomputing a deterministic fp32 forward gives the same numbers), so the saving costs nothing.
+Prints and writes bench/out/train_cpu.json; `--steps N` (default 3) steps of each stage, `--prompts N` (default 24).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from selftrain import generate, select, train
+from selftrain.config import resolve_run_config
+from selftrain.runs import create_run
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {
+    "trl-default": ["gradient_checkpointing=true"],
+    "no-checkpointing": ["gradient_checkpointing=false"],
+    "no-checkpointing-sdpa": ["gradient_checkpointing=false"],
+}
+
+
+def _cpu_flags() -> str:
+    info = Path("/proc/cpuinfo")
+    flags = info.read_text().split("flags", 1)[1].split("\n", 1)[0] if info.is_file() else ""
+    kinds = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {f}" in flags]
+    return ", ".join(kinds) or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps of each stage per arm")
+    ap.add_argument("--prompts", type=int, default=24, help="demo prompts to generate and select from")
+    args = ap.parse_args()
+    base = [
+        "output.results_dir=bench/out/results",
+        "output.checkpoints_dir=bench/out/checkpoints",
+        f"prompts.limit={args.prompts}",
+    ]
+    res: dict = {"cpu": _cpu_flags(), "steps": args.steps, "prompts": args.prompts, "arms": {}}
+    for arm, sets in ARMS.items():
+        ov = [*base]
+        for kind in ("sft", "dpo"):
+            ov += [f"training.{kind}.{s}" for s in sets] + [f"training.{kind}.max_steps={args.steps}"]
+            if arm.endswith("sdpa"):
+                ov.append(f"training.{kind}_attn_implementation=sdpa")
+        cfg = resolve_run_config("smollm2-135m", "central", "params/studies/demo.yaml", ov, check_trainer=True)
+        run = create_run(cfg, new_version=True)
+        generate.run(run, progress=False)  # cached after the first arm
+        select.run(run, progress=False)
+        out: dict = {"overrides": ov[len(base) :], "run_dir": str(run.dir.relative_to(ROOT))}
+        for kind in ("sft", "dpo"):
+            t = time.perf_counter()
+            train.train_stage(run, kind, progress=False)
+            m = json.loads((run.metrics_dir / f"{kind}.json").read_text())
+            log = json.loads((run.metrics_dir / f"{kind}_log.json").read_text())
+            out[kind] = {
+                "train_seconds": m["train_seconds"],
+                "stage_seconds": round(time.perf_counter() - t, 1),
+                "losses": [h["loss"] for h in log if "loss" in h],
+            }
+        res["arms"][arm] = out
+        print(arm, {k: out[k]["train_seconds"] for k in ("sft", "dpo")}, flush=True)
+    ref = res["arms"]["trl-default"]
+    for out in res["arms"].values():
+        out["speedup"] = {k: round(ref[k]["train_seconds"] / out[k]["train_seconds"], 3) for k in ("sft", "dpo")}
+        out["losses_equal_default"] = all(out[k]["losses"] == ref[k]["losses"] for k in ("sft", "dpo"))
+        out["largest_loss_difference"] = max(
+            abs(a - b) for k in ("sft", "dpo") for a, b in zip(out[k]["losses"], ref[k]["losses"], strict=True)
+        )
+    print(json.dumps({a: {k: o[k] for k in ("speedup", "losses_equal_default", "largest_loss_difference")}
+                      for a, o in res["arms"].items()}, indent=2))  # fmt: skip
+    (ROOT / "bench" / "out" / "train_cpu.json").write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
