@@ -272,9 +272,9 @@ def test_the_start_pages_links_open_files_and_a_saved_notebook_stays_as_committe
     autosave does) is byte for byte the committed file."""
     url, repo = lab
     page.goto(url.format("00_index.ipynb"))
-    page.wait_for_selector(".jp-RenderedMarkdown a", timeout=60_000)
+    page.wait_for_selector(".jp-RenderedMarkdown a[href*='poster.yaml']", timeout=60_000)
     for text, name in (("poster", "poster.yaml"), ("central", "central.yaml"), ("tiny", "tiny.yaml")):
-        page.locator(".jp-RenderedMarkdown a", has_text=text).first.click()
+        page.locator(".jp-RenderedMarkdown").get_by_role("link", name=text, exact=True).first.click()
         page.wait_for_selector(f".lm-TabBar-tabLabel:text-is('{name}')", timeout=30_000)
         time.sleep(0.5)
         assert not page.locator(".jp-Dialog").count(), f"{name}: {page.locator('.jp-Dialog').first.inner_text()}"
