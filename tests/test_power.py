@@ -186,6 +186,7 @@ def _study(root: Path, sampled: bool = True) -> tuple[Path, dict]:
     return study, made
 
 
+@pytest.mark.integration  # a whole study's figure set drawn and saved (stage 07 end to end): seconds
 def test_power_table_of_a_study_with_seeds_and_sampled_exact(tmp_path: Path) -> None:
     study, made = _study(tmp_path)
     spec = tmp_path / "pc.yaml"
@@ -228,6 +229,7 @@ def test_power_table_of_a_study_with_seeds_and_sampled_exact(tmp_path: Path) -> 
     )
 
 
+@pytest.mark.integration  # a whole study's figure set drawn and saved (stage 07 end to end): seconds
 def test_a_study_without_sampled_answers_keeps_its_tables(tmp_path: Path) -> None:
     """No eval_sampled rows where no run drew sampled answers (the demo's tables stay as they were); a study with
     neither a baseline nor central has no power table, and a stale one is removed."""
@@ -291,6 +293,7 @@ def test_power_command_from_given_sds(tmp_path: Path, capsys: pytest.CaptureFixt
     assert f"{row['mdd']:.3f}" in out and "Bonferroni" in out and "eval_sampled 0.1" in out
 
 
+@pytest.mark.integration  # a whole study's figure set drawn and saved (stage 07 end to end): seconds
 def test_power_command_reads_a_pilot_and_refuses_what_it_cannot_read(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

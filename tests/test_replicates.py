@@ -182,6 +182,7 @@ def _seeded_study(root: Path) -> Path:
     return study
 
 
+@pytest.mark.integration  # a whole study's figure set drawn and saved (stage 07 end to end): seconds
 def test_tables_and_figures_show_the_mean_and_spread_over_seeds(tmp_path: Path) -> None:
     study = _seeded_study(tmp_path / "results")
     res = figures.make_figures("rep", tmp_path / "results", verbose=False)
@@ -206,6 +207,7 @@ def test_tables_and_figures_show_the_mean_and_spread_over_seeds(tmp_path: Path) 
     assert len(dots) == len(QUALITY) + 1  # five quality criteria + the safety mean
 
 
+@pytest.mark.integration  # a whole study's figure set drawn and saved (stage 07 end to end): seconds
 def test_tables_say_when_hardware_differs(tmp_path: Path) -> None:
     study = tmp_path / "results" / "hw"
     _run_folder(study, "m", "central", "v001", 2.0, 3.0, 0.3, cpu="Intel Xeon (AMX)")
@@ -215,6 +217,7 @@ def test_tables_say_when_hardware_differs(tmp_path: Path) -> None:
     assert "hardware" in figures.main_display(res.table).columns
 
 
+@pytest.mark.integration  # a whole study's figure set drawn and saved (stage 07 end to end): seconds
 def test_compare_flags_differences_outside_the_reference_spread(tmp_path: Path) -> None:
     study = _seeded_study(tmp_path / "results")
     sd = np.std([v[0] for v in SEEDS.values()], ddof=1)
@@ -281,6 +284,7 @@ def _items(d: Path, quality: list[float], lengths: list[int], exact: list[bool])
     (d / "data" / "eval_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds))
 
 
+@pytest.mark.integration  # a whole study's figure set drawn and saved (stage 07 end to end): seconds
 def test_paired_differences_and_length_control(tmp_path: Path) -> None:
     """central = baseline + 0.5 on 40 shared items (plus noise): a clear paired effect, though each run's own
     interval is wide; drop-low = baseline exactly: p = 1. Length: central's lead is pure length here."""
@@ -315,6 +319,7 @@ def test_paired_differences_and_length_control(tmp_path: Path) -> None:
     assert not res.controls.size and not (study / "tables" / "controls.csv").exists()  # no control arm here
 
 
+@pytest.mark.integration  # a whole study's figure set drawn and saved (stage 07 end to end): seconds
 def test_control_arms_are_paired_against_central(tmp_path: Path) -> None:
     """random = central - 0.4 on the same 30 items: the controls table (control arm minus central, Holm across
     the arms) finds it; first = central exactly: p = 1; the baseline is not a control arm."""
@@ -335,6 +340,7 @@ def test_control_arms_are_paired_against_central(tmp_path: Path) -> None:
     assert (study / "tables" / "controls.md").is_file()
 
 
+@pytest.mark.integration  # a whole study's figure set drawn and saved (stage 07 end to end): seconds
 def test_sweep_points_become_rows_and_a_figure(tmp_path: Path) -> None:
     study = tmp_path / "results" / "sw"
     values = {1: (2.0, 2.2), 2: (2.5, 2.7), 4: (3.0, 3.2)}  # n -> quality of seeds 1234 and 1
@@ -354,6 +360,7 @@ def test_sweep_points_become_rows_and_a_figure(tmp_path: Path) -> None:
     assert figures.plot_sweep(figures.collect(_seeded_study(tmp_path / "other"))) is None
 
 
+@pytest.mark.integration  # a whole study's figure set drawn and saved (stage 07 end to end): seconds
 def test_sweep_points_get_their_own_rows_in_every_table(tmp_path: Path) -> None:
     """Per-item tables (paired, length) and the selection table have a row per sweep point, named in a `sweep`
     column (as the main Markdown table does); the pool the original is ranked in follows selection.n."""

@@ -252,6 +252,7 @@ def _cands(tokens: float, d2: float) -> dict[str, dict]:
     return {"generate.json": gen, "select.json": sel}
 
 
+@pytest.mark.integration  # a whole study's figure set drawn and saved (stage 07 end to end): seconds
 def test_rounds_table_reads_each_model_from_its_two_runs(tmp_path: Path) -> None:
     study = tmp_path / "results" / "fx"
     m = study / "tiny"
