@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -192,10 +193,21 @@ def scan_jsonl(path: str | Path) -> tuple[list[tuple[int, dict]], list[str]]:
     return good, bad
 
 
+_LINE = re.compile(r":(\d+): ")
+
+
+def _line_of(error: str) -> int:
+    """The line number of a "file:line: why" error; 0 (listed first) for one about the whole file."""
+    m = _LINE.search(error)
+    return int(m.group(1)) if m else 0
+
+
 def raise_all(errors: list[str], what: str) -> None:
     """One DataError listing every bad record (the first MAX_LISTED_ERRORS, then a count)."""
     if not errors:
         return
+    # In file order, whichever check found them (JSON errors are found in a first pass, shape errors after).
+    errors = sorted(errors, key=_line_of)
     shown = errors[:MAX_LISTED_ERRORS]
     more = f"\n  ... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
     head = f"{len(errors)} bad record(s) in {what}:" if len(errors) > 1 else ""

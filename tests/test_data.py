@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -99,6 +100,8 @@ def test_every_bad_record_is_reported_at_once(tmp_path: Path) -> None:
     for line, why in ((2, "missing field 'response'"), (3, "not valid JSON"), (5, "the user prompt is blank"),
                       (6, "expected a JSON object")):  # fmt: skip
         assert f"{p}:{line}: {why}" in msg
+    # in file order, though the JSON errors are found in a pass before the shape errors
+    assert [int(x.split(":")[-2]) for x in re.findall(rf"{re.escape(str(p))}:\d+:", msg)] == [2, 3, 5, 6]
     many = _write(tmp_path, ["oops"] * 30, name="many.jsonl")
     with pytest.raises(DataError, match=r"30 bad record\(s\)[\s\S]*and 10 more"):
         load_prompts(many)
