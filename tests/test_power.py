@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -222,6 +223,10 @@ def test_power_table_of_a_study_with_seeds_and_sampled_exact(tmp_path: Path) -> 
         assert (tables / f"power.{ext}").is_file()
     back = pd.read_csv(tables / "power.csv")
     assert len(back) == len(t) and back["alpha"].iloc[0] == pytest.approx(t["alpha"].iloc[0])
+    # counts are whole numbers in the CSV (a float column wrote "8.0"), blank where there is no answer
+    cells = [line.split(",")[-4::3] for line in (tables / "power.csv").read_text().splitlines()[1:]]
+    assert all(re.fullmatch(r"\d*", c) for pair in cells for c in pair), cells
+    assert any(c == "" for pair in cells for c in pair) and any(c for pair in cells for c in pair)
     md = (tables / "results.md").read_text()
     assert "## Power of the paired comparisons" in md and "eval_sampled" in md and "0.0125" not in md.split("##")[0]
     assert res.table.set_index("method").loc["central", "eval_sampled_exact"] == pytest.approx(

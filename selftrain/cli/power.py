@@ -98,7 +98,7 @@ def plan_power(
     items: dict[str, int] | None = None,
 ) -> tuple[pd.DataFrame, FiguresPower, str]:
     """The power table of a study not yet run: (table, the settings used, where the standard deviations came from)."""
-    from selftrain.figures.power import power_row
+    from selftrain.figures.power import power_row, whole_counts
 
     study, _, path = load_study(study_path)
     spec = project_root() / "params" / "figures" / f"{study.name}.yaml"
@@ -149,7 +149,7 @@ def plan_power(
                         "seeds": seeds, "seed_sd": seed_sd if seeds > 1 or not math.isnan(seed_sd) else math.nan,
                     }, settings))  # fmt: skip
     cols = PLAN_COLUMNS if any(r["sweep"] for r in rows) else [c for c in PLAN_COLUMNS if c != "sweep"]
-    return pd.DataFrame(rows).reindex(columns=cols), settings, source
+    return whole_counts(pd.DataFrame(rows).reindex(columns=cols)), settings, source
 
 
 def power_lines(args: Any) -> list[str]:
