@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from selftrain import drift, figures
+from selftrain.cli.status import status_lines
 from selftrain.config import ConfigError, dump_config, resolve_run_config
 from selftrain.data import run_prompt_set
 from selftrain.figures.collect import plain_rows
@@ -302,8 +303,14 @@ def test_two_rounds_on_the_tiny_model_chain_resume_after_a_kill(tiny_overrides: 
     os.killpg(proc.pid, signal.SIGKILL)  # runner and kernel, in round 2
     proc.wait()
     assert not (r2 / "stages" / "sft" / "_SUCCESS").is_file()
+    # `selftrain status` follows the chain: round 1 done, round 2 cut off in training, the closing one waiting
+    report = "\n".join(status_lines(str(study), tiny_overrides))
+    assert "tiny/central@round=1: complete" in report and "tiny/central@round=2: incomplete" in report, report
+    assert "tiny/central@round=3: not started (round 2 has not finished training)" in report, report
 
     res = run_study(str(study), overrides=tiny_overrides, log=lambda _: None)
+    report = "\n".join(status_lines(str(study), tiny_overrides))
+    assert [f"tiny/central@round={r}: complete" in report for r in (1, 2, 3)] == [True] * 3, report
     assert [r.run_dir for r in res] == [r1, r2, r3] and all(r.ok for r in res), [r.error for r in res]
     assert res[0].executed == [] and res[1].skipped == ["generate"] and res[1].executed == ["select", "sft"]
     assert res[2].executed == ["generate", "select"]  # the closing generation: the last model's candidates

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from selftrain.config import SEED_MAX, ConfigError, RunConfig, dump_config, load_study, resolve_run_config
 from selftrain.io import DataError, FileLock, read_json
-from selftrain.runs import Run, version_lock, versions
+from selftrain.runs import Run, round_config, version_lock, versions
 from selftrain.schema import metrics_or_empty, planned_stages, run_folder, run_state
 
 
@@ -119,6 +119,7 @@ def status_lines(study_path: str, overrides: list[str] | None = None, seeds: lis
                 for point in study.points():
                     cfg = resolve_run_config(model, method, path, overrides, replicate=rep, point=point)
                     lines += _cell_lines(cfg, model)
+                    lines += _later_rounds(cfg, model, method, path, overrides, rep, point)
                     seed = "" if rep is None else str(rep)
                     queued = jobs.get((model, method, seed), []) + jobs.get((model, "", seed), [])
                     if point == study.points()[0] and queued:
@@ -130,8 +131,28 @@ def status_lines(study_path: str, overrides: list[str] | None = None, seeds: lis
     return lines
 
 
+def _later_rounds(
+    cfg: RunConfig, model: str, method: str, path: Path, overrides: list[str] | None, rep: int | None, point: dict
+) -> list[str]:
+    """A chain of rounds (study.rounds): rounds 2.. and the closing generation, each as a cell of its own, up to the
+    first whose previous round has not finished training (its params need that round's final model)."""
+    if cfg.round is None:
+        return []
+    lines = []
+    for index in range(2, cfg.round.of + 2):
+        try:
+            later = round_config(index, model, method, path, overrides, replicate=rep, point=point)
+        except ConfigError:
+            name = f"{model}/{run_folder(cfg.method, cfg.replicate, cfg.sweep, index)}"
+            lines.append(f"{name}: not started (round {index - 1} has not finished training)")
+            break
+        lines += _cell_lines(later, model)
+    return lines
+
+
 def _cell_lines(cfg: RunConfig, model: str) -> list[str]:
-    name = f"{model}/{run_folder(cfg.method, cfg.replicate, cfg.sweep)}"
+    index = cfg.round.index if cfg.round is not None else None
+    name = f"{model}/{run_folder(cfg.method, cfg.replicate, cfg.sweep, index)}"
     mine = [v for v in versions(cfg) if _params_of(v) == dump_config(cfg)]
     if not mine:
         others = f" ({len(versions(cfg))} version(s) with other params)" if versions(cfg) else ""
