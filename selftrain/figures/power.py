@@ -107,10 +107,13 @@ def power_table(res: StudyResults, settings: FiguresPower | None = None) -> pd.D
     return whole_counts(pd.DataFrame(rows).reindex(columns=with_sweep(POWER_COLUMNS, rows)))
 
 
+COUNT_COLUMNS = ("items_needed", "seeds_needed")
+
+
 def whole_counts(table: pd.DataFrame) -> pd.DataFrame:
     """items_needed and seeds_needed as whole numbers with blanks where there is no answer: a float column (one NaN
     is enough) wrote 8.0 seeds into the CSV."""
-    for col in ("items_needed", "seeds_needed"):
+    for col in COUNT_COLUMNS:
         if col in table:
             table[col] = pd.array([None if pd.isna(v) else int(v) for v in table[col]], dtype="Int64")
     return table
@@ -121,7 +124,7 @@ def power_display(table: pd.DataFrame) -> pd.DataFrame:
     three decimals of the other numbers)."""
     out = table.copy().astype(object)
     out["alpha"] = [f"{a:.4g}" if isinstance(a, float) and not math.isnan(a) else "" for a in table["alpha"]]
-    for col in ("items_needed", "seeds_needed"):  # whole numbers; blank where there is no answer
+    for col in COUNT_COLUMNS:  # whole numbers; blank where there is no answer
         if col in out:
             out[col] = ["" if pd.isna(v) else str(int(v)) for v in table[col]]
     return out
