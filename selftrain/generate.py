@@ -21,7 +21,14 @@ import pandas as pd
 from selftrain import drift
 from selftrain.config import GenerationConfig, RunConfig
 from selftrain.data import prompt_inputs, run_prompt_set
-from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend, prompt_token_counter
+from selftrain.inference import (
+    device,
+    generate_candidates,
+    inference_dtype,
+    pick_backend,
+    prompt_token_counter,
+    stage_numerics,
+)
 from selftrain.io import (
     atomic_write_text,
     read_json,
@@ -91,7 +98,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
     files = prompt_inputs(pc.path, pc.hub_files, pc.system_from)
     with run.stage(STAGE, inputs=files) as info:
         prompts, prompt_facts, folder, backend, key, cache = _target(cfg)
-        info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, backend), "backend": backend}
+        info["numerics"] = stage_numerics(cfg.model.dtype, backend)
         # One process fills an entry at a time (two methods' stage 01 at once: the second waits and reads the
         # merged result); a shard task fills its shard beside others under the shared lock.
         with holding(cache):

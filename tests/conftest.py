@@ -61,6 +61,7 @@ FILE_TIERS = {
     "test_browser.py": "browser",
     "test_config.py": "unit",
     "test_cpu_head.py": "unit",
+    "test_cpu_sampler.py": "unit",
     "test_data.py": "unit",
     "test_dtype_rule.py": "unit",
     "test_embedded.py": "unit",

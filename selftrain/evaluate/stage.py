@@ -35,7 +35,7 @@ from selftrain.evaluate.datasets import Dataset, dataset_paths, load_datasets
 from selftrain.evaluate.prompts import bos_prefix, chat_turns, fit_prompt, token_counter
 from selftrain.evaluate.protocols import Protocol, ProtocolError, load_protocol
 from selftrain.evaluate.scoring import aggregate, category_of, score_dataset
-from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend
+from selftrain.inference import device, generate_candidates, inference_dtype, pick_backend, stage_numerics
 from selftrain.io import DataError, read_jsonl, sha256_json, write_csv, write_json, write_jsonl
 from selftrain.models import model_fingerprint
 from selftrain.paths import resolve_path
@@ -346,7 +346,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         for e in errors:
             warnings.warn(f"dataset skipped: {e['error']}", stacklevel=2)
         backend = pick_backend(ev.backend)
-        info["numerics"] = {"dtype": inference_dtype(cfg.model.dtype, backend), "backend": backend}
+        info["numerics"] = stage_numerics(cfg.model.dtype, backend)
         records, table, facts = evaluate(
             folder, cfg.model, ev, datasets, backend, cfg.seed, progress, protocol, cfg.output.cache_dir,
             cfg.judge.answers if ev.sampled.k else None,

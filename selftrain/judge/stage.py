@@ -29,7 +29,7 @@ import pandas as pd
 from selftrain.config import JudgeConfig, RunConfig, SamplingConfig
 from selftrain.graders.clients import LocalJudge, RemoteJudge, ask, judge_messages, load_rubric, make_judge
 from selftrain.graders.parse import LABELS
-from selftrain.inference import generate_candidates, inference_dtype, pick_backend
+from selftrain.inference import generate_candidates, inference_dtype, pick_backend, stage_numerics
 from selftrain.io import (
     DataError,
     iter_jsonl,
@@ -333,7 +333,7 @@ def run(run: Run, progress: bool = True) -> pd.DataFrame:
         checkout = llmjp.load_for(cfg) if cfg.protocol == "llm-jp-judge" else None
         folder = run.model_under_test()
         ab = pick_backend(cfg.answers.backend)
-        info["numerics"] = {"dtype": inference_dtype(run.config.model.dtype, ab), "backend": ab}
+        info["numerics"] = stage_numerics(run.config.model.dtype, ab)
         items = _items(run)
         # under llm-jp-judge the judge's model comes from the checkout's client YAML unless judge.endpoint names one
         judge_cfg = llmjp.resolve(cfg, checkout) if checkout is not None else cfg
