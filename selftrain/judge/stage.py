@@ -29,7 +29,7 @@ import pandas as pd
 from selftrain.config import JudgeConfig, RunConfig, SamplingConfig
 from selftrain.graders.clients import LocalJudge, RemoteJudge, ask, judge_messages, load_rubric, make_judge
 from selftrain.graders.parse import LABELS
-from selftrain.inference import generate_candidates, inference_dtype, pick_backend, stage_numerics
+from selftrain.inference import generate_candidates, inference_dtype, pick_backend, stage_numerics, vllm_schedule
 from selftrain.io import (
     DataError,
     iter_jsonl,
@@ -196,7 +196,9 @@ def _answer_key(run: Run, items: list[dict[str, Any]], folder: Path, plan: Answe
     if backend == "vllm" and cfg.shards > 1:
         shape["shards"] = cfg.shards
     dtype = inference_dtype(run.config.model.dtype, backend)  # a GPU's bfloat16 answers are not a CPU's float32 ones
-    return plan, sha256_json({"model": model_fingerprint(folder), **shape, "backend": backend, "dtype": dtype})[:16]
+    schedule = vllm_schedule(run.config.model, cfg.seeding, backend)  # how many answers decode together
+    key = {"model": model_fingerprint(folder), **shape, "backend": backend, "dtype": dtype}
+    return plan, sha256_json({**key, "schedule": schedule} if schedule else key)[:16]
 
 
 def _answer_shards(run: Run, key: str, plan: AnswerPlan) -> tuple[Path, list[list[Part]], list[list[int]]]:
