@@ -127,7 +127,8 @@ def test_numerics_exact_is_float32_and_byte_identical_twice(tiny_overrides: list
         train.train_stage(run, "sft", progress=False)
         stages = run.manifest()["stages"]
         assert stages["sft"]["numerics"]["dtype"] == "float32" and stages["sft"]["numerics"]["mode"] == "exact"
-        assert stages["generate"]["numerics"] == {"mode": "exact", "dtype": "float32", "backend": "transformers"}
+        numerics = {"mode": "exact", "dtype": "float32", "backend": "transformers", "top_p": "transformers"}
+        assert stages["generate"]["numerics"] == numerics
         files = [
             run.data_dir / "candidates.jsonl",
             run.data_dir / "selection.jsonl",
