@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -46,3 +47,11 @@ def save_result(root: Path, name: str, results: dict, quiet: bool = False) -> Pa
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, out)
     return out
+
+
+def cpu_flags() -> str:
+    """The CPU kind by its numeric flags (a "AMD EPYC" name covers AVX2-only, AVX-512 BF16 and AMX machines)."""
+    info = Path("/proc/cpuinfo")
+    flags = info.read_text().split("flags", 1)[1].split("\n", 1)[0] if info.is_file() else ""
+    kinds = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {f}" in flags]
+    return ", ".join(kinds) or platform.machine()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from _backends import cpu_flags
 
 from selftrain import inference
 from selftrain.data import load_prompts
@@ -27,13 +28,6 @@ from selftrain.models import convert_embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "cpu_sampler.json"
-
-
-def _cpu_flags() -> str:
-    info = Path("/proc/cpuinfo")
-    flags = info.read_text().split("flags", 1)[1].split("\n", 1)[0] if info.is_file() else ""
-    kinds = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {f}" in flags]
-    return ", ".join(kinds) or platform.machine()
 
 
 def main() -> None:
@@ -83,7 +77,7 @@ def main() -> None:
     same = sum(a == b for a, b in zip(tokens["vllm"], tokens["selftrain"], strict=True))
     result = {
         "cpu": platform.processor() or platform.machine(),
-        "cpu_flags": _cpu_flags(),
+        "cpu_flags": cpu_flags(),
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "prompts": args.prompts,
@@ -96,7 +90,7 @@ def main() -> None:
         "speedup": round(mean["vllm"] / mean["selftrain"], 2),
         "identical_sequences": f"{same} of {len(tokens['vllm'])}",
     }
-    print(f"{_cpu_flags()}: vLLM's top-p {result['tokens_per_s']['vllm']} tok/s, selftrain's "
+    print(f"{cpu_flags()}: vLLM's top-p {result['tokens_per_s']['vllm']} tok/s, selftrain's "
           f"{result['tokens_per_s']['selftrain']} tok/s: {result['speedup']}x; identical sequences "
           f"{result['identical_sequences']}")  # fmt: skip
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
+
+from _backends import cpu_flags
 
 from selftrain import generate, select, train
 from selftrain.config import resolve_run_config
@@ -32,13 +33,6 @@ ARMS = {
     "no-checkpointing": ["gradient_checkpointing=false"],
     "no-checkpointing-sdpa": ["gradient_checkpointing=false"],
 }
-
-
-def _cpu_flags() -> str:
-    info = Path("/proc/cpuinfo")
-    flags = info.read_text().split("flags", 1)[1].split("\n", 1)[0] if info.is_file() else ""
-    kinds = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {f}" in flags]
-    return ", ".join(kinds) or platform.machine()
 
 
 def _arm(arm: str, sets: list[str], base: list[str], steps: int) -> dict:
@@ -78,7 +72,7 @@ def main() -> None:
         "output.checkpoints_dir=bench/out/checkpoints",
         f"prompts.limit={args.prompts}",
     ]
-    res: dict = {"cpu": _cpu_flags(), "steps": args.steps, "prompts": args.prompts, "rounds": args.rounds, "arms": {}}
+    res: dict = {"cpu": cpu_flags(), "steps": args.steps, "prompts": args.prompts, "rounds": args.rounds, "arms": {}}
     # The first training of a process pays one-time costs (allocator, thread pools, page cache): alternating the
     # order (A B C, C B A, ...) spreads them over the arms instead of charging the first.
     names = ["trl-default", *(a for a in args.arms if a != "trl-default")]
