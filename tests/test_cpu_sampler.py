@@ -60,6 +60,14 @@ def test_a_one_token_nucleus_and_a_row_that_needs_the_whole_vocabulary() -> None
     assert torch.equal(torch.isinf(out), _exact_dropped(logits, p))
 
 
+def test_an_unknown_top_p_choice_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(inference.TOP_P_ENV, "fast")
+    with pytest.raises(ValueError, match="SELFTRAIN_CPU_TOP_P='fast': use 'selftrain'"):
+        inference.cpu_top_p_wanted()
+    monkeypatch.setenv(inference.TOP_P_ENV, "vllm")
+    assert not inference.cpu_top_p_wanted() and stage_numerics("float32", "vllm")["top_p"] == "vllm"
+
+
 @pytest.mark.integration
 @pytest.mark.vllm
 def test_equal_to_vllms_own_top_p_and_top_k_goes_to_vllm() -> None:
