@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -29,19 +28,12 @@ from _backends import save_result  # noqa: E402
 
 from selftrain import drift  # noqa: E402
 from selftrain.config import EmbedderConfig  # noqa: E402
+from selftrain.figures.collect import collect  # noqa: E402
+from selftrain.figures.rounds import round_chains  # noqa: E402
 from selftrain.select.similarity import chrf_sim, cosine_sim, embedder_embeddings  # noqa: E402
 from selftrain.stats import paired_bootstrap  # noqa: E402
 
 MONITORS = ("distinct_1", "distinct_2", "pool_cosine", "self_chrf")
-ROUND_DIR = re.compile(r"^(?P<method>.+)@round=(?P<k>\d+)$")
-
-
-def latest_run(cell: Path) -> Path:
-    """The cell's newest version folder."""
-    versions = sorted(p for p in cell.iterdir() if p.is_dir() and re.fullmatch(r"v\d{3,}", p.name))
-    if not versions:
-        raise SystemExit(f"{cell}: no run version")
-    return versions[-1]
 
 
 def pools(run: Path) -> tuple[list[str], list[list[str]]]:
@@ -83,47 +75,38 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=".cache/selftrain", help="where the embedder's cache lives")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     args = ap.parse_args()
-    study = Path(args.study_dir)
-    out: dict[str, object] = {"study_dir": str(study), "chains": {}}
-    for model_dir in sorted(p for p in study.iterdir() if p.is_dir() and p.name not in ("figures", "tables")):
-        chains: dict[str, dict[int, Path]] = {}
-        for cell in model_dir.iterdir():
-            m = ROUND_DIR.match(cell.name)
-            if m:
-                chains.setdefault(m["method"], {})[int(m["k"])] = latest_run(cell)
-        for method, rounds in sorted(chains.items()):
-            per_model: dict[int, dict[str, np.ndarray]] = {}
-            ids0: list[str] | None = None
-            for k in sorted(rounds):
-                run = rounds[k]
-                ids, texts = pools(run)
-                if ids0 is None:
-                    ids0 = ids
-                elif ids != ids0:
-                    raise SystemExit(f"{run}: other prompts than round 1 (rounds.prompts disjoint is not paired)")
-                values = per_pool(texts, args.cache_dir)
-                recorded = json.loads((run / "metrics" / "select.json").read_text())["drift"]
-                for name in MONITORS:
-                    mean = float(np.nanmean(values[name]))
-                    if abs(mean - recorded[name]) > 1e-3 * max(1.0, abs(recorded[name])):
-                        said = recorded[name]
-                        raise SystemExit(f"{run}: {name} per pool averages {mean:.5f}, select.json says {said}")
-                per_model[k - 1] = values  # round k's candidates are M_{k-1}'s
-            rows = []
-            for k in sorted(per_model):
-                if k == 0:
-                    continue
-                for name in MONITORS:
-                    d = per_model[k][name] - per_model[0][name]
-                    d = d[np.isfinite(d)]
-                    mean, lo, hi = paired_bootstrap(d, args.boot)
-                    rows.append({"model_round": k, "monitor": name, "m0": float(np.nanmean(per_model[0][name])),
-                                 "mk": float(np.nanmean(per_model[k][name])), "diff": mean, "ci_low": lo,
-                                 "ci_high": hi, "pools": int(len(d))})  # fmt: skip
-                    print(f"{model_dir.name} {method:>9} M{k}-M0 {name:>12}: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] "
-                          f"over {len(d)} pools")  # fmt: skip
-            out["chains"][f"{model_dir.name}/{method}"] = rows  # type: ignore[index]
-    print(f"saved {save_result(ROOT, 'rounds_spread', out, quiet=True)}")
+    res = collect(args.study_dir)  # stage 07's choice of run versions (complete ones, pins honoured)
+    out: dict[str, list[dict]] = {}
+    for (model, method, rest, seed), rounds in sorted(round_chains({**res.runs, **res.closing}).items()):
+        chain = "/".join(x for x in (model, method, rest, None if seed is None else f"seed{seed}") if x)
+        per_model: dict[int, dict[str, np.ndarray]] = {}
+        ids0: list[str] | None = None
+        for k in sorted(rounds):
+            run = rounds[k]
+            ids, texts = pools(run)
+            if ids0 is None:
+                ids0 = ids
+            elif ids != ids0:
+                raise SystemExit(f"{run}: other prompts than round 1 (rounds.prompts disjoint is not paired)")
+            values = per_pool(texts, args.cache_dir)
+            recorded = json.loads((run / "metrics" / "select.json").read_text())["drift"]
+            for name in MONITORS:
+                mean = float(np.nanmean(values[name]))
+                if abs(mean - recorded[name]) > 1e-3 * max(1.0, abs(recorded[name])):
+                    raise SystemExit(f"{run}: {name} per pool averages {mean:.5f}, select.json says {recorded[name]}")
+            per_model[k - 1] = values  # round k's candidates are M_{k-1}'s
+        rows = []
+        for k in sorted(per_model)[1:]:
+            for name in MONITORS:
+                d = per_model[k][name] - per_model[0][name]
+                d = d[np.isfinite(d)]
+                mean, lo, hi = paired_bootstrap(d, args.boot)
+                rows.append({"model_round": k, "monitor": name, "m0": float(np.nanmean(per_model[0][name])),
+                             "mk": float(np.nanmean(per_model[k][name])), "diff": mean, "ci_low": lo,
+                             "ci_high": hi, "pools": int(len(d))})  # fmt: skip
+                print(f"{chain} M{k}-M0 {name:>12}: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] over {len(d)} pools")
+        out[chain] = rows
+    print(f"saved {save_result(ROOT, 'rounds_spread', {'study_dir': args.study_dir, 'chains': out}, quiet=True)}")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def _params(d: Path) -> dict[str, Any]:
         return {}
 
 
-def _chains(runs: dict[tuple[str, str], Path]) -> dict[tuple[str, str, str, int | None], dict[int, Path]]:
+def round_chains(runs: dict[tuple[str, str], Path]) -> dict[tuple[str, str, str, int | None], dict[int, Path]]:
     """(model, method, other sweep label, seed) -> {round: run folder} of every round folder."""
     out: dict[tuple[str, str, str, int | None], dict[int, Path]] = {}
     for (model, folder), d in runs.items():
@@ -112,7 +112,7 @@ def rounds_table(res: StudyResults) -> pd.DataFrame:
     """One row per (model, method, sweep point, seed, round k = 0..R): model M_k's monitors and scores, and the
     collapse flag. Empty for a study without rounds."""
     runs = {**res.runs, **res.closing}
-    chains = _chains(runs)
+    chains = round_chains(runs)
     rows = []
     for (model, method, rest, seed), chain in sorted(chains.items(), key=lambda x: (*x[0][:3], x[0][3] or -1)):
         cfg = _params(chain[min(chain)])
