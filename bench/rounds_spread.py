@@ -15,7 +15,6 @@ the intervals are about exactly the numbers in tables/rounds.*. Writes bench/out
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from selftrain import drift  # noqa: E402
 from selftrain.config import EmbedderConfig  # noqa: E402
 from selftrain.figures.collect import collect  # noqa: E402
 from selftrain.figures.rounds import round_chains  # noqa: E402
+from selftrain.io import read_json, read_jsonl  # noqa: E402
 from selftrain.select.similarity import chrf_sim, cosine_sim, embedder_embeddings  # noqa: E402
 from selftrain.stats import paired_bootstrap  # noqa: E402
 
@@ -42,31 +42,19 @@ def pools(run: Path) -> tuple[list[str], list[list[str]]]:
     if not path.is_file():
         raise SystemExit(f"{path}: missing (candidates are not committed: run the study here first)")
     by_prompt: dict[str, dict[int, str]] = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_jsonl(path):
         by_prompt.setdefault(rec["prompt_id"], {})[rec["candidate_index"]] = rec["text"]
     ids = list(by_prompt)
     return ids, [[row[j] for j in sorted(row)] for row in by_prompt.values()]
 
 
 def per_pool(texts: list[list[str]], cache_dir: str) -> dict[str, np.ndarray]:
-    """Each monitor per pool (NaN where a pool has fewer than two non-empty candidates), as stage 02 defines it."""
+    """Each monitor per pool (NaN where a pool has fewer than two non-empty candidates), as stage 02 computes it
+    (`selftrain.drift.pool_values`, self-chrF on select.json's 0-100 scale)."""
     valid = np.array([[bool(t.strip()) for t in row] for row in texts])
     emb, _ = embedder_embeddings(texts, EmbedderConfig(), cache_dir)
-    cos = drift.pair_means(cosine_sim(emb), valid)
-    chrf = drift.pair_means(chrf_sim(texts), valid) * 100
-    dist: dict[int, list[float]] = {1: [], 2: []}
-    for row, keep in zip(texts, valid, strict=True):
-        members = [t for t, ok in zip(row, keep, strict=True) if ok]
-        for n in (1, 2):
-            v = drift.distinct_n(members, n) if len(members) >= 2 else None
-            dist[n].append(np.nan if v is None else v)
-    return {
-        "distinct_1": np.array(dist[1]),
-        "distinct_2": np.array(dist[2]),
-        "pool_cosine": cos,
-        "self_chrf": chrf,
-    }
+    values = drift.pool_values(texts, valid, cosine_sim(emb), chrf_sim(texts))
+    return {**values, "self_chrf": values["self_chrf"] * 100}
 
 
 def main() -> None:
@@ -89,7 +77,7 @@ def main() -> None:
             elif ids != ids0:
                 raise SystemExit(f"{run}: other prompts than round 1 (rounds.prompts disjoint is not paired)")
             values = per_pool(texts, args.cache_dir)
-            recorded = json.loads((run / "metrics" / "select.json").read_text())["drift"]
+            recorded = read_json(run / "metrics" / "select.json")["drift"]
             for name in MONITORS:
                 mean = float(np.nanmean(values[name]))
                 if abs(mean - recorded[name]) > 1e-3 * max(1.0, abs(recorded[name])):

@@ -66,6 +66,26 @@ def _mean(values: np.ndarray | list[float | None]) -> float | None:
     return round(float(v.mean()), 5) if len(v) else None
 
 
+def pool_values(
+    texts: list[list[str]], valid: np.ndarray, cosine: np.ndarray, chrf: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The diversity monitors of each pool, (P,) arrays, NaN for a pool of fewer than two non-empty candidates:
+    distinct_1, distinct_2, pool_cosine and self_chrf (chrF in 0..1 here; select.json reports it x100). texts (P
+    rows of n candidates), valid (P, n) non-empty, cosine and chrf (P, n, n) pairwise utilities (chrF in 0..1)."""
+    dist: dict[int, list[float]] = {1: [], 2: []}
+    for row, keep in zip(texts, valid, strict=True):
+        members = [t for t, ok in zip(row, keep, strict=True) if ok]
+        for n in dist:
+            v = distinct_n(members, n) if len(members) >= 2 else None
+            dist[n].append(np.nan if v is None else v)
+    return {
+        "distinct_1": np.array(dist[1], dtype=float),
+        "distinct_2": np.array(dist[2], dtype=float),
+        "pool_cosine": pair_means(cosine, valid),
+        "self_chrf": pair_means(chrf, valid),
+    }
+
+
 def pool_monitors(
     texts: list[list[str]],
     valid: np.ndarray,
@@ -74,16 +94,15 @@ def pool_monitors(
     centrality: np.ndarray,
     target: np.ndarray,
 ) -> dict[str, Any]:
-    """The candidate monitors of one round's pools: texts (P rows of n candidates), valid (P, n) non-empty, cosine
-    and chrf (P, n, n) pairwise utilities (chrF in 0..1), centrality (P, n) and target (P,) of the method."""
-    pools = [[t for t, ok in zip(row, keep, strict=True) if ok] for row, keep in zip(texts, valid, strict=True)]
-    scored = [p for p in pools if len(p) >= 2]
-    chrf_mean = _mean(pair_means(chrf, valid))
+    """The candidate monitors of one round's pools (`pool_values` averaged over pools of two or more, and the
+    target's centrality margin): centrality (P, n) and target (P,) of the method."""
+    per_pool = pool_values(texts, valid, cosine, chrf)
+    chrf_mean = _mean(per_pool["self_chrf"])
     return {
-        "pools": len(scored),
-        "distinct_1": _mean([distinct_n(p, 1) for p in scored]),
-        "distinct_2": _mean([distinct_n(p, 2) for p in scored]),
-        "pool_cosine": _mean(pair_means(cosine, valid)),
+        "pools": int((valid.sum(axis=1) >= 2).sum()),
+        "distinct_1": _mean(per_pool["distinct_1"]),
+        "distinct_2": _mean(per_pool["distinct_2"]),
+        "pool_cosine": _mean(per_pool["pool_cosine"]),
         "self_chrf": round(chrf_mean * 100, 3) if chrf_mean is not None else None,
         "centrality_margin": _mean(centrality_margin(centrality, valid, target)),
     }
