@@ -63,9 +63,15 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=".cache/selftrain", help="where the embedder's cache lives")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     args = ap.parse_args()
-    res = collect(args.study_dir)  # stage 07's choice of run versions (complete ones, pins honoured)
+    try:
+        res = collect(args.study_dir)  # stage 07's choice of run versions (complete ones, pins honoured)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    chains = round_chains({**res.runs, **res.closing})
+    if not chains:
+        raise SystemExit(f"{args.study_dir}: no chain of rounds (a study with study.rounds > 1; nothing written)")
     out: dict[str, list[dict]] = {}
-    for (model, method, rest, seed), rounds in sorted(round_chains({**res.runs, **res.closing}).items()):
+    for (model, method, rest, seed), rounds in sorted(chains.items()):
         chain = "/".join(x for x in (model, method, rest, None if seed is None else f"seed{seed}") if x)
         per_model: dict[int, dict[str, np.ndarray]] = {}
         ids0: list[str] | None = None
