@@ -61,6 +61,51 @@ def test_splits_are_disjoint_and_the_training_split_carries_no_answer() -> None:
             assert all(a != r["messages"][-1]["content"] for r in train)
 
 
+def test_train_answers_are_each_training_prompts_own_answer() -> None:
+    """make.train_answers() (for after-run checks only) pairs every training prompt id with the answer of the item
+    that prompt asks: recomputed here from the prompt's own text for arithmetic, from the lists for the rest."""
+    sys.path.insert(0, str(DATA))
+    import make
+
+    answers = make.train_answers()
+    train = read_jsonl(DATA / "train.jsonl")
+    assert set(answers) == {r["id"] for r in train}
+    lists = {"capitals": dict(make._pairs(make.CAPITALS, False)), "antonyms": dict(make._pairs(make.ANTONYMS, True)),
+             "past_tense": dict(make._pairs(make.VERBS, True))}  # fmt: skip
+    for r in train:
+        asked = r["messages"][-2]["content"]
+        if r["kind"] in ("sums", "differences"):
+            a, op, b = asked.split()
+            assert answers[r["id"]] == str(int(a) + int(b) if op == "+" else int(a) - int(b)), r["id"]
+        else:
+            assert answers[r["id"]] == lists[r["kind"]][asked.split(": ", 1)[1]], r["id"]
+        assert answers[r["id"]] not in json.dumps(r["messages"][-1]), r["id"]  # still written nowhere
+
+
+def test_the_targets_bench_scores_targets_samples_and_the_majority(tmp_path: Path) -> None:
+    """bench/positive_control_targets.py on a run folder written here: right shares by hand."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import positive_control_targets as pct
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    gold = {"sums-000": "80", "capitals-000": "Oslo"}
+    texts = {"sums-000": ["80", "81", "80\n\nmore", "7"], "capitals-000": ["Bergen", "Oslo", "Bergen", "Oslo"]}
+    (run / "data" / "candidates.jsonl").write_text("".join(
+        json.dumps({"prompt_id": pid, "candidate_index": j, "text": t}) + "\n"
+        for pid, row in texts.items() for j, t in enumerate(row)))  # fmt: skip
+    (run / "data" / "selection.jsonl").write_text(
+        json.dumps({"id": "sums-000", "target": 3}) + "\n" + json.dumps({"id": "capitals-000", "target": 1}) + "\n"
+    )
+    got = pct.score_run(run, gold)
+    assert list(got["sample"]) == [0.5, 0.5]  # "80\n\nmore" is scored as "80", as stage 06 extracts it
+    assert list(got["majority"]) == [1.0, 0.5]  # a tie between a right and a wrong answer counts half
+    assert list(got["target"]) == [0.0, 1.0] and got["kind"] == ["sums", "capitals"]
+    (run / "data" / "selection.jsonl").write_text(json.dumps({"id": "sums-000", "target": 4}) + "\n")
+    with pytest.raises(SystemExit, match=r"selection.jsonl:1: target 4 is not one of the 4 candidates"):
+        pct.score_run(run, gold)
+
+
 def test_training_prompts_are_what_stage_06_asks_under_the_study(tiny_model: Path) -> None:
     """The training prompts are the evaluation prompts of other items: the same chat turns (the instruction as the
     system turn, the files' few-shots as earlier turns), so selection sharpens the very format the benchmark scores."""

@@ -10,7 +10,8 @@ Five kinds (facts, word relations, small arithmetic), each split by item into th
   asks an item of that kind with (``eval.chat_layout: turns``: the instruction as the system turn, the few-shots as
   user and assistant turns, the item's input as the last user turn). Its answers are written nowhere: the last
   assistant turn is a fixed placeholder (``PLACEHOLDER``), which the arms of the study (central, random, first)
-  never train on;
+  never train on (``train_answers()`` recomputes them in memory, only to score the arms' chosen targets after a
+  run: bench/positive_control_targets.py);
 * the few-shot examples, the same in both splits' prompts.
 
 Everything is drawn from the lists below with a fixed seed, so the files are the same on every run. The lists are
@@ -166,16 +167,29 @@ def items(kind: str, rng: random.Random) -> list[tuple[str, str]]:
     return got[:need]
 
 
+def splits() -> dict[str, tuple[list, list, list]]:
+    """Per kind: (few-shot pairs, training pairs, evaluation pairs), drawn in KINDS' order from one seeded draw."""
+    rng = random.Random(SEED)
+    out = {}
+    for kind in KINDS:
+        got = items(kind, rng)
+        out[kind] = (got[:SHOTS], got[SHOTS : SHOTS + TRAIN], got[SHOTS + TRAIN :])
+    return out
+
+
+def train_answers() -> dict[str, str]:
+    """The training split's answers by prompt id. Written to no file and used by no arm of the study: only to check,
+    after a run, how often each arm's chosen training target was right (bench/positive_control_targets.py)."""
+    return {f"{kind}-{i:03d}": a for kind, (_, train, _) in splits().items() for i, (_, a) in enumerate(train)}
+
+
 def build(out: Path) -> dict[str, int]:
     """Write eval/<kind>.json and train.jsonl under `out`; returns the counts."""
-    rng = random.Random(SEED)
     train, counts = [], {}
     (out / "eval").mkdir(parents=True, exist_ok=True)
-    for kind, (category, instruction, template) in KINDS.items():
-        got = items(kind, rng)
-        shots = [{"input": template.format(q), "output": a} for q, a in got[:SHOTS]]
-        train_items = got[SHOTS : SHOTS + TRAIN]
-        eval_items = got[SHOTS + TRAIN :]
+    for kind, (shot_pairs, train_items, eval_items) in splits().items():
+        category, instruction, template = KINDS[kind]
+        shots = [{"input": template.format(q), "output": a} for q, a in shot_pairs]
         data = {
             "instruction": instruction,
             "output_length": OUTPUT_LENGTH,
