@@ -190,6 +190,31 @@ def test_collect_values_order_versions_and_missing(tree: tuple[Path, Path]) -> N
     assert dpo["rewards/margins"].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])  # method 1
 
 
+def test_figures_draw_panels_only_for_what_was_scored(tree: tuple[Path, Path]) -> None:
+    """plot_eval leaves out categories no run scored (NLI, a column here, has no score); plot_paired draws a panel
+    only for metrics with paired items, and the usual three (saying so) when none has any."""
+    import dataclasses
+
+    import matplotlib.pyplot as plt
+
+    results, study_file = tree
+    res = figures.collect(results / STUDY, study_file=study_file)
+    fig = figures.plot_eval(dataclasses.replace(res, table=res.table.assign(eval_NLI=math.nan)))  # listed, unscored
+    assert [ax.get_title() for ax in fig.axes if ax.axison] == ["AVG", "QA", "MC"]
+    plt.close(fig)
+    rows = [{"model": "tiny-150m", "method": m, "metric": metric, "items": n, "difference": 0.01, "ci_low": -0.01,
+             "ci_high": 0.03, "p": 0.5, "p_holm": 0.5}
+            for m in ("central", "original") for metric, n in (("quality", 0), ("eval_sampled", 40))]  # fmt: skip
+    fig = figures.plot_paired(dataclasses.replace(res, paired=pd.DataFrame(rows)))
+    assert [ax.get_title() for ax in fig.axes] == ["sampled exact match: method - baseline"]
+    plt.close(fig)
+    empty = pd.DataFrame([{**r, "items": 0} for r in rows])
+    fig = figures.plot_paired(dataclasses.replace(res, paired=empty))
+    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["judge quality (overall)", "judge safety",
+                                                                "benchmark exact match"]  # fmt: skip
+    plt.close(fig)
+
+
 def test_pins_choose_the_version_and_bad_pins_fail(tree: tuple[Path, Path], tmp_path: Path) -> None:
     results, study_file = tree
     spec = tmp_path / "spec.yaml"

@@ -146,9 +146,11 @@ def length_table(res: StudyResults) -> pd.DataFrame:
 
 def plot_paired(res: StudyResults) -> Any:
     """A forest plot per metric: each method minus the baseline with its paired 95% interval, one row per
-    (model, method); Holm-adjusted p on the right."""
+    (model, method); Holm-adjusted p on the right. Metrics no pair scored get no panel (the tables keep their
+    rows), unless none has items: then the usual three panels say so."""
     t = res.paired
-    shown = [m for m in METRICS if m in ALWAYS or (len(t) and (t["metric"] == m).any())]
+    scored = [m for m in METRICS if len(t) and (t[t["metric"] == m]["items"] > 0).any()]
+    shown = scored or list(ALWAYS)
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 0.5 + 0.45 * max(len(t) // len(shown), 2)),
                              squeeze=False)  # fmt: skip
     titles = {"quality": "judge quality (overall)", "safety": "judge safety", "eval_exact": "benchmark exact match",

@@ -115,8 +115,11 @@ def _grid(n: int, ncols: int = 4, w: float = 3.0, h: float = 2.8) -> tuple[Any, 
 
 
 def plot_eval(res: StudyResults) -> Any:
-    """Benchmark AVG and each category score per model size x method (rows of four panels)."""
-    cols = ["eval_avg"] + [c for c in res.table.columns if c.startswith("eval_") and c != "eval_avg"]
+    """Benchmark AVG and each category score per model size x method (rows of four panels). Categories no run
+    scored are left out (a study of its own categories, as the positive control, has none of llm-jp-eval's)."""
+    cats = [c for c in res.table.columns if c.startswith("eval_") and c != "eval_avg"]
+    scored = [c for c in cats if res.table[c].notna().any()]
+    cols = ["eval_avg"] + (scored or cats)
     fig, axes = _grid(len(cols))
     for ax, c in zip(axes, cols, strict=True):
         _bars(ax, res, plain_rows(res.table), c, seeds=plain_rows(res.replicates))
