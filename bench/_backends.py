@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def run_backends(
@@ -47,6 +48,17 @@ def save_result(root: Path, name: str, results: dict, quiet: bool = False) -> Pa
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, out)
     return out
+
+
+def collect_study(study_dir: str) -> Any:
+    """A finished study's results as stage 07 reads them (its choice of run versions: complete ones, pins honoured);
+    a missing folder is a one-line exit. For the scripts that read a study's run folders."""
+    from selftrain.figures.collect import collect
+
+    try:
+        return collect(study_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
 
 
 def cpu_flags() -> str:

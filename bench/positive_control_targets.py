@@ -27,11 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "data" / "positive-control"))
 
-from _backends import save_result  # noqa: E402
+from _backends import collect_study, save_result  # noqa: E402
 from make import train_answers  # noqa: E402
 
 from selftrain.evaluate.metrics import normalize, prepare_prediction  # noqa: E402
-from selftrain.figures.collect import collect  # noqa: E402
 from selftrain.io import read_jsonl  # noqa: E402
 from selftrain.schema import split_run_folder  # noqa: E402
 from selftrain.stats import paired_bootstrap  # noqa: E402
@@ -81,10 +80,7 @@ def main() -> None:
     ap.add_argument("--study-dir", default="results/positive-control", help="a positive-control study's results folder")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     args = ap.parse_args()
-    try:
-        res = collect(args.study_dir)  # stage 07's choice of run versions (complete ones, pins honoured)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
+    res = collect_study(args.study_dir)
     gold = train_answers()
     rows = []
     for (model, folder), run in sorted(res.runs.items()):

@@ -23,11 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _backends import save_result  # noqa: E402
+from _backends import collect_study, save_result  # noqa: E402
 
 from selftrain import drift  # noqa: E402
 from selftrain.config import EmbedderConfig  # noqa: E402
-from selftrain.figures.collect import collect  # noqa: E402
 from selftrain.figures.rounds import round_chains  # noqa: E402
 from selftrain.io import read_json, read_jsonl  # noqa: E402
 from selftrain.select.similarity import chrf_sim, cosine_sim, embedder_embeddings  # noqa: E402
@@ -63,10 +62,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=".cache/selftrain", help="where the embedder's cache lives")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     args = ap.parse_args()
-    try:
-        res = collect(args.study_dir)  # stage 07's choice of run versions (complete ones, pins honoured)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
+    res = collect_study(args.study_dir)
     chains = round_chains({**res.runs, **res.closing})
     if not chains:
         raise SystemExit(f"{args.study_dir}: no chain of rounds (a study with study.rounds > 1; nothing written)")
