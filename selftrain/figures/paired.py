@@ -151,8 +151,8 @@ def plot_paired(res: StudyResults) -> Any:
     t = res.paired
     scored = [m for m in METRICS if len(t) and (t[t["metric"] == m]["items"] > 0).any()]
     shown = scored or list(ALWAYS)
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 0.5 + 0.45 * max(len(t) // len(shown), 2)),
-                             squeeze=False)  # fmt: skip
+    rows = max(((t["metric"] == m).sum() for m in shown), default=0) if len(t) else 0  # a panel's rows
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 0.5 + 0.45 * max(rows, 2)), squeeze=False)
     titles = {"quality": "judge quality (overall)", "safety": "judge safety", "eval_exact": "benchmark exact match",
               "eval_sampled": "sampled exact match"}  # fmt: skip
     for ax, metric in zip(axes[0], shown, strict=True):
