@@ -58,7 +58,7 @@ def score_run(run: Path, gold: dict[str, str]) -> dict[str, np.ndarray | list[st
         texts.setdefault(rec["prompt_id"], {})[rec["candidate_index"]] = rec["text"]
     sample, major, target, kinds = [], [], [], []
     for line, rec in enumerate(read_jsonl(sel_path), 1):
-        pid = rec["prompt_id"] if "prompt_id" in rec else rec["id"]
+        pid = rec["id"]
         if pid not in gold or pid not in texts:
             raise SystemExit(f"{sel_path}:{line}: prompt {pid!r}: no such training prompt with candidates")
         want = normalize(gold[pid])
