@@ -39,4 +39,8 @@ if [ -n "${PIP_EXTRA_INDEX_URL:-}" ]; then
     # (PyTorch's index lists numpy, jinja2, ... at other versions).
     sources+=(--index-strategy unsafe-best-match)
 fi
-exec "$UV" pip install --python "$venv/bin/python" --quiet --no-deps --compile-bytecode "${sources[@]}" "$@"
+if ! "$UV" pip install --python "$venv/bin/python" --quiet --no-deps --compile-bytecode "${sources[@]}" "$@"; then
+    # e.g. a cache folder uv cannot write, or an index only pip's configuration knows: pip may still get there
+    echo "uv could not install $* (above): installing with pip instead (slower)" >&2
+    exec "$venv/bin/pip" install -q --no-deps "$@"
+fi
