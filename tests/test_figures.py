@@ -45,16 +45,19 @@ def eval_avg(i: int, j: int) -> float:
     return round(0.3 + 0.1 * i + 0.01 * j, 4)
 
 
-def write_run(parent: Path, version: str, model: str, method: str, i: int, j: int, done: list[str]) -> Path:
-    """One run folder as the stages write it: params, manifest, markers, metrics (stages in `done` only)."""
+def write_run(
+    parent: Path, version: str, model: str, method: str, i: int, j: int, done: list[str], stages_run: list[str] = STAGES
+) -> Path:
+    """One run folder as the stages write it: params, manifest, markers, metrics (stages in `done` only) for a study
+    of the stages `stages_run`."""
     d = parent / model / method / version
     for sub in ("data", "metrics", "figures", "notebooks", "stages"):
         (d / sub).mkdir(parents=True)
     cfg = resolve_run_config("tiny", method)
-    cfg.model.name, cfg.study, cfg.stages = model, STUDY, STAGES
+    cfg.model.name, cfg.study, cfg.stages = model, STUDY, stages_run
     (d / "params.resolved.yaml").write_text(dump_config(cfg))
     stages: dict = {}
-    for s in STAGES:
+    for s in stages_run:
         if s not in done:
             stages[s] = {"status": "pending"}
             continue
@@ -110,7 +113,7 @@ def write_run(parent: Path, version: str, model: str, method: str, i: int, j: in
             cats = {"QA": {"score": avg + 0.05, "datasets": ["q"], "missing": []}}
             cats["MC"] = {"score": avg - 0.05, "datasets": ["m"], "missing": []}
             (metrics / "eval.json").write_text(json.dumps({"avg": avg, "categories": cats, "datasets": {}}))
-    if "judge" not in done and "select" in done:
+    if "judge" in stages_run and "judge" not in done and "select" in done:
         stages["judge"] = {"status": "failed", "error": "APIError: judge endpoint down", "seconds": 2.0}
     manifest = {"study": STUDY, "model": model, "method": method, "version": version, "stages": stages}
     (d / "manifest.json").write_text(json.dumps(manifest))
@@ -213,6 +216,35 @@ def test_figures_draw_panels_only_for_what_was_scored(tree: tuple[Path, Path]) -
     assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["judge quality (overall)", "judge safety",
                                                                 "benchmark exact match"]  # fmt: skip
     plt.close(fig)
+
+
+def test_a_study_without_a_judge_stage_gets_no_empty_judge_figures(tmp_path: Path) -> None:
+    """An eval-only study (the positive control) draws its other figures, but no judge or length figure of empty
+    panels; one run with judge scores brings both back."""
+    results = tmp_path / "results"
+    study_dir = results / STUDY
+    import matplotlib.pyplot as plt
+
+    no_judge = [s for s in STAGES if s != "judge"]
+    for j, method in enumerate(("baseline", "central")):
+        write_run(study_dir, "v001", "tiny-150m", method, 0, j, no_judge, stages_run=no_judge)
+    res = figures.collect(study_dir)
+    assert not res.missing and len(res.table) == 2  # complete runs of an eval-only study
+    assert figures.plot_judge(res) is None and figures.plot_length(res) is None
+    assert figures.plot_eval(res) is not None
+    figures.make_figures(STUDY, results, verbose=False)
+    drawn = {p.name for p in (study_dir / "figures").iterdir()}
+    assert "eval.png" in drawn and not drawn & {"judge.png", "judge.pdf", "length.png", "length.pdf"}
+    v2 = write_run(study_dir, "v002", "tiny-150m", "central", 0, 1, STAGES)
+    items = [
+        {"id": k, "set": "quality", "answer": "x" * (20 + 7 * k), "scores": {"overall": 1 + k % 5}} for k in range(6)
+    ]
+    (v2 / "data" / "judge_items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    res = figures.collect(study_dir)
+    judge_fig, length_fig = figures.plot_judge(res), figures.plot_length(res)
+    assert judge_fig is not None and length_fig is not None
+    plt.close(judge_fig)
+    plt.close(length_fig)
 
 
 def test_pins_choose_the_version_and_bad_pins_fail(tree: tuple[Path, Path], tmp_path: Path) -> None:

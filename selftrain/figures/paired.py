@@ -178,8 +178,11 @@ def plot_paired(res: StudyResults) -> Any:
 
 
 def plot_length(res: StudyResults) -> Any:
-    """Per model: judge quality against answer length, a dot per item and method, and the pooled slope."""
+    """Per model: judge quality against answer length, a dot per item and method, and the pooled slope. None for a
+    study with no judge-scored answers at all."""
     models = res.models or ["-"]
+    if not any(quality_points(d) for m in models for method in res.methods for _, d in point_runs(res, m, method)):
+        return None
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         xs: list[float] = []

@@ -74,9 +74,12 @@ def _legend(fig: Any, methods: list[str], line: bool = False) -> None:
 
 
 def plot_judge(res: StudyResults) -> Any:
-    """Top: the five quality criteria; bottom: safety mean, violation and acceptable rates (95% CIs)."""
-    fig, axes = plt.subplots(2, len(QUALITY), figsize=(2.8 * len(QUALITY), 5.8), squeeze=False)
+    """Top: the five quality criteria; bottom: safety mean, violation and acceptable rates (95% CIs). None for a study
+    none of whose runs has judge scores (the positive control: eval only), rather than eight empty panels."""
     j, js = plain_rows(res.judge), plain_rows(res.judge_replicates)
+    if not len(j) and not len(js):
+        return None
+    fig, axes = plt.subplots(2, len(QUALITY), figsize=(2.8 * len(QUALITY), 5.8), squeeze=False)
     seeds = js if len(js) else None
 
     def pick(df: pd.DataFrame | None, s: str, c: str) -> pd.DataFrame | None:
