@@ -104,6 +104,12 @@ class StudyResults:
     def missing_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.missing, columns=["model", "method", "version", "what"])
 
+    @property
+    def judged(self) -> bool:
+        """Whether any run of the study has judge scores: an eval-only study (the positive control) draws no judge
+        or length figure, rather than panels that all say "no results"."""
+        return bool(len(self.judge) or len(self.judge_replicates))
+
 
 # ------------------------------------------------------------------------------------------- spec
 

@@ -179,7 +179,9 @@ def plot_paired(res: StudyResults) -> Any:
 
 def plot_length(res: StudyResults) -> Any:
     """Per model: judge quality against answer length, a dot per item and method, and the pooled slope. None for a
-    study with no judge-scored answers at all."""
+    study none of whose runs has judge scores (StudyResults.judged)."""
+    if not res.judged:
+        return None
     models = res.models or ["-"]
     points = {  # each run's items read once: (model, method, label) -> (length, quality) points
         (model, method, label): pts
@@ -188,8 +190,6 @@ def plot_length(res: StudyResults) -> Any:
         for label, d in point_runs(res, model, method)
         if (pts := quality_points(d))
     }
-    if not points:
-        return None
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         xs: list[float] = []

@@ -75,10 +75,10 @@ def _legend(fig: Any, methods: list[str], line: bool = False) -> None:
 
 def plot_judge(res: StudyResults) -> Any:
     """Top: the five quality criteria; bottom: safety mean, violation and acceptable rates (95% CIs). None for a study
-    none of whose runs has judge scores (the positive control: eval only), rather than eight empty panels."""
-    j, js = plain_rows(res.judge), plain_rows(res.judge_replicates)
-    if not len(j) and not len(js):
+    none of whose runs has judge scores (StudyResults.judged)."""
+    if not res.judged:
         return None
+    j, js = plain_rows(res.judge), plain_rows(res.judge_replicates)
     fig, axes = plt.subplots(2, len(QUALITY), figsize=(2.8 * len(QUALITY), 5.8), squeeze=False)
     seeds = js if len(js) else None
 
