@@ -221,10 +221,10 @@ def test_figures_draw_panels_only_for_what_was_scored(tree: tuple[Path, Path]) -
 def test_a_study_without_a_judge_stage_gets_no_empty_judge_figures(tmp_path: Path) -> None:
     """An eval-only study (the positive control) draws its other figures, but no judge or length figure of empty
     panels; one run with judge scores brings both back."""
-    results = tmp_path / "results"
-    study_dir = results / STUDY
     import matplotlib.pyplot as plt
 
+    results = tmp_path / "results"
+    study_dir = results / STUDY
     no_judge = [s for s in STAGES if s != "judge"]
     for j, method in enumerate(("baseline", "central")):
         write_run(study_dir, "v001", "tiny-150m", method, 0, j, no_judge, stages_run=no_judge)

@@ -183,25 +183,19 @@ def plot_length(res: StudyResults) -> Any:
     if not res.judged:
         return None
     models = res.models or ["-"]
-    points = {  # each run's items read once: (model, method, label) -> (length, quality) points
-        (model, method, label): pts
-        for model in models
-        for method in res.methods
-        for label, d in point_runs(res, model, method)
-        if (pts := quality_points(d))
-    }
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         xs: list[float] = []
         ys: list[float] = []
-        for (m, method, label), pts in points.items():
-            if m != model:
-                continue
-            x, y = zip(*pts, strict=True)
-            name = f"{method} {label}".strip()
-            ax.scatter(x, y, s=8, alpha=0.7, color=None if label else COLORS.get(method), label=name)
-            xs += x
-            ys += y
+        for method in res.methods:
+            for label, d in point_runs(res, model, method):
+                pts = quality_points(d)
+                if pts:
+                    x, y = zip(*pts, strict=True)
+                    name = f"{method} {label}".strip()
+                    ax.scatter(x, y, s=8, alpha=0.7, color=None if label else COLORS.get(method), label=name)
+                    xs += x
+                    ys += y
         if len(xs) >= 3 and np.std(xs) > 0:
             b, a = np.polyfit(xs, ys, 1)
             grid = np.linspace(min(xs), max(xs), 2)
