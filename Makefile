@@ -23,7 +23,7 @@ setup: $(STAMP)
 # installed as they are (--no-deps: no resolver, the same versions on every machine) by locks/install.sh: uv,
 # or pip where uv cannot be had (SELFTRAIN_INSTALLER=pip forces it); torch 2.13.0+cpu is the CPU wheel (on this
 # machine's disk; elsewhere PyTorch's CPU index, README).
-$(STAMP): pyproject.toml Makefile $(LOCK_CPU) locks/install.sh
+$(STAMP): pyproject.toml Makefile $(LOCK_CPU) locks/install.sh locks/uv.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	grep -v -E '^($(subst $(eval) ,|,$(LOCK_CPU_SKIP)))==' $(LOCK_CPU) > $(VENV)/lock-install.txt
@@ -38,13 +38,12 @@ $(STAMP): pyproject.toml Makefile $(LOCK_CPU) locks/install.sh
 # Rewrite every lock from pyproject.toml's ranges and locks/*.in (uv, in a throwaway venv under .cache/; it
 # resolves for the target platform from the indexes' metadata, installing nothing). TORCH_CPU_SOURCE: where
 # torch 2.13.0+cpu is found (this machine: its wheel folder; elsewhere: TORCH_CPU_SOURCE='--torch-backend cpu').
+# locks/uv.sh: the one uv version (installed there) that locks/check.sh and locks/install.sh also use.
 UV := .cache/lock-tools/bin/uv
-# locks/check.sh and locks/install.sh use the same version.
-UV_VERSION := 0.13.9
 TORCH_CPU_SOURCE ?= --find-links /opt/wheels
 LOCK_ARGS := --python-version 3.11 --custom-compile-command 'make locks' --quiet
 locks:
-	test -x $(UV) || ($(PY) -m venv .cache/lock-tools && .cache/lock-tools/bin/pip install -q uv==$(UV_VERSION))
+	bash locks/uv.sh
 	$(UV) pip compile pyproject.toml --extra cpu --extra dev $(LOCK_ARGS) --python-platform x86_64-manylinux_2_28 \
 		$(TORCH_CPU_SOURCE) -o $(LOCK_CPU)
 	$(UV) pip compile pyproject.toml --extra gpu --extra dev --extra metrics -c locks/cuda12.in $(LOCK_ARGS) \

@@ -8,12 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${1:-.venv/bin/pip}
-UV_VERSION=0.13.9                 # the Makefile's, which writes the locks
-UV=.cache/lock-tools/bin/uv
+source locks/uv.sh                # UV_VERSION, UV, ensure_uv: the uv that writes the locks
 SDIST_ONLY=ipadic                 # on PyPI as a source archive only (pure Python): allowed to build
-if ! "$UV" --version 2>/dev/null | grep -q " $UV_VERSION"; then
-    python3 -m venv .cache/lock-tools && .cache/lock-tools/bin/pip install -q "uv==$UV_VERSION"
-fi
+ensure_uv
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 gpu_locks() {

@@ -11,18 +11,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=$1
 shift
-UV_VERSION=0.13.9                 # the Makefile's UV_VERSION
-UV=.cache/lock-tools/bin/uv
+source locks/uv.sh                # UV_VERSION, UV, ensure_uv: the uv that writes the locks
 installer=${SELFTRAIN_INSTALLER:-uv}
 case $installer in
     uv | pip) ;;
     *) echo "SELFTRAIN_INSTALLER=$installer: expected uv or pip" >&2; exit 2 ;;
 esac
-if [ "$installer" = uv ] && ! "$UV" --version 2>/dev/null | grep -q " $UV_VERSION"; then
-    if ! { python3 -m venv .cache/lock-tools && .cache/lock-tools/bin/pip install -q "uv==$UV_VERSION"; }; then
-        echo "uv $UV_VERSION could not be installed: installing with pip instead (slower)" >&2
-        installer=pip
-    fi
+if [ "$installer" = uv ] && ! ensure_uv; then
+    echo "uv $UV_VERSION could not be installed: installing with pip instead (slower)" >&2
+    installer=pip
 fi
 if [ "$installer" = pip ]; then
     exec "$venv/bin/pip" install -q --no-deps "$@"

@@ -100,3 +100,15 @@ def test_environment_yml_installs_the_cuda12_lock():
     text = (ROOT / "environment.yml").read_text()
     assert "-r locks/cuda12-linux-x86_64.txt" in text
     assert "python=3.11" in text
+
+
+def test_one_uv_version_writes_checks_and_installs_the_locks():
+    # locks/uv.sh alone names uv's version: `make locks`, locks/check.sh and locks/install.sh go through it, so
+    # the uv that installs a lock cannot drift from the one that wrote it.
+    scripts = [ROOT / "Makefile", *sorted(LOCKS.glob("*.sh"))]
+    spelled = [p.name for p in scripts if re.search(r"uv==\d|UV_VERSION\s*:?=", p.read_text())]
+    assert spelled == ["uv.sh"]
+    for p in (ROOT / "Makefile", LOCKS / "check.sh", LOCKS / "install.sh"):
+        assert "locks/uv.sh" in p.read_text(), p
+    version = re.search(r"^UV_VERSION=(\S+)$", (LOCKS / "uv.sh").read_text(), re.M)
+    assert version and f"uv {version.group(1)}" in (ROOT / "README.md").read_text()
