@@ -167,12 +167,12 @@ def test_the_runners_line_per_stage_and_closing_table() -> None:
 
     run = ROOT / "results" / "demo" / "smollm2-135m" / "central" / "v001"
     assert [key_number(run, s) for s in ("generate", "select", "sft", "dpo", "judge", "eval")] == [
-        "192 candidates, 20% ended by themselves",
+        "192 candidates, 22% ended by themselves",
         "48 SFT examples, 48 DPO pairs",
-        "loss 2.183 after 6 steps",
-        "loss 0.688 after 12 steps",
-        "quality 1.72, safety 3.46",
-        "AVG 0.219",
+        "loss 2.091 after 6 steps",
+        "loss 0.685 after 12 steps",
+        "quality 1.64, safety 3.46",
+        "AVG 0.199",
     ]
     assert key_number(ROOT / "results" / "demo" / "smollm2-135m" / "baseline" / "v001", "sft") == ""
     ok = CellResult("tiny", "central", ROOT / "results" / "x", ["generate", "select"], ["sft"], 12.34)
