@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one uv that writes (`make locks`), checks (locks/check.sh) and installs (locks/install.sh) the locks, kept in
 # a throwaway venv under .cache/. Sourced: sets UV_VERSION and UV, and `ensure_uv` installs that version unless it
-# is there (returns non-zero where it cannot). Run (`bash locks/uv.sh`): the same, exiting 1 where it cannot.
+# is there (returns non-zero where it cannot). Run (`bash locks/uv.sh`): the same, failing where it cannot.
 UV_VERSION=0.13.9
 UV=.cache/lock-tools/bin/uv
 ensure_uv() {
